@@ -101,12 +101,27 @@ PYBIND11_MODULE(_native, m) {
     return d;
   });
 
+  py::class_<HostArena, std::shared_ptr<HostArena>>(m, "HostArena")
+      .def(py::init<size_t>(), py::arg("capacity_bytes"))
+      .def("start_prefault", &HostArena::start_prefault, py::arg("threads") = 1)
+      .def_property_readonly("capacity", &HostArena::capacity)
+      .def_property_readonly("used", &HostArena::used)
+      .def_property_readonly("largest_free", &HostArena::largest_free);
+
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
       .def(py::init([](size_t nbytes, bool prefault, int threads) {
              py::gil_scoped_release nogil;
              return new HostBuffer(nbytes, prefault, threads);
            }),
            py::arg("nbytes"), py::arg("prefault") = false, py::arg("threads") = 2)
+      .def(py::init([](std::shared_ptr<HostArena> arena, size_t nbytes) {
+             try {
+               return new HostBuffer(std::move(arena), nbytes);
+             } catch (const std::bad_alloc&) {
+               throw py::value_error("the host arena has no free range of " + std::to_string(nbytes) + " bytes");
+             }
+           }),
+           py::arg("arena"), py::arg("nbytes"))
       .def_property_readonly("address", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
       .def_property_readonly("nbytes", &HostBuffer::nbytes)
       .def_buffer([](HostBuffer& b) {

@@ -1,0 +1,112 @@
+"""A checkpoint held in the DRAM chunk pool: the DRAM tier's unit.
+
+Filling it reads the partition files into pool chunks (verified on the way
+in); loading from it skips the disk and copies chunks into device buffers.
+Its chunks go back to the pool on release(), also when a read fails.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from ..store.format import Checkpoint
+from ..store.reader import partition_devices, tensor_views
+from . import buffers, pipeline
+from .chunk_pool import ChunkPool
+from .pipeline import LoadOptions
+
+log = logging.getLogger(__name__)
+
+
+class PooledCheckpoint:
+    def __init__(self, ckpt: Checkpoint, pool: ChunkPool, chunks: list[list[int]]):
+        self.checkpoint = ckpt
+        self.pool = pool
+        self._chunks = chunks
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self.checkpoint.manifest.total_bytes
+
+    @property
+    def chunk_count(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+    @property
+    def released(self) -> bool:
+        return self._chunks is None
+
+    @classmethod
+    def read(cls, ckpt: Checkpoint, pool: ChunkPool, *, verify: bool = True, options: LoadOptions | None = None,
+             device_buffers: list[torch.Tensor] | None = None) -> "PooledCheckpoint":
+        """SSD -> DRAM chunks. With host `device_buffers` (one per partition), the
+        same pass also copies each chunk into them (SSD -> DRAM -> device, pipelined)."""
+        parts = ckpt.manifest.partitions
+        chunks: list[list[int]] = []
+        try:
+            for p in parts:
+                chunks.append(pool.allocate(pool.chunks_for(p.nbytes)))
+            use_crc = verify and bool(ckpt.manifest.checksum)
+            jobs = []
+            for p, c in zip(parts, chunks):
+                if not p.nbytes:
+                    continue
+                dest = device_buffers[p.index].data_ptr() if device_buffers is not None else 0
+                jobs.append(pipeline.file_job(os.fspath(ckpt.data_path(p)), p.nbytes, ckpt.manifest.block_size,
+                                              p.crcs if use_crc else (), dest=dest, chunks=c))
+            if jobs:
+                pipeline.run(jobs, pool, options)
+        except BaseException:
+            for c in chunks:
+                pool.release(c)
+            raise
+        return cls(ckpt, pool, chunks)
+
+    def load_partitions(self, device="cpu", *, arena: buffers.HostArena | None = None,
+                        threads: int = 2) -> list[torch.Tensor]:
+        """DRAM -> one device buffer per partition (no disk access)."""
+        with self._lock:
+            if self._chunks is None:
+                raise RuntimeError("this pooled checkpoint was released")
+            devices = partition_devices(self.checkpoint, device)
+            parts = self.checkpoint.manifest.partitions
+            bufs = [buffers.allocate(p.nbytes, d, arena) for p, d in zip(parts, devices)]
+            for p, d, buf, c in zip(parts, devices, bufs, self._chunks):
+                if not p.nbytes:
+                    continue
+                if d.type == "cpu":
+                    self.pool.native.copy_out(c, p.nbytes, buf.data_ptr(), threads)
+                else:
+                    self._copy_to_cuda(c, p.nbytes, buf)
+            return bufs
+
+    def load_state_dict(self, device="cpu", *, arena: buffers.HostArena | None = None) -> dict[str, torch.Tensor]:
+        return tensor_views(self.checkpoint, self.load_partitions(device, arena=arena))
+
+    def _copy_to_cuda(self, chunks: list[int], nbytes: int, buf: torch.Tensor, streams: int = 4) -> None:
+        self.pool.pin()
+        cuda_streams = [torch.cuda.Stream(device=buf.device) for _ in range(streams)]
+        cs = self.pool.chunk_size
+        for i, chunk in enumerate(chunks):
+            off = i * cs
+            n = min(cs, nbytes - off)
+            with torch.cuda.stream(cuda_streams[i % streams]):
+                buf[off:off + n].copy_(pipeline._chunk_tensor(self.pool, chunk)[:n], non_blocking=True)
+        for s in cuda_streams:
+            s.synchronize()
+
+    def release(self) -> None:
+        """Gives the chunks back to the pool (idempotent)."""
+        with self._lock:
+            if self._chunks is None:
+                return
+            for c in self._chunks:
+                self.pool.release(c)
+            self._chunks = None
+
+    def __repr__(self) -> str:
+        return f"PooledCheckpoint({self.checkpoint.path}, {self.nbytes} bytes, {self.chunk_count} chunks)"

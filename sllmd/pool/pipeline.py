@@ -1,0 +1,120 @@
+"""Running native load tasks: options, error mapping, and the CUDA copy stage.
+
+A LoadTask reads partition files with reader threads (O_DIRECT where the page
+cache does not hold the data), verifies block checksums and, when asked,
+copies into destination buffers on copy threads. For CUDA destinations the
+last stage is ours: each finished chunk goes to the device with an
+asynchronous copy on one of several streams.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .. import _native
+from ..errors import (CorruptCheckpointError, LoadCancelledError, LoadError, SllmError,
+                      TruncatedCheckpointError)
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[str, type[SllmError]] = {
+    "checksum": CorruptCheckpointError,
+    "truncated": TruncatedCheckpointError,
+    "missing": CorruptCheckpointError,
+    "io": LoadError,
+    "cancelled": LoadCancelledError,
+}
+
+
+@dataclass
+class LoadOptions:
+    readers: int = 4  # 16 MiB requests on 4 threads saturate the disks seen here
+    copiers: int = 2
+    io_size: int = 16 << 20
+    direct: bool = True
+    verify: bool = True
+
+    def native(self, notify: bool = False) -> "_native.LoadOptions":
+        o = _native.LoadOptions()
+        o.readers, o.copiers, o.io_size, o.direct, o.notify = self.readers, self.copiers, self.io_size, self.direct, notify
+        return o
+
+
+def file_job(path: str, nbytes: int, block_size: int, crcs, *, dest: int = 0, chunks=()) -> "_native.FileJob":
+    job = _native.FileJob()
+    job.path, job.nbytes, job.block_size = path, nbytes, block_size
+    job.crcs = list(crcs)
+    job.dest = dest
+    job.chunks = list(chunks)
+    return job
+
+
+def raise_for(task: "_native.LoadTask") -> None:
+    kind = task.error_kind
+    if kind:
+        raise _ERRORS.get(kind, LoadError)(task.error_message)
+
+
+def run(jobs: list, pool=None, options: LoadOptions | None = None) -> dict:
+    """Runs jobs to the end (GIL released while waiting); returns the task's stats."""
+    options = options or LoadOptions()
+    task = _native.LoadTask(jobs, pool.native if pool is not None else None, options.native())
+    try:
+        task.wait()
+    except BaseException:  # e.g. KeyboardInterrupt: stop the threads before leaving
+        task.cancel()
+        task.wait()
+        raise
+    raise_for(task)
+    return task.stats()
+
+
+def run_to_cuda(jobs: list, pool, buffers: list, options: LoadOptions | None = None, streams: int = 4) -> dict:
+    """Reads jobs into (pinned) pool chunks and copies each finished chunk to its
+    job's CUDA buffer with non-blocking copies spread over `streams` streams."""
+    import torch
+
+    options = options or LoadOptions()
+    pool.pin()
+    device = buffers[0].device
+    cuda_streams = [torch.cuda.Stream(device=device) for _ in range(streams)]
+    host_views = {}
+    task = _native.LoadTask(jobs, pool.native, options.native(notify=True))
+    issued = 0
+    try:
+        while True:
+            item = task.next_completed(0.5)
+            if item is None:
+                continue
+            job_index, chunk_index = item
+            if job_index < 0:
+                break
+            job = jobs[job_index]
+            chunk = job.chunks[chunk_index]
+            offset = chunk_index * pool.chunk_size
+            length = min(pool.chunk_size, job.nbytes - offset)
+            src = host_views.get(chunk)
+            if src is None:
+                src = host_views[chunk] = _chunk_tensor(pool, chunk)
+            stream = cuda_streams[issued % streams]
+            with torch.cuda.stream(stream):
+                buffers[job_index][offset:offset + length].copy_(src[:length], non_blocking=True)
+            issued += 1
+        task.wait()
+    except BaseException:
+        task.cancel()
+        task.wait()
+        raise
+    finally:
+        for s in cuda_streams:
+            s.synchronize()
+    raise_for(task)
+    return task.stats()
+
+
+def _chunk_tensor(pool, chunk: int):
+    import ctypes
+
+    import torch
+    raw = (ctypes.c_uint8 * pool.chunk_size).from_address(pool.address(chunk))
+    return torch.frombuffer(raw, dtype=torch.uint8)
