@@ -1,0 +1,48 @@
+"""CUDA paths: pinned chunks, asynchronous copies on several streams."""
+import pytest
+import torch
+
+from sllmd import store
+from sllmd.pool import ChunkPool, PooledCheckpoint
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _state_dict():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 2000, generator=g)  # 24 MB: more than one chunk
+    return {"w": w, "tied": w, "w_t": w.t(), "h": torch.randn(77, generator=g).half(), "s": torch.tensor(1)}
+
+
+def _check(sd, got, device):
+    for k, t in sd.items():
+        assert got[k].device == torch.device(device)
+        assert got[k].stride() == t.stride() and torch.equal(got[k].cpu(), t), k
+    assert got["w"].data_ptr() == got["tied"].data_ptr()
+
+
+def test_load_to_cuda(tmp_path):
+    sd = _state_dict()
+    store.save_state_dict(sd, tmp_path / "c", partitions=2)
+    _check(sd, store.load_state_dict(tmp_path / "c", device="cuda:0"), "cuda:0")
+
+
+def test_dram_tier_to_cuda(tmp_path):
+    sd = _state_dict()
+    store.save_state_dict(sd, tmp_path / "c")
+    pool = ChunkPool(capacity_bytes=128 << 20)
+    cached = PooledCheckpoint.read(store.open_checkpoint(tmp_path / "c"), pool)
+    _check(sd, cached.load_state_dict("cuda:0"), "cuda:0")
+    cached.release()
+    assert pool.stats()["used_chunks"] == 0
+
+
+def test_corrupt_checkpoint_to_cuda_fails_cleanly(tmp_path):
+    sd = _state_dict()
+    store.save_state_dict(sd, tmp_path / "c")
+    with open(tmp_path / "c" / "data-00000.bin", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"\xff\xfe")
+    with pytest.raises(store.writer.CheckpointError, match="checksum mismatch"):
+        store.load_state_dict(tmp_path / "c", device="cuda:0")
