@@ -73,3 +73,11 @@ class ChunkPool:
             raise RuntimeError(f"cudaHostRegister of the chunk pool failed: {rc}")
         self._pinned_for = "cuda"
         log.info("pinned %d MiB of chunk pool for CUDA", self._native.mapped_bytes >> 20)
+
+    def unpin(self) -> None:
+        """Undoes pin(); required before the pool's memory is unmapped."""
+        if self._pinned_for is None:
+            return
+        import torch
+        torch.cuda.cudart().cudaHostUnregister(self._native.base_address)
+        self._pinned_for = None

@@ -82,6 +82,7 @@ def _load_to_cuda(ckpt: Checkpoint, indices: list[int], bufs, job, options: Load
     finally:
         for c in chunks:
             pool.release(c)
+        pool.unpin()
 
 
 def load_state_dict(path: str | os.PathLike, device: DeviceSpec = "cpu", *, verify: bool = True,
