@@ -1,0 +1,66 @@
+"""Reading .gguf files through transformers, dequantized into a dense model.
+
+transformers can keep GGUF weights packed (GgufLinear modules with matmul
+kernels); a checkpoint needs plain tensors, so dequantization is asked for
+explicitly and checked afterwards. The quantizer and its config are cleared
+before saving (DESIGN.md section 8), so the saved config describes the dense
+model that the checkpoint holds.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ...errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+
+def _dequantizing_config():
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights
+        return None
+    return GgufConfig(dequantize=True)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype):
+    """Returns (model, tokenizer or None) for a .gguf file; weights dense in `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    kwargs = {"gguf_file": path.name, "dtype": dtype}
+    qconfig = _dequantizing_config()
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+    except (ValueError, RuntimeError, KeyError, OSError, NotImplementedError) as e:
+        raise ConversionError(f"{path}: transformers cannot load this GGUF file: {type(e).__name__}: {e}") from e
+    clear_quantization(model)
+    packed = [name for name, m in model.named_modules() if type(m).__name__.lower().startswith("gguf")]
+    if packed:
+        raise ConversionError(f"{path}: weights stayed quantized after loading ({packed[:3]}); "
+                              f"this transformers version cannot dequantize this file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, RuntimeError, KeyError, OSError, NotImplementedError) as e:
+        log.warning("%s: no tokenizer could be read from the GGUF file (%s); converting the weights only", path, e)
+        tokenizer = None
+    return model, tokenizer
+
+
+def clear_quantization(model) -> None:
+    """Forgets that a model came from a quantized file: its weights are dense now."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions
+            pass
+    for config in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
+                   if c is not None}.values():
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
