@@ -1,0 +1,381 @@
+"""The daemon's one config object: defaults < TOML file < SLLMD_* environment < flags.
+
+Every setting is declared once in SETTINGS with its TOML key, its parser and
+its help text; the environment variable is SLLMD_<KEY> and the flag
+--<key-with-dashes>. `load_config` reads the environment it is given (the
+only place sllmd reads its settings from the environment) and returns a
+frozen `Config` that is passed explicitly to whoever needs it.
+
+Config file: --config FILE, else $SLLMD_CONFIG, else
+$CONFIGURATION_DIRECTORY/sllmd.toml (systemd's ConfigurationDirectory=),
+else $XDG_CONFIG_HOME/sllm/sllmd.toml (~/.config/...) when it exists.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from sllmd.errors import SllmError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+EX_CONFIG = 78   # sysexits; systemd shows it as "CONFIG" and the unit does not restart on it
+
+
+class ConfigError(SllmError):
+    """A setting, flag or config file that cannot be used."""
+
+    code = "config"
+    exit_code = EX_CONFIG
+
+
+# --- sizes ---------------------------------------------------------------------------------
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)(B?)\s*\Z", re.IGNORECASE)
+_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from 8GiB, 512M, 1.5G, 100KB, 4096. K/M/G/T alone and KiB... are 1024-based, KB/MB/GB decimal."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"a size cannot be negative: {value}")
+        return value
+    if isinstance(value, float):
+        if value < 0 or not math.isfinite(value):
+            raise ConfigError(f"not a size: {value!r}")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"not a size: {value!r} (examples: 8GiB, 512M, 4096)")
+    number, unit, binary, suffix_b = m.groups()
+    decimal = bool(suffix_b) and not binary and unit != ""
+    base = 1000 if decimal else 1024
+    return int(float(number) * base ** _POWERS[unit.upper()])
+
+
+def parse_optional_size(value: str | int | None) -> int | None:
+    """parse_size, or None for no limit ("none", "unlimited", "", None)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited", "infinity")):
+        return None
+    return parse_size(value)
+
+
+# --- durations (Ollama's keep_alive grammar) -----------------------------------------------------
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def _parse_go_duration(text: str) -> float | None:
+    sign = 1.0
+    if text and text[0] in "+-":
+        sign, text = (-1.0 if text[0] == "-" else 1.0), text[1:]
+    if text == "0":
+        return 0.0
+    if not text:
+        return None
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _PART.match(text, pos)
+        if not m:
+            return None
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from "5m", "30s", "1h30m", "-1", "300", 300, -1 (Ollama's keep_alive grammar).
+
+    A number (or numeric string) is seconds; otherwise a Go duration. A negative
+    result means forever; 0 means unload as soon as the request ends.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if math.isnan(value):
+            raise ConfigError("not a duration: nan")
+        return float(value)
+    text = str(value).strip()
+    seconds = _parse_go_duration(text)
+    if seconds is None:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ConfigError(f"not a duration: {value!r} (examples: 5m, 30s, 1h, -1, 300)") from None
+        if math.isnan(seconds):
+            raise ConfigError("not a duration: nan")
+    return seconds
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+def parse_int(value: str | int) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"not an integer: {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not an integer: {value!r}") from None
+
+
+def parse_mode(value: str | int) -> int:
+    """A file mode, e.g. "0660" or 0o660 (octal in strings)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            raise ConfigError(f"not an octal file mode: {value!r}") from None
+    if mode & ~0o777:
+        raise ConfigError(f"not a file mode: {oct(mode)}")
+    if mode & 0o007:
+        raise ConfigError(f"socket mode {oct(mode)} would let every user on the host drive the daemon")
+    return mode
+
+
+def parse_log_level(value: str) -> str:
+    level = str(value).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"not a log level: {value!r} (debug, info, warning, error)")
+    return level
+
+
+def parse_device(value: str) -> str:
+    text = str(value).strip().lower()
+    if text in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", text):
+        return "cuda:0" if text == "cuda" else text
+    raise ConfigError(f"not a device: {value!r} (cpu, cuda:N, auto)")
+
+
+# --- the config object ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    # Defaults for socket and store_dir come from the process environment when a Config is built
+    # directly (as tests do); load_config passes the environment it was given instead.
+    socket: str = dataclasses.field(default_factory=lambda: default_socket_path(os.environ))
+    store_dir: Path = dataclasses.field(default_factory=lambda: default_store_dir(os.environ))
+    ssd_capacity_bytes: int | None = None
+    dram_bytes: int = 2 * GiB
+    chunk_size: int = 16 * MiB
+    device: str = "cpu"
+    device_memory_bytes: int = 4 * GiB
+    keep_alive_s: float = 300.0
+    queue_depth: int = 16
+    max_frame_bytes: int = 16 * MiB
+    verify_checksums: bool = True
+    log_level: str = "INFO"
+    socket_mode: int = 0o600            # 0660 lets the socket's group use the daemon
+    max_streams: int = 64               # concurrent long-running requests (infer, import, load...) before "busy"
+    shutdown_grace_s: float = 10.0      # how long a stop waits for in-flight requests before failing them
+    heartbeat_s: float = 1.0            # silence after which the daemon tells a client it is still working
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str                       # TOML key; SLLMD_<KEY>; --<key-with-dashes>
+    field: str                     # Config field
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def env(self) -> str:
+        return "SLLMD_" + self.key.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+SETTINGS: list[Setting] = [
+    Setting("socket", "socket", lambda v: str(v), "Unix socket to listen on", "PATH"),
+    Setting("socket_mode", "socket_mode", parse_mode, "socket file permission, octal (0600, or 0660 for a group)",
+            "MODE"),
+    Setting("store", "store_dir", lambda v: Path(str(v)).expanduser(), "SSD tier: the checkpoint store directory",
+            "DIR"),
+    Setting("ssd_capacity", "ssd_capacity_bytes", parse_optional_size, "SSD tier capacity (none = unlimited)",
+            "SIZE"),
+    Setting("dram", "dram_bytes", parse_size, "DRAM tier: chunk pool capacity", "SIZE"),
+    Setting("chunk_size", "chunk_size", parse_size, "DRAM pool chunk size", "SIZE"),
+    Setting("device", "device", parse_device, "device for model instances: cpu, cuda:N or auto", "DEV"),
+    Setting("device_memory", "device_memory_bytes", parse_size, "device tier: memory budget for instances", "SIZE"),
+    Setting("keep_alive", "keep_alive_s", parse_duration,
+            "default keep_alive: 5m, 30s, -1 = forever, 0 = unload after the request", "DUR"),
+    Setting("queue_depth", "queue_depth", parse_int, "per-instance request queue length", "N"),
+    Setting("max_frame", "max_frame_bytes", parse_size, "largest accepted message", "SIZE"),
+    Setting("verify_checksums", "verify_checksums", parse_bool, "verify checkpoint checksums while loading",
+            "BOOL"),
+    Setting("log_level", "log_level", parse_log_level, "debug, info, warning or error", "LEVEL"),
+    Setting("max_streams", "max_streams", parse_int, "concurrent long requests before answering busy", "N"),
+    Setting("shutdown_grace", "shutdown_grace_s", parse_duration, "how long a stop waits for requests", "DUR"),
+    Setting("heartbeat", "heartbeat_s", parse_duration, "heartbeat interval to clients", "DUR"),
+]
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def default_socket_path(env: Mapping[str, str]) -> str:
+    """$XDG_RUNTIME_DIR/sllm/sllmd.sock; /run/sllmd/sllmd.sock under systemd; else /tmp/sllm-$UID/sllmd.sock."""
+    if env.get("RUNTIME_DIRECTORY"):
+        return os.path.join(env["RUNTIME_DIRECTORY"].split(":")[0], "sllmd.sock")
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "sllm", "sllmd.sock")
+    return f"/tmp/sllm-{os.getuid()}/sllmd.sock"
+
+
+def default_store_dir(env: Mapping[str, str]) -> Path:
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0]) / "store"
+    data_home = env.get("XDG_DATA_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "share")
+    return Path(data_home) / "sllm" / "store"
+
+
+def default_config_file(env: Mapping[str, str]) -> Path | None:
+    candidates = []
+    if env.get("CONFIGURATION_DIRECTORY"):
+        candidates.append(Path(env["CONFIGURATION_DIRECTORY"].split(":")[0]) / "sllmd.toml")
+    config_home = env.get("XDG_CONFIG_HOME") or (os.path.join(env["HOME"], ".config") if env.get("HOME") else None)
+    if config_home:
+        candidates.append(Path(config_home) / "sllm" / "sllmd.toml")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    section = data.get("sllmd", data)   # a [sllmd] table, or top-level keys
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [sllmd] must be a table")
+    unknown = sorted(set(section) - set(_BY_KEY))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_BY_KEY)}")
+    return section
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch   # only the daemon resolves "auto", and it loads torch anyway
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _default_device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+        _free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(total * 0.9)
+    return _physical_memory() // 4
+
+
+def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                config_file: str | os.PathLike | None = None) -> Config:
+    """The effective config: defaults < file < env < flags (flags keyed by TOML key; None = not given)."""
+    env = dict(os.environ if env is None else env)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown = sorted(set(flags) - set(_BY_KEY))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+
+    path = config_file or env.get("SLLMD_CONFIG") or default_config_file(env)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path:
+        layers.append((f"config file {path}", read_config_file(path)))
+    layers.append(("environment", {s.key: env[s.env] for s in SETTINGS if s.env in env}))
+    layers.append(("flags", flags))
+
+    values: dict[str, Any] = {}
+    for origin, layer in layers:
+        for key, raw in layer.items():
+            setting = _BY_KEY[key]
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ConfigError as e:
+                raise ConfigError(f"{setting.key} (from {origin}): {e}") from None
+
+    device = _resolve_device(values.get("device", "auto"))
+    values["device"] = device
+    values.setdefault("socket", default_socket_path(env))
+    values.setdefault("store_dir", default_store_dir(env))
+    values.setdefault("dram_bytes", min(8 * GiB, _physical_memory() // 4))
+    if "device_memory_bytes" not in values:
+        values["device_memory_bytes"] = _default_device_memory(device)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    def need(ok: bool, text: str):
+        if not ok:
+            raise ConfigError(text)
+    need(bool(config.socket), "socket: an empty path")
+    need(len(os.fsencode(config.socket)) <= 107, f"socket: path longer than 107 bytes: {config.socket}")
+    need(config.chunk_size >= 1 * MiB and config.chunk_size % (4 * KiB) == 0,
+         "chunk_size: must be at least 1MiB and a multiple of 4KiB")
+    need(config.dram_bytes >= config.chunk_size, "dram: smaller than one chunk")
+    need(config.device_memory_bytes > 0, "device_memory: must be positive")
+    need(config.ssd_capacity_bytes is None or config.ssd_capacity_bytes > 0, "ssd_capacity: must be positive")
+    need(config.queue_depth >= 1, "queue_depth: must be at least 1")
+    need(config.max_streams >= 1, "max_streams: must be at least 1")
+    need(64 * KiB <= config.max_frame_bytes <= 1 * GiB, "max_frame: must be between 64KiB and 1GiB")
+    need(config.shutdown_grace_s >= 0, "shutdown_grace: cannot be negative")
+    need(0.05 <= config.heartbeat_s <= 60, "heartbeat: must be between 50ms and 60s")
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The config keyed by TOML key, with plain values (for --print-config and `status`)."""
+    out = {}
+    for s in SETTINGS:
+        value = getattr(config, s.field)
+        if isinstance(value, Path):
+            value = str(value)
+        elif s.key == "socket_mode":
+            value = f"{value:04o}"
+        out[s.key] = value
+    return out
+
+
+def add_flags(parser) -> None:
+    """Adds every setting as a flag to an argparse parser (default None: not given)."""
+    group = parser.add_argument_group("settings (also SLLMD_<NAME> in the environment, or the config file)")
+    for s in SETTINGS:
+        if s.parse is parse_bool:
+            group.add_argument(s.flag, dest=s.key, default=None, action=argparse.BooleanOptionalAction, help=s.help)
+        else:
+            group.add_argument(s.flag, dest=s.key, default=None, metavar=s.metavar, help=s.help)
+
+
+def flags_from_args(args) -> dict[str, Any]:
+    return {s.key: getattr(args, s.key, None) for s in SETTINGS}
+
+
+def replace(config: Config, **changes) -> Config:
+    new = dataclasses.replace(config, **changes)
+    validate(new)
+    return new

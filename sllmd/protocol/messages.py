@@ -1,0 +1,233 @@
+"""Every message of the sllmd protocol, declared once (DESIGN.md section 6).
+
+On the wire a message is one msgpack map in one ZeroMQ frame. Its first key,
+"type", names the message; its second, "id", is the request id that the
+client chose and that every reply to that request repeats (ids let one
+connection carry several requests at once, e.g. a status poll during a
+stream). Type names are append-only: never rename or reuse one.
+
+A conversation:
+
+    hello -> welcome                    (first, on every connection; carries PROTOCOL_VERSION)
+    status | models | ps | load | evict | remove | pin | unpin | ping -> result | error
+    import -> progress* -> result | error
+    infer  -> (token | event)* -> done | error
+    cancel                              (no reply of its own: the cancelled request ends with an error)
+
+While a request is in flight the daemon sends `heartbeat` for it whenever it
+has sent nothing else for `heartbeat_s` (given in `welcome`). The client
+takes silence as a dead daemon; the daemon takes a heartbeat that cannot be
+delivered as a client that went away, and cancels its requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import BadMessageError
+from .schema import Message, at_least, checked, in_range, max_len, model_name, non_empty
+
+PROTOCOL_VERSION = 1
+MAX_ID = 2**63 - 1
+
+REQUESTS: dict[str, type[Message]] = {}
+REPLIES: dict[str, type[Message]] = {}
+
+
+def _declare(registry: dict[str, type[Message]], name: str):
+    def register(cls):
+        if name in REQUESTS or name in REPLIES:
+            raise TypeError(f"message type {name!r} declared twice")
+        cls.TYPE = name
+        registry[name] = cls
+        return cls
+    return register
+
+
+def request(name: str):
+    """Declares a client -> daemon message."""
+    return _declare(REQUESTS, name)
+
+
+def reply(name: str):
+    """Declares a daemon -> client message."""
+    return _declare(REPLIES, name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Envelope(Message):
+    id: int = checked(in_range(0, MAX_ID))
+
+
+# --- requests -------------------------------------------------------------------------------
+@request("hello")
+@dataclass(frozen=True, kw_only=True)
+class Hello(Envelope):
+    version: int
+    client: str = checked(max_len(200), default="")
+
+
+@request("ping")
+@dataclass(frozen=True, kw_only=True)
+class Ping(Envelope):
+    pass
+
+
+@request("status")
+@dataclass(frozen=True, kw_only=True)
+class Status(Envelope):
+    pass
+
+
+@request("models")
+@dataclass(frozen=True, kw_only=True)
+class Models(Envelope):
+    pass
+
+
+@request("ps")
+@dataclass(frozen=True, kw_only=True)
+class Ps(Envelope):
+    pass
+
+
+@request("import")
+@dataclass(frozen=True, kw_only=True)
+class Import(Envelope):
+    name: str = checked(model_name)
+    source: str = checked(non_empty, max_len(4096))
+
+
+@request("load")
+@dataclass(frozen=True, kw_only=True)
+class Load(Envelope):
+    name: str = checked(model_name)
+    keep_alive: float | None = None     # seconds; negative = forever, 0 = unload when idle
+
+
+@request("evict")
+@dataclass(frozen=True, kw_only=True)
+class Evict(Envelope):
+    name: str = checked(model_name)
+    tier: Literal["device", "dram", "ssd"] = "device"
+
+
+@request("remove")
+@dataclass(frozen=True, kw_only=True)
+class Remove(Envelope):
+    name: str = checked(model_name)
+
+
+@request("pin")
+@dataclass(frozen=True, kw_only=True)
+class Pin(Envelope):
+    name: str = checked(model_name)
+
+
+@request("unpin")
+@dataclass(frozen=True, kw_only=True)
+class Unpin(Envelope):
+    name: str = checked(model_name)
+
+
+def _chat_messages(v: list | None) -> str | None:
+    if v is None:
+        return None
+    if not v:
+        return "must not be empty"
+    for i, m in enumerate(v):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"[{i}] must have string 'role' and 'content'"
+    return None
+
+
+@request("infer")
+@dataclass(frozen=True, kw_only=True)
+class Infer(Envelope):
+    model: str = checked(model_name)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = checked(_chat_messages, default=None)
+    max_tokens: int | None = checked(in_range(1, 1 << 20), default=None)
+    temperature: float | None = checked(in_range(0.0, 100.0), default=None)
+    top_p: float | None = checked(in_range(0.0, 1.0, low_open=True), default=None)
+    seed: int | None = checked(in_range(0, 2**64 - 1), default=None)
+    stop: list[str] | None = checked(max_len(64), default=None)
+    keep_alive: float | None = None
+    chat: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise BadMessageError("infer: give exactly one of prompt and messages")
+
+
+@request("cancel")
+@dataclass(frozen=True, kw_only=True)
+class Cancel(Envelope):
+    """Cancels the in-flight request with this id on this connection."""
+
+
+# --- replies --------------------------------------------------------------------------------
+@reply("welcome")
+@dataclass(frozen=True, kw_only=True)
+class Welcome(Envelope):
+    version: int
+    server: str                 # daemon software version
+    max_frame_bytes: int = checked(at_least(1))
+    heartbeat_s: float = checked(in_range(0.01, 3600.0))
+
+
+@reply("result")
+@dataclass(frozen=True, kw_only=True)
+class Result(Envelope):
+    data: Any = None
+
+
+@reply("token")
+@dataclass(frozen=True, kw_only=True)
+class Token(Envelope):
+    text: str
+    token_id: int | None = None
+
+
+@reply("progress")
+@dataclass(frozen=True, kw_only=True)
+class Progress(Envelope):
+    done: int = checked(at_least(0))
+    total: int = checked(at_least(0))
+
+
+@reply("event")
+@dataclass(frozen=True, kw_only=True)
+class Event(Envelope):
+    """A stream event other than a token (e.g. a state change); `event` names it."""
+
+    event: str = checked(non_empty)
+    data: dict[str, Any] | None = None
+
+
+@reply("done")
+@dataclass(frozen=True, kw_only=True)
+class Done(Envelope):
+    stats: dict[str, Any] | None = None
+
+
+@reply("heartbeat")
+@dataclass(frozen=True, kw_only=True)
+class Heartbeat(Envelope):
+    pass
+
+
+@reply("error")
+@dataclass(frozen=True, kw_only=True)
+class Error(Envelope):
+    id: int | None = checked(in_range(0, MAX_ID), default=None)  # None: the request's id was unreadable
+    code: str = checked(non_empty)
+    message: str = ""
+    exit_code: int = 1
+
+
+# Which requests stream replies, and which may run for long (they are bounded by `max_streams`).
+STREAMING = frozenset({"import", "infer"})
+LONG_RUNNING = frozenset({"import", "infer", "load", "evict", "remove"})
+# Replies that end a request.
+FINAL_REPLIES = frozenset({"welcome", "result", "done", "error"})
