@@ -1,0 +1,396 @@
+"""The node: this host's tiers, model states and instances, behind the calls the
+server makes (DESIGN.md sections 4 and 5). Thread-safe: server handlers call it
+from worker threads.
+
+Locks: `Node._lock` is a leaf (it guards the node's own maps and is never held
+while calling into a tier), so tier callbacks may take it. Tiers lock
+themselves; their order is ssd -> dram/device -> instance.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator
+
+from . import pool as pool_mod
+from .errors import LoadError, SllmError
+from .inference.engine import Instance
+from .inference.errors import InvalidRequestError
+from .inference.request import InferRequest
+from .store.format import open_checkpoint
+from .tiers import policy
+from .tiers.device import DeviceTier, Slot
+from .tiers.dram import DramTier
+from .tiers.errors import ModelFailedError, ShuttingDownError
+from .tiers.loader import load_instance
+from .tiers.ssd import SsdStore
+from .tiers.states import EvictReason, ModelState, StateMachine, Tier
+
+log = logging.getLogger(__name__)
+
+TIMER_CEILING_S = 1.0
+LOAD_ATTEMPTS = 3
+
+
+class Node:
+    def __init__(self, config):
+        self.config = config
+        self._lock = threading.Lock()
+        self._records: dict[str, StateMachine] = {}
+        self._loading: dict[str, Future] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._evictions: collections.deque[dict] = collections.deque(maxlen=64)
+        self._closed = False
+        self._started_at: float | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self.ssd = SsdStore(config.store_dir, config.ssd_capacity_bytes, on_evict=self._on_ssd_evict)
+        self.pool: pool_mod.ChunkPool | None = None
+        self.dram: DramTier | None = None
+        self.arena: pool_mod.HostArena | None = None
+        self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict)
+
+    # --- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        """Rebuilds the catalog from disk, starts pre-faulting the pool and the idle-eviction timer."""
+        self.ssd.open()
+        for e in self.ssd.entries():
+            self._records[e.name] = self._fresh_record(e.error)
+        if self.config.dram_bytes >= self.config.chunk_size:
+            self.pool = pool_mod.ChunkPool(self.config.dram_bytes, self.config.chunk_size)
+            self.pool.prefault()
+            self.dram = DramTier(self.pool, on_evict=self._on_dram_evict)
+        if self.config.device.startswith("cpu") and self.config.device_memory_bytes > 0:
+            self.arena = pool_mod.HostArena(self.config.device_memory_bytes, prefault=True)
+        self.ssd.is_busy = self._held_above_ssd
+        self._started_at = time.time()
+        self._timer = threading.Thread(target=self._expiry_loop, name="sllm-keepalive", daemon=True)
+        self._timer.start()
+        log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self._records),
+                 self.config.dram_bytes, self.config.device, self.config.device_memory_bytes)
+
+    def close(self) -> None:
+        """Idempotent. Queued requests get an error; running ones finish (within the
+        shutdown grace); loads in flight are waited for; nothing is left half written."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loading = list(self._loading.values())
+        self._stop.set()
+        self._wake.set()
+        grace = float(getattr(self.config, "shutdown_grace_s", 10.0))
+        for fut in loading:
+            try:
+                fut.result(timeout=grace)
+            except Exception:
+                pass
+        self.device.close_all(timeout=grace, drain=True)
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+        if self.dram is not None:
+            self.dram.clear()
+        self.ssd.close()
+        log.info("node closed")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDownError("sllmd is shutting down")
+        if self._started_at is None:
+            raise ShuttingDownError("the node has not started")
+
+    def _expiry_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.device.evict_expired()
+            except Exception:
+                log.exception("idle eviction failed")
+            delay = policy.next_wakeup([self.device.next_deadline()], time.time(), TIMER_CEILING_S)
+            self._wake.wait(timeout=max(delay, 0.01))
+            self._wake.clear()
+
+    # --- states -----------------------------------------------------------------------
+    @staticmethod
+    def _fresh_record(error: str | None) -> StateMachine:
+        sm = StateMachine()
+        if error:
+            sm.transition(ModelState.FAILED, tier=Tier.SSD, error=error)
+        return sm
+
+    def _record(self, name: str) -> StateMachine:
+        sm = self._records.get(name)
+        if sm is None:
+            sm = self._records[name] = StateMachine()
+        return sm
+
+    def _transition(self, name: str, state: ModelState, **kw) -> None:
+        with self._lock:
+            self._record(name).transition(state, **kw)
+
+    def _held_above_ssd(self, name: str) -> bool:
+        with self._lock:
+            loading = name in self._loading
+        return loading or name in self.device or (self.dram is not None and name in self.dram)
+
+    def _note_eviction(self, name: str, tier: Tier, reason: EvictReason) -> None:
+        self._evictions.append({"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()})
+
+    def _on_device_evict(self, name: str, reason: EvictReason) -> None:
+        self._note_eviction(name, Tier.DEVICE, reason)
+        in_dram = self.dram is not None and name in self.dram  # outside _lock: it stays a leaf
+        with self._lock:
+            sm = self._record(name)
+            if sm.state in (ModelState.LOADED, ModelState.MIGRATING):
+                sm.transition(ModelState.EVICTING, reason=reason)
+                sm.transition(ModelState.IN_DRAM if in_dram else ModelState.ON_SSD)
+
+    def _on_dram_evict(self, name: str, reason: EvictReason) -> None:
+        self._note_eviction(name, Tier.DRAM, reason)
+        with self._lock:
+            sm = self._record(name)
+            if sm.state == ModelState.IN_DRAM:
+                sm.transition(ModelState.EVICTING, reason=reason)
+                sm.transition(ModelState.ON_SSD)
+
+    def _on_ssd_evict(self, name: str, reason: EvictReason) -> None:
+        self._note_eviction(name, Tier.SSD, reason)
+        with self._lock:
+            self._records.pop(name, None)
+            self._tokenizers.pop(name, None)
+
+    # --- catalog ------------------------------------------------------------------------
+    def import_model(self, name: str, source: str, progress: Callable[[int, int], None] | None = None) -> dict:
+        self._check_open()
+        self.ssd.import_model(name, source, progress)
+        with self._lock:
+            self._records[name] = StateMachine()
+            self._tokenizers.pop(name, None)
+        return self._model_info(name)
+
+    def _tiers_of(self, name: str) -> list[str]:
+        tiers = [Tier.SSD.value] if name in self.ssd else []
+        if self.dram is not None and name in self.dram:
+            tiers.append(Tier.DRAM.value)
+        if self.device.loaded(name):
+            tiers.append(Tier.DEVICE.value)
+        return tiers
+
+    def _model_info(self, name: str) -> dict:
+        e = self.ssd.get(name)
+        slot = self.device.get(name)
+        with self._lock:
+            rec = self._record(name).record.to_dict()
+        last_used = max(e.last_used, slot.last_used if slot else 0.0)
+        return {"name": name, "size_bytes": e.nbytes, "checkpoint_bytes": e.checkpoint_bytes,
+                "tiers": self._tiers_of(name), "state": rec["state"], "state_since": rec["since"],
+                "device": self.config.device if slot and slot.instance else None,
+                "reason": rec["reason"], "error": rec["error"] or e.error, "pinned": e.pinned,
+                "last_used": last_used, "imported_at": e.imported_at, "source": e.source}
+
+    def models(self) -> list[dict]:
+        self._check_open()
+        out = []
+        for e in self.ssd.entries():
+            try:
+                out.append(self._model_info(e.name))
+            except SllmError:
+                continue  # removed meanwhile
+        return out
+
+    def pin(self, name: str) -> None:
+        self._check_open()
+        self.ssd.set_pinned(name, True)
+
+    def unpin(self, name: str) -> None:
+        self._check_open()
+        self.ssd.set_pinned(name, False)
+
+    # --- loading ----------------------------------------------------------------------------
+    def load(self, name: str, keep_alive: float | None = None) -> dict:
+        """Makes sure `name` has a ready instance; keep_alive (seconds; negative = forever)
+        sets how long it stays once idle."""
+        self._check_open()
+        ka = self._keep_alive(keep_alive)
+        tier, load_s = self._ensure_loaded(name)
+        self.device.keep_alive(name, ka)
+        self._wake.set()
+        info = self._model_info(name)
+        info.update(load_tier=tier, load_s=load_s, expires_at=self._expires(name))
+        return info
+
+    def _keep_alive(self, value: float | None) -> float:
+        try:
+            return policy.keep_alive_or_default(value, self.config.keep_alive_s)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError(f"keep_alive: {e}") from e
+
+    def _expires(self, name: str) -> float | None:
+        slot = self.device.get(name)
+        return slot.expires_at if slot else None
+
+    def _ensure_loaded(self, name: str) -> tuple[str, float]:
+        """(tier the weights came from, seconds) once `name` has an instance; one load per
+        model at a time: concurrent callers wait for the same load."""
+        if self.device.loaded(name):
+            return Tier.DEVICE.value, 0.0
+        with self._lock:
+            self._check_open()
+            fut = self._loading.get(name)
+            owner = fut is None
+            if owner:
+                fut = self._loading[name] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            result = self._do_load(name)
+            fut.set_result(result)
+            return result
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+
+    def _do_load(self, name: str) -> tuple[str, float]:
+        if self.device.loaded(name):
+            return Tier.DEVICE.value, 0.0
+        entry = self.ssd.acquire(name)
+        try:
+            if entry.error:
+                raise ModelFailedError(f"model {name!r} is unusable: {entry.error}")
+            ckpt = open_checkpoint(entry.path)
+            t0 = time.perf_counter()
+            self._transition(name, ModelState.LOADING)
+            try:
+                self.device.reserve(name, ckpt.manifest.total_bytes)
+                try:
+                    with self._lock:
+                        tokenizer = self._tokenizers.get(name)
+                    loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
+                                           verify=self.config.verify_checksums, tokenizer=tokenizer)
+                    inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
+                                    nbytes=ckpt.manifest.total_bytes, queue_depth=self.config.queue_depth)
+                    load_s = time.perf_counter() - t0
+                    self.device.commit(name, inst, self.config.keep_alive_s, loaded.tier, load_s)
+                except BaseException:
+                    self.device.abort(name)
+                    raise
+            except SllmError as e:
+                self._transition(name, ModelState.FAILED, error=str(e))
+                raise
+            except Exception as e:
+                self._transition(name, ModelState.FAILED, error=f"{type(e).__name__}: {e}")
+                raise LoadError(f"loading {name!r} failed: {type(e).__name__}: {e}") from e
+            with self._lock:
+                self._tokenizers[name] = loaded.tokenizer
+                self._record(name).transition(ModelState.LOADED, device=self.config.device)
+                closed = self._closed
+            if closed:  # close() ran while this loaded: do not leave an instance behind
+                self.device.close_all()
+                raise ShuttingDownError("sllmd is shutting down")
+            self.ssd.touch(name)
+            log.info("%s ready on %s from %s in %.3f s", name, self.config.device, loaded.tier, load_s)
+            return loaded.tier, load_s
+        finally:
+            self.ssd.release(name)
+
+    # --- instances --------------------------------------------------------------------------
+    def _slot_info(self, s: Slot) -> dict:
+        inst = s.instance
+        with self._lock:
+            state = self._record(s.name).state.value
+        return {"name": s.name, "size_bytes": s.nbytes, "device": self.config.device,
+                "tiers": self._tiers_of(s.name), "state": state if inst else ModelState.LOADING.value,
+                "active_requests": inst.active if inst else 0, "queued": inst.queued if inst else 0,
+                "expires_at": s.expires_at, "loaded_at": s.loaded_at, "last_used": s.last_used,
+                "load_tier": s.load_tier, "load_s": s.load_s}
+
+    def ps(self) -> list[dict]:
+        self._check_open()
+        return [self._slot_info(s) for s in self.device.slots()]
+
+    def evict(self, name: str, tier: str = "device") -> dict:
+        """Evicts `name` from `tier`: device unloads the instance, dram drops the cached
+        copy, ssd removes the model from every tier (as rm). Reason `manual`."""
+        self._check_open()
+        try:
+            which = Tier.parse(tier)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        self.ssd.get(name)
+        evicted = []
+        if which in (Tier.DEVICE, Tier.SSD) and self.device.evict(name, EvictReason.MANUAL):
+            evicted.append(Tier.DEVICE.value)
+        if which in (Tier.DRAM, Tier.SSD) and self.dram is not None and self.dram.evict(name, EvictReason.MANUAL):
+            evicted.append(Tier.DRAM.value)
+        if which == Tier.SSD:
+            self.ssd.remove(name, EvictReason.MANUAL)
+            evicted.append(Tier.SSD.value)
+            return {"name": name, "tier": which.value, "evicted": evicted, "reason": EvictReason.MANUAL.value,
+                    "state": None, "tiers": []}
+        info = self._model_info(name)
+        return {"name": name, "tier": which.value, "evicted": evicted, "reason": EvictReason.MANUAL.value,
+                "state": info["state"], "tiers": info["tiers"]}
+
+    def remove(self, name: str) -> None:
+        self.evict(name, Tier.SSD.value)
+
+    # --- inference ----------------------------------------------------------------------------
+    def infer(self, req: InferRequest | dict) -> Iterator[dict]:
+        """Streams {"type": "token", ...} events and one {"type": "done", "stats": ...}.
+        Loads the model from the fastest tier holding it if it has no instance. Closing
+        the iterator cancels the request and frees its queue slot."""
+        arrived = time.perf_counter()
+        request = InferRequest.from_dict(req) if isinstance(req, dict) else req.validate()
+        self._check_open()
+        self.ssd.get(request.model)  # an unknown model fails here, before any streaming
+        return self._infer(request, arrived)
+
+    def _infer(self, req: InferRequest, arrived: float) -> Iterator[dict]:
+        ka = self._keep_alive(req.keep_alive)
+        inst = None
+        for _ in range(LOAD_ATTEMPTS):
+            tier, load_s = self._ensure_loaded(req.model)
+            inst = self.device.lease(req.model)
+            if inst is not None:
+                break
+        if inst is None:
+            raise LoadError(f"{req.model!r} was evicted each time it loaded; the device is under heavy pressure")
+        handle = None
+        try:
+            handle = inst.submit(req, arrived_at=arrived)
+            for event in handle:
+                if event.get("type") == "done":
+                    event["stats"].update(load_s=load_s, load_tier=tier)
+                yield event
+        finally:
+            if handle is not None and not handle.done.is_set():
+                handle.cancel()
+            self.device.unlease(req.model, ka)
+            self.ssd.touch(req.model)
+            if ka == 0:
+                self.device.evict_expired()  # "unload after the request", once nothing else runs on it
+            self._wake.set()
+
+    # --- status -----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        self._check_open()
+        dram = self.dram.stats() if self.dram is not None else {"used_bytes": 0, "capacity_bytes": 0, "models": 0}
+        dram.pop("pool", None)
+        return {
+            "uptime_s": time.time() - self._started_at, "started_at": self._started_at,
+            "device": self.config.device,
+            "tiers": {"ssd": self.ssd.stats(), "dram": dram, "device": self.device.stats()},
+            "loader": pool_mod.counters(),
+            "pool": self.pool.stats() if self.pool is not None else None,
+            "arena": ({"capacity_bytes": self.arena.capacity, "used_bytes": self.arena.used}
+                      if self.arena is not None else None),
+            "instances": [self._slot_info(s) for s in self.device.slots()],
+            "models": len(self.ssd.entries()),
+            "evictions": list(self._evictions),
+        }

@@ -1,0 +1,200 @@
+"""The device tier: model instances within a memory budget.
+
+On a CUDA host the budget is GPU memory; on a CPU-only host the "device" is
+host memory (partition buffers from a pre-faulted arena). A load first
+reserves its bytes: idle instances are evicted, least recently used first
+(reason `pressure`), until it fits; an instance that serves, has queued
+requests or holds a lease is never evicted. Each instance's keep_alive
+deadline comes from the last request or load that finished on it.
+
+Callbacks (on_evict) run outside the tier's lock.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import OutOfMemoryError
+from ..inference.engine import Instance
+from . import policy
+from .errors import ModelInUseError
+from .states import EvictReason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    name: str
+    nbytes: int
+    instance: Instance | None = None  # None while loading
+    leases: int = 0  # requests admitted by the node and not yet finished
+    last_used: float = 0.0
+    loaded_at: float | None = None
+    expires_at: float | None = None  # None = never (or not yet loaded)
+    load_tier: str | None = None
+    load_s: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.instance is None or self.leases > 0 or self.instance.busy
+
+
+class DeviceTier:
+    def __init__(self, device: str, budget_bytes: int,
+                 on_evict: Callable[[str, EvictReason], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.device = device
+        self.budget = budget_bytes
+        self.on_evict = on_evict
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._slots: dict[str, Slot] = {}
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self._slots.values())
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._slots
+
+    def get(self, name: str) -> Slot | None:
+        with self._lock:
+            return self._slots.get(name)
+
+    def loaded(self, name: str) -> bool:
+        with self._lock:
+            s = self._slots.get(name)
+            return s is not None and s.instance is not None
+
+    def slots(self) -> list[Slot]:
+        with self._lock:
+            return sorted(self._slots.values(), key=lambda s: s.name)
+
+    # --- loading ------------------------------------------------------------------
+    def reserve(self, name: str, nbytes: int) -> list[str]:
+        """Holds nbytes of the budget for a load of `name`, evicting idle instances
+        under pressure; OutOfMemoryError when even that cannot make room."""
+        with self._lock:
+            if name in self._slots:
+                raise ValueError(f"{name} already has a device slot")
+            if nbytes > self.budget:
+                raise OutOfMemoryError(f"model {name!r} needs {nbytes} bytes; the device budget on {self.device} "
+                                       f"is {self.budget}")
+            cands = [policy.Candidate(s.name, s.nbytes, s.last_used, busy=s.busy) for s in self._slots.values()]
+            victims = policy.choose_victims(cands, nbytes, self.budget - self.used_bytes)
+            if victims is None:
+                raise OutOfMemoryError(
+                    f"model {name!r} needs {nbytes} bytes on {self.device}; {self.budget - self.used_bytes} of "
+                    f"{self.budget} are free and every other instance is serving; retry later")
+            evicted = [self._slots.pop(v) for v in victims]
+            self._slots[name] = Slot(name, nbytes, last_used=self.clock())
+        for slot in evicted:
+            self._finish_eviction(slot, EvictReason.PRESSURE)
+        return victims
+
+    def commit(self, name: str, instance: Instance, keep_alive_s: float, load_tier: str, load_s: float) -> Slot:
+        """The load finished: the slot holds a ready instance."""
+        with self._lock:
+            s = self._slots[name]
+            now = self.clock()
+            s.instance, s.loaded_at, s.last_used = instance, now, now
+            s.load_tier, s.load_s = load_tier, load_s
+            s.expires_at = policy.expires_at(keep_alive_s, now)
+            return s
+
+    def abort(self, name: str) -> None:
+        """The load failed: its reservation is given back."""
+        with self._lock:
+            s = self._slots.get(name)
+            if s is not None and s.instance is None:
+                del self._slots[name]
+
+    # --- serving ------------------------------------------------------------------
+    def lease(self, name: str) -> Instance | None:
+        """The ready instance with a lease taken (it cannot be evicted until unlease)."""
+        with self._lock:
+            s = self._slots.get(name)
+            if s is None or s.instance is None:
+                return None
+            s.leases += 1
+            s.last_used = self.clock()
+            return s.instance
+
+    def unlease(self, name: str, keep_alive_s: float) -> None:
+        """A request finished: its keep_alive sets the instance's deadline (the last one wins)."""
+        with self._lock:
+            s = self._slots.get(name)
+            if s is None:
+                return
+            s.leases = max(0, s.leases - 1)
+            now = self.clock()
+            s.last_used = now
+            s.expires_at = policy.expires_at(keep_alive_s, now)
+
+    def keep_alive(self, name: str, keep_alive_s: float) -> None:
+        with self._lock:
+            s = self._slots.get(name)
+            if s is not None and s.instance is not None:
+                now = self.clock()
+                s.last_used = now
+                s.expires_at = policy.expires_at(keep_alive_s, now)
+
+    # --- eviction -------------------------------------------------------------------
+    def evict(self, name: str, reason: EvictReason = EvictReason.MANUAL) -> bool:
+        """Unloads an idle instance; False when there is none; ModelInUseError while it serves or loads."""
+        with self._lock:
+            s = self._slots.get(name)
+            if s is None:
+                return False
+            if s.busy:
+                what = "loading" if s.instance is None else "serving requests"
+                raise ModelInUseError(f"model {name!r} is {what}; it cannot be evicted now")
+            del self._slots[name]
+        self._finish_eviction(s, reason)
+        return True
+
+    def evict_expired(self, now: float | None = None) -> list[str]:
+        """Unloads instances whose keep_alive ran out (reason `idle`)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            due = policy.expired(((s.name, s.expires_at, s.busy) for s in self._slots.values()), now)
+            evicted = [self._slots.pop(n) for n in due]
+        for s in evicted:
+            self._finish_eviction(s, EvictReason.IDLE)
+        return [s.name for s in evicted]
+
+    def next_deadline(self) -> float | None:
+        with self._lock:
+            return min((s.expires_at for s in self._slots.values() if s.expires_at is not None), default=None)
+
+    def _finish_eviction(self, slot: Slot, reason: EvictReason) -> None:
+        inst = slot.instance
+        if inst is not None:
+            inst.close(timeout=30.0, drain=True)
+            inst.model = None  # the last references to the weights: the buffers go back
+            slot.instance = None
+            gc.collect()
+        log.info("evicted %s from %s (%s, %d bytes)", slot.name, self.device, reason.value, slot.nbytes)
+        if self.on_evict is not None:
+            self.on_evict(slot.name, reason)
+
+    def close_all(self, timeout: float = 30.0, drain: bool = True) -> None:
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for s in slots:
+            if s.instance is not None:
+                s.instance.close(timeout=timeout, drain=drain)
+                s.instance.model = None
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"used_bytes": self.used_bytes, "capacity_bytes": self.budget, "device": self.device,
+                    "instances": sum(1 for s in self._slots.values() if s.instance is not None)}

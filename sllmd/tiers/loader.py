@@ -1,0 +1,121 @@
+"""Loading a model instance from the fastest tier that holds its checkpoint.
+
+    DRAM tier hit:  pool chunks -> device buffers (no disk)
+    SSD, DRAM room: disk -> pool chunks -> device buffers in one pipelined pass
+                    (CPU host); on CUDA disk -> pool, then pool -> device
+    SSD, no room:   disk -> device buffers
+
+While the bytes move (native threads, GIL released), this thread builds the
+transformers model on `meta` and the tokenizer, so the ~1 s of Python work
+overlaps the I/O; then the tensors are bound into the model (assign=True).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..pool import HostArena, LoadOptions
+from ..pool import buffers as pool_buffers
+from ..store.format import Checkpoint
+from ..store.model import as_dtype, bind_state_dict, build_empty_model, load_tokenizer
+from ..store.reader import load_partitions, tensor_views
+from .dram import DramTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    tier: str  # where the bytes came from: "dram" or "ssd"
+    seconds: float
+    timings: dict[str, float]
+
+
+def _in_thread(fn: Callable[[], Any]) -> Future:
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # handed to whoever waits
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="sllm-load-io", daemon=True).start()
+    return fut
+
+
+def _read_partitions(name: str, ckpt: Checkpoint, device: torch.device, dram: DramTier | None,
+                     arena: HostArena | None, verify: bool, options: LoadOptions | None) -> tuple[list, str]:
+    """Device buffers holding every partition, and the tier they came from."""
+    cached = dram.acquire(name) if dram is not None else None
+    if cached is not None:
+        try:
+            return cached.load_partitions(device, arena=arena), "dram"
+        finally:
+            dram.release(name)
+    if dram is not None:
+        if device.type == "cpu":
+            bufs = [pool_buffers.allocate(p.nbytes, device, arena) for p in ckpt.manifest.partitions]
+            cached = dram.admit(name, ckpt, verify=verify, device_buffers=bufs, options=options)
+            if cached is not None:
+                dram.release(name)
+                return bufs, "ssd"
+            del bufs  # not cached: give the buffers back before reading another way
+        else:
+            cached = dram.admit(name, ckpt, verify=verify, options=options)
+            if cached is not None:
+                try:
+                    return cached.load_partitions(device), "ssd"
+                finally:
+                    dram.release(name)
+    return load_partitions(ckpt, device, verify=verify, arena=arena, options=options), "ssd"
+
+
+def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | None = None,
+                  arena: HostArena | None = None, verify: bool = True, options: LoadOptions | None = None,
+                  tokenizer: Any = None) -> Loaded:
+    """A ready-to-generate model (and its tokenizer) for checkpoint `ckpt` on `device`."""
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    io = _in_thread(lambda: _read_partitions(name, ckpt, dev, dram, arena if dev.type == "cpu" else None,
+                                             verify, options))
+    try:
+        stored = ckpt.manifest.model.get("dtype")
+        try:
+            dtype = as_dtype(stored) if stored else None
+        except Exception:
+            dtype = None  # not a floating dtype: build with the config's
+        model = build_empty_model(ckpt.path, dtype=dtype, architecture=ckpt.manifest.model.get("architecture"))
+        t_build = time.perf_counter()
+        if tokenizer is None:
+            tokenizer = load_tokenizer(ckpt.path)
+        t_tok = time.perf_counter()
+    finally:
+        bufs, tier = io.result()  # always wait: no load outlives this call
+    t_io = time.perf_counter()
+    bind_state_dict(model, tensor_views(ckpt, bufs), dev)
+    _generation_config(model, ckpt)
+    t_end = time.perf_counter()
+    timings = {"build_s": t_build - t0, "tokenizer_s": t_tok - t_build, "io_wait_s": t_io - t_tok,
+               "bind_s": t_end - t_io}
+    log.info("loaded %s on %s from %s in %.3f s (%s)", name, device, tier, t_end - t0,
+             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
+    return Loaded(model, tokenizer, tier, t_end - t0, timings)
+
+
+def _generation_config(model, ckpt: Checkpoint) -> None:
+    from transformers import GenerationConfig
+    if not getattr(model, "can_generate", lambda: False)():
+        return
+    if (ckpt.exec_dir() / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(ckpt.exec_dir())
+    else:
+        model.generation_config = GenerationConfig.from_model_config(model.config)

@@ -1,0 +1,355 @@
+"""The SSD tier: the local checkpoint store.
+
+    <store>/
+      lock            flock()ed by the daemon that owns the store
+      catalog.json    pins and last-use times (replaced atomically)
+      models/<name>/  one checkpoint per model, published by rename
+      staging/        imports in progress and removals (emptied at start)
+
+The catalog is rebuilt from models/ at start; catalog.json only adds what the
+directories cannot say (pins, last use). An import is written (converted or
+copied) under staging/, made room for, then renamed into models/ in one step,
+so a crash at any point leaves either no model or a whole one; a removal
+renames the directory into staging/ before deleting it. Capacity is enforced
+by evicting least recently used, unpinned models that nothing is using.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import CheckpointError, SllmError
+from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
+from . import policy
+from .errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
+                     StoreLockedError)
+from .states import EvictReason
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+CATALOG = "catalog.json"
+Progress = Callable[[int, int], None]
+EvictHook = Callable[[str, EvictReason], None]
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or name.endswith("."):
+        raise InvalidNameError(f"invalid model name {name!r}: use letters, digits and . _ : + - "
+                               f"(at most 128 characters, starting with a letter or digit)")
+    return name
+
+
+@dataclass
+class SsdEntry:
+    name: str
+    path: Path
+    nbytes: int  # bytes on disk
+    checkpoint_bytes: int  # bytes of tensor data (partition files)
+    pinned: bool = False
+    last_used: float = 0.0
+    imported_at: float = 0.0
+    source: str | None = None
+    error: str | None = None  # why the checkpoint is unusable, when it is
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "size_bytes": self.nbytes, "checkpoint_bytes": self.checkpoint_bytes,
+                "pinned": self.pinned, "last_used": self.last_used, "imported_at": self.imported_at,
+                "source": self.source, "error": self.error}
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_our_checkpoint(source: Path) -> bool:
+    try:
+        return source.is_dir() and json.loads((source / MANIFEST_FILE).read_text()).get("magic") == MAGIC
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None) -> None:
+    """Copies a checkpoint directory file by file (fsync'd), manifest last."""
+    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_FILE)
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    dest.mkdir(parents=True)
+    for src in files:
+        dst = dest / src.relative_to(source)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            while True:
+                block = fi.read(16 << 20)
+                if not block:
+                    break
+                fo.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+            fo.flush()
+            os.fsync(fo.fileno())
+    for d in {dest} | {(dest / p.relative_to(source)).parent for p in files}:
+        _fsync_dir(d)
+
+
+class SsdStore:
+    """The local checkpoint store. Thread-safe; long work (imports) runs outside its lock."""
+
+    def __init__(self, root: str | os.PathLike, capacity_bytes: int | None = None,
+                 on_evict: EvictHook | None = None):
+        self.root = Path(root)
+        self.capacity = capacity_bytes
+        self.models_dir = self.root / "models"
+        self.staging_dir = self.root / "staging"
+        self.on_evict = on_evict
+        self._lock = threading.RLock()
+        self._entries: dict[str, SsdEntry] = {}
+        self._refs: dict[str, int] = {}  # readers (loads) per model
+        self._importing: set[str] = set()
+        self._lock_fd: int | None = None
+        self.is_busy: Callable[[str], bool] = lambda name: False  # the node adds: in DRAM, on device, loading
+
+    # --- lifecycle ------------------------------------------------------------
+    def open(self) -> None:
+        """Locks the store, clears leftovers of interrupted imports/removals, rebuilds the catalog."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(f"{self.root} is in use by another sllmd") from None
+        self._lock_fd = fd
+        for leftover in self.staging_dir.iterdir():
+            log.info("removing leftover %s (an interrupted import or removal)", leftover)
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        for leftover in self.models_dir.glob(".*"):  # temporaries of a writer that was killed mid-write
+            log.info("removing leftover %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        meta = self._read_catalog()
+        entries = {}
+        for d in sorted(self.models_dir.iterdir()):
+            if not d.is_dir() or not NAME_RE.match(d.name):
+                continue
+            m = meta.get(d.name, {})
+            entry = self._scan(d.name, d)
+            entry.pinned = bool(m.get("pinned", False))
+            entry.last_used = float(m.get("last_used", entry.last_used))
+            entry.imported_at = float(m.get("imported_at", entry.imported_at))
+            entry.source = m.get("source")
+            entries[d.name] = entry
+        with self._lock:
+            self._entries = entries
+            self._write_catalog()
+        log.info("ssd store %s: %d models, %d bytes used%s", self.root, len(entries), self.used_bytes,
+                 f" of {self.capacity}" if self.capacity else "")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._lock_fd is not None:
+                self._write_catalog()
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _scan(self, name: str, path: Path) -> SsdEntry:
+        mtime = path.stat().st_mtime
+        try:
+            ckpt = open_checkpoint(path)
+            data = ckpt.manifest.total_bytes
+            missing = [p.file for p in ckpt.manifest.partitions if not ckpt.data_path(p).is_file()]
+            error = f"missing data files {missing}" if missing else None
+        except SllmError as e:
+            data, error = 0, str(e)
+        if error:
+            log.warning("model %s in the store is unusable: %s", name, error)
+        return SsdEntry(name, path, dir_bytes(path), data, last_used=mtime, imported_at=mtime, error=error)
+
+    # --- catalog --------------------------------------------------------------
+    def _read_catalog(self) -> dict[str, dict]:
+        try:
+            raw = json.loads((self.root / CATALOG).read_text())
+            models = raw.get("models", {})
+            return {k: v for k, v in models.items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("%s is unreadable (%s); pins and last-use times start afresh", self.root / CATALOG, e)
+            return {}
+
+    def _write_catalog(self) -> None:
+        data = {"version": 1, "models": {n: {"pinned": e.pinned, "last_used": e.last_used,
+                                              "imported_at": e.imported_at, "source": e.source}
+                                          for n, e in self._entries.items()}}
+        tmp = self.root / f".{CATALOG}.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / CATALOG)
+
+    # --- queries --------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def entries(self) -> list[SsdEntry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def get(self, name: str) -> SsdEntry:
+        with self._lock:
+            try:
+                return self._entries[name]
+            except KeyError:
+                raise ModelNotFoundError(f"no model named {name!r} (see `sllmctl models`)") from None
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    # --- use ------------------------------------------------------------------
+    def acquire(self, name: str) -> SsdEntry:
+        """Marks the model as being read (it cannot be evicted or removed until release)."""
+        with self._lock:
+            entry = self.get(name)
+            self._refs[name] = self._refs.get(name, 0) + 1
+            return entry
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            n = self._refs.get(name, 0) - 1
+            if n > 0:
+                self._refs[name] = n
+            else:
+                self._refs.pop(name, None)
+
+    def touch(self, name: str, now: float | None = None) -> None:
+        with self._lock:
+            e = self._entries.get(name)
+            if e is not None:
+                e.last_used = time.time() if now is None else now
+                self._write_catalog()
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        with self._lock:
+            self.get(name).pinned = pinned
+            self._write_catalog()
+
+    def _busy(self, name: str) -> bool:
+        return self._refs.get(name, 0) > 0 or self.is_busy(name)
+
+    # --- import ---------------------------------------------------------------
+    def import_model(self, name: str, source: str | os.PathLike, progress: Progress | None = None,
+                     convert: Callable | None = None) -> SsdEntry:
+        """Copies our checkpoint format, or converts anything else with `convert(source, dest)`
+        (default sllmd.store.convert), into the store under `name`, atomically."""
+        check_name(name)
+        src = Path(source).expanduser()
+        if not src.exists():
+            raise CheckpointError(f"{src}: no such file or directory")
+        with self._lock:
+            if name in self._entries or name in self._importing:
+                raise ModelExistsError(f"a model named {name!r} already exists (remove it first)")
+            self._importing.add(name)
+        work = self.staging_dir / f"import-{uuid.uuid4().hex[:12]}"
+        staged = work / "checkpoint"
+        try:
+            work.mkdir(parents=True)
+            if is_our_checkpoint(src):
+                copy_checkpoint(src, staged, progress)
+            else:
+                if convert is None:
+                    from ..store import convert
+                convert(src, staged, **({"progress": progress} if progress is not None else {}))
+            open_checkpoint(staged)  # whatever it came from, it must now be a valid checkpoint
+            nbytes = dir_bytes(staged)
+            with self._lock:
+                self._make_room(nbytes, exclude={name})
+                dest = self.models_dir / name
+                os.rename(staged, dest)
+                _fsync_dir(self.models_dir)
+                now = time.time()
+                entry = self._scan(name, dest)
+                entry.imported_at = entry.last_used = now
+                entry.source = os.fspath(src)
+                self._entries[name] = entry
+                self._write_catalog()
+            log.info("imported %s from %s (%d bytes)", name, src, nbytes)
+            return entry
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                raise StoreFullError(f"the disk under {self.root} is full: {e}") from e
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            with self._lock:
+                self._importing.discard(name)
+
+    def _make_room(self, nbytes: int, exclude: set[str]) -> list[str]:
+        """Evicts least recently used, unpinned, idle models until nbytes fit (caller holds the lock)."""
+        if self.capacity is None:
+            return []
+        if nbytes > self.capacity:
+            raise StoreFullError(f"the model needs {nbytes} bytes; the store holds at most {self.capacity}")
+        cands = [policy.Candidate(e.name, e.nbytes, e.last_used, e.pinned, self._busy(e.name))
+                 for e in self._entries.values()]
+        victims = policy.choose_victims(cands, nbytes, self.capacity - self.used_bytes, exclude)
+        if victims is None:
+            raise StoreFullError(f"the store has {self.capacity - self.used_bytes} of {self.capacity} bytes free "
+                                 f"and {nbytes} are needed; the other models are pinned or in use")
+        for v in victims:
+            self._remove_locked(v, EvictReason.LRU)
+        return victims
+
+    # --- removal --------------------------------------------------------------
+    def remove(self, name: str, reason: EvictReason = EvictReason.MANUAL) -> None:
+        with self._lock:
+            self.get(name)
+            if self._busy(name):
+                raise ModelInUseError(f"model {name!r} is in use; evict it from the faster tiers first")
+            self._remove_locked(name, reason)
+
+    def _remove_locked(self, name: str, reason: EvictReason) -> None:
+        entry = self._entries.pop(name)
+        self._refs.pop(name, None)
+        trash = self.staging_dir / f"remove-{uuid.uuid4().hex[:12]}"
+        os.rename(entry.path, trash)  # atomic: the model is gone from the catalog at once
+        _fsync_dir(self.models_dir)
+        self._write_catalog()
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("removed %s from the ssd store (%s, %d bytes)", name, reason.value, entry.nbytes)
+        if self.on_evict is not None:
+            self.on_evict(name, reason)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"used_bytes": self.used_bytes, "capacity_bytes": self.capacity, "models": len(self._entries),
+                    "root": os.fspath(self.root)}
