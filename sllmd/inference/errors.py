@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from ..errors import SllmError
+# One class per wire code: the protocol declares these, the inference path raises them.
+from ..protocol.errors import BusyError, CancelledError as RequestCancelledError
+
+__all__ = ["BusyError", "InferenceError", "InstanceClosedError", "InvalidRequestError", "RequestCancelledError"]
 
 
 class InvalidRequestError(SllmError):
@@ -9,17 +13,6 @@ class InvalidRequestError(SllmError):
 
     code = "invalid_request"
     exit_code = 2
-
-
-class BusyError(SllmError):
-    """An instance's request queue is full; retry later."""
-
-    code = "busy"
-    exit_code = 75
-
-
-class RequestCancelledError(SllmError):
-    code = "cancelled"
 
 
 class InstanceClosedError(SllmError):

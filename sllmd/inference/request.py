@@ -17,7 +17,7 @@ from typing import Any
 from .errors import InvalidRequestError
 
 MAX_TOKENS_LIMIT = 1 << 20
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 64
 
 
 def _check(cond: bool, message: str) -> None:
@@ -91,7 +91,7 @@ class InferRequest:
     def from_dict(cls, d: dict[str, Any]) -> "InferRequest":
         """Builds and validates a request from a decoded wire map (unknown keys are refused)."""
         _check(isinstance(d, dict), "a request must be a map")
-        known = {"model", "prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "seed", "stop",
+        known = {"model", "prompt", "messages", "raw", "chat", "max_tokens", "temperature", "top_p", "seed", "stop",
                  "keep_alive", "request_id"}
         unknown = set(d) - known
         _check(not unknown, f"unknown request fields: {sorted(map(str, unknown))}")
@@ -99,12 +99,19 @@ class InferRequest:
         if isinstance(stop, str):
             stop = (stop,)
         _check(isinstance(stop, (list, tuple)), "stop must be a string or a list of strings")
+
+        def get(key: str, default: Any) -> Any:  # a missing key and None both mean the default
+            value = d.get(key)
+            return default if value is None else value
+
+        chat = get("chat", True)
+        _check(isinstance(chat, bool), "chat must be a boolean")
         sampling = SamplingParams(
-            temperature=d.get("temperature", 0.0), top_p=d.get("top_p", 1.0), seed=d.get("seed"),
-            max_tokens=d.get("max_tokens", SamplingParams.max_tokens), stop=tuple(stop))
-        req = cls(model=d.get("model"), prompt=d.get("prompt"), messages=d.get("messages"), raw=d.get("raw", False),
-                  sampling=sampling, keep_alive=d.get("keep_alive"),
-                  **({"request_id": d["request_id"]} if "request_id" in d else {}))
+            temperature=get("temperature", 0.0), top_p=get("top_p", 1.0), seed=d.get("seed"),
+            max_tokens=get("max_tokens", SamplingParams.max_tokens), stop=tuple(stop))
+        req = cls(model=d.get("model"), prompt=d.get("prompt"), messages=d.get("messages"),
+                  raw=get("raw", not chat), sampling=sampling, keep_alive=d.get("keep_alive"),
+                  **({"request_id": d["request_id"]} if d.get("request_id") is not None else {}))
         return req.validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from ..errors import SllmError
+from ..protocol.errors import ShuttingDownError  # one class per wire code
+
+__all__ = ["InvalidNameError", "ModelExistsError", "ModelFailedError", "ModelInUseError", "ModelNotFoundError",
+           "ShuttingDownError", "StoreFullError", "StoreLockedError"]
 
 
 class ModelNotFoundError(SllmError):
@@ -40,8 +44,3 @@ class ModelFailedError(SllmError):
     """The model's checkpoint on disk is unusable (see `models` for the reason)."""
 
     code = "model_failed"
-
-
-class ShuttingDownError(SllmError):
-    code = "shutting_down"
-    exit_code = 75

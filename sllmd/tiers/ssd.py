@@ -44,7 +44,7 @@ EvictHook = Callable[[str, EvictReason], None]
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.endswith("."):
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise InvalidNameError(f"invalid model name {name!r}: use letters, digits and . _ : + - "
                                f"(at most 128 characters, starting with a letter or digit)")
     return name

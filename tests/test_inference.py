@@ -1,0 +1,336 @@
+"""The decode loop and instances: KV-cache decoding equals full recomputation,
+seeded sampling, stop tokens and strings, incremental detokenization, chat
+templates, bounded queues, cancellation, and resuming a request from its state."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from sllmd.inference import InferRequest, RequestState, SamplingParams
+from sllmd.inference.decode import build_prompt_ids, sample, stop_token_ids
+from sllmd.inference.engine import Instance
+from sllmd.inference.errors import BusyError, InstanceClosedError, InvalidRequestError, RequestCancelledError
+from sllmd.inference.generation import Generation
+from sllmd.inference.text import IncrementalDetokenizer, StopStrings
+
+CORPUS = ["The capital of France is Paris.", "héllo wörld ünïcödé çà", "日本語のテキスト 🙂🚀 ∑∫",
+          "user assistant system"] * 10
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained here (pad 0, bos 1, eos 2, like the tiny configs): multi-byte
+    characters span several tokens, which is what incremental detokenization must survive."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                                eos_token="<|im_end|>")
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def model_for(tok, kind="llama", seed=0, **overrides):
+    return make_tiny_model(kind, seed=seed, vocab_size=len(tok), **overrides)
+
+
+def run(model, tok, request: InferRequest) -> tuple[list[int], str, str]:
+    state = RequestState("r", "m", request.sampling, build_prompt_ids(tok, request))
+    gen = Generation(model, tok, state)
+    text = ""
+    while (ev := gen.step()) is not None:
+        text += ev["text"]
+    return state.output_ids, text, state.finish_reason
+
+
+# --- requests ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fields, message", [
+    ({}, "model"),
+    ({"model": "m"}, "exactly one"),
+    ({"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one"),
+    ({"model": "m", "prompt": 3}, "prompt"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "user"}]}, "role and content"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "temperature": -1}, "temperature"),
+    ({"model": "m", "prompt": "x", "temperature": float("nan")}, "temperature"),
+    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "m", "prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
+    ({"model": "m", "prompt": "x", "seed": "7"}, "seed"),
+    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "m", "prompt": "x", "stop": 5}, "stop"),
+    ({"model": "m", "prompt": "x", "keep_alive": "5m"}, "keep_alive"),
+    ({"model": "m", "prompt": "x", "chat": "yes"}, "chat"),
+    ({"model": "m", "prompt": "x", "bogus": 1}, "unknown"),
+])
+def test_bad_requests_are_refused(fields, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        InferRequest.from_dict(fields)
+
+
+def test_request_defaults_and_wire_fields():
+    r = InferRequest.from_dict({"model": "m", "prompt": "hi", "max_tokens": None, "temperature": None,
+                                "stop": "END", "chat": False, "keep_alive": -1})
+    assert r.raw and r.sampling.greedy and r.sampling.max_tokens == SamplingParams.max_tokens
+    assert r.sampling.stop == ("END",) and r.keep_alive == -1
+    assert InferRequest.from_dict(r.to_dict()).to_dict() == r.to_dict()
+
+
+# --- text --------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["héllo wörld ünïcödé", "日本語のテキスト 🙂🚀 ∑∫", "The capital of France is Paris.",
+                                  "🙂🙂🙂 mixed ascii 日本"])
+def test_incremental_detokenizer_never_breaks_characters(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    singles = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in s for s in singles) or text.isascii()  # the test really splits characters
+    detok = IncrementalDetokenizer(tok, tok.encode("user: ", add_special_tokens=False))
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def test_detokenizer_flush_gives_an_unfinished_character_as_replacement(tok):
+    ids = tok.encode("🙂", add_special_tokens=False)
+    assert len(ids) > 1
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push(ids[0]) == ""
+    assert detok.flush() == "\ufffd" * len(tok.decode(ids[:1]))
+
+
+@pytest.mark.parametrize("stops, pieces, expected, stopped", [
+    ((), ["ab", "cd"], ["ab", "cd"], False),
+    (("END",), ["hello E", "N", "D more"], ["hello ", "", ""], True),
+    (("END",), ["hello E", "NX"], ["hello ", "ENX"], False),        # a false start is released
+    (("END",), ["xEN"], ["x"], False),                             # held: might become END
+    (("\n\n", "###"), ["a\n", "b##", "#c"], ["a", "\nb", ""], True),  # "\n" is held, then released
+    (("ab", "b"), ["xab"], ["x"], True),                           # the earliest stop string wins
+])
+def test_stop_strings(stops, pieces, expected, stopped):
+    s = StopStrings(stops)
+    assert [s.feed(p) for p in pieces] == expected
+    assert s.stopped is stopped
+
+
+def test_stop_strings_flush_releases_held_text():
+    s = StopStrings(["END"])
+    assert s.feed("abcEN") == "abc"
+    assert s.flush() == "EN"
+
+
+# --- decode loop -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
+def test_kv_cache_decoding_equals_full_recomputation(tok, kind):
+    model = model_for(tok, kind)
+    req = InferRequest("m", prompt="The capital of France", sampling=SamplingParams(max_tokens=12))
+    ids, _, _ = run(model, tok, req)
+    # The reference: no cache, the whole sequence through the model for every token.
+    seq = build_prompt_ids(tok, req)
+    expected = []
+    with torch.inference_mode():
+        for _ in range(len(ids)):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            expected.append(nxt)
+            seq.append(nxt)
+            if nxt in stop_token_ids(model, tok):
+                break
+    assert ids == expected
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tok):
+    model = model_for(tok)
+
+    def sampled(seed, top_p=1.0):
+        return run(model, tok, InferRequest("m", prompt="héllo", sampling=SamplingParams(
+            max_tokens=24, temperature=1.5, top_p=top_p, seed=seed)))[0]
+
+    assert sampled(7) == sampled(7)
+    assert sampled(7) != sampled(8)
+    greedy = run(model, tok, InferRequest("m", prompt="héllo", sampling=SamplingParams(max_tokens=24)))[0]
+    assert sampled(7, top_p=1e-9) == greedy  # a nucleus of one token is greedy
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_p=0.75)
+    draws = {sample(logits, params, gen) for _ in range(400)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are cut
+    assert {sample(logits, SamplingParams(temperature=1.0), gen) for _ in range(400)} == {0, 1, 2, 3}
+
+
+def test_max_tokens_and_eos(tok):
+    model = model_for(tok)
+    req = InferRequest("m", prompt="héllo", sampling=SamplingParams(max_tokens=10))
+    ids, text, reason = run(model, tok, req)
+    assert len(ids) == 10 and reason == "length"
+    # Make the 4th greedy token the end of sequence: generation ends there, without its text.
+    model.generation_config.eos_token_id = [ids[3]]
+    ids2, text2, reason2 = run(model, tok, req)
+    assert ids2 == ids[:4] and reason2 == "stop"
+    assert text2 == tok.decode(ids[:3], skip_special_tokens=True)
+
+
+def test_stop_string_cuts_the_output(tok):
+    model = model_for(tok, seed=0)
+    req = InferRequest("m", prompt="Paris", sampling=SamplingParams(max_tokens=30))
+    _, text, _ = run(model, tok, req)
+    windows = [text[i:i + 2] for i in range(2, len(text) - 1) if "\ufffd" not in text[i:i + 2]]
+    assert windows, text
+    stop = windows[0]
+    req.sampling = SamplingParams(max_tokens=30, stop=(stop,))
+    _, cut, reason = run(model, tok, req)
+    assert reason == "stop" and stop not in cut and cut == text[:text.index(stop)]
+
+
+def test_chat_template_is_applied(tok):
+    chat = build_prompt_ids(tok, InferRequest("m", prompt="hi"))
+    raw = build_prompt_ids(tok, InferRequest("m", prompt="hi", raw=True))
+    assert tok.decode(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(raw) == "hi"
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert tok.decode(build_prompt_ids(tok, InferRequest("m", messages=msgs))).startswith("<|im_start|>system\n")
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=16),
+                                      SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, seed=11)])
+def test_a_request_resumes_from_its_state(tok, sampling):
+    """What token-based migration relies on: a fresh Generation built from a snapshot
+    (token list + sampler state) continues exactly like the original."""
+    model = model_for(tok)
+    req = InferRequest("m", prompt="héllo", sampling=sampling)
+    full, full_text, _ = run(model, tok, req)
+    state = RequestState("r", "m", sampling, build_prompt_ids(tok, req))
+    gen = Generation(model, tok, state)
+    for _ in range(5):
+        gen.step()
+    snap = RequestState.from_dict(gen.snapshot().to_dict())  # as it would travel
+    resumed = Generation(model, tok, snap)
+    while resumed.step() is not None:
+        pass
+    assert snap.output_ids == full
+    assert snap.finish_reason == "length"
+
+
+# --- instances ------------------------------------------------------------------------------------
+def _collect(handle):
+    events = list(handle)
+    return "".join(e["text"] for e in events if e["type"] == "token"), events[-1]
+
+
+def test_instance_streams_tokens_and_stats(tok):
+    model = model_for(tok)
+    inst = Instance("m", model, tok, device="cpu", nbytes=0)
+    try:
+        req = InferRequest("m", prompt="héllo", sampling=SamplingParams(max_tokens=8))
+        text, done = _collect(inst.submit(req))
+        _, expected, _ = run(model, tok, req)
+        assert text == expected
+        stats = done["stats"]
+        assert done["type"] == "done" and stats["tokens"] == 8 and stats["finish_reason"] == "length"
+        assert stats["ttft_s"] > 0 and stats["tokens_per_s"] > 0
+    finally:
+        assert inst.close(timeout=10)
+
+
+def _long_running(tok):
+    model = model_for(tok, max_position_embeddings=100_000)
+    return model, InferRequest("m", prompt="x", sampling=SamplingParams(max_tokens=50_000))
+
+
+def test_full_queue_is_busy_and_cancel_frees_slots(tok):
+    model, long_req = _long_running(tok)
+    inst = Instance("m", model, tok, device="cpu", nbytes=0, queue_depth=1)
+    try:
+        running = inst.submit(long_req)
+        it = iter(running)
+        next(it)  # it is running: the worker is busy for a long while
+        queued = inst.submit(InferRequest("m", prompt="a", sampling=SamplingParams(max_tokens=2)))
+        assert (inst.active, inst.queued) == (1, 1)
+        with pytest.raises(BusyError) as err:
+            inst.submit(InferRequest("m", prompt="b"))
+        assert err.value.code == "busy" and err.value.exit_code == 75
+        queued.cancel()  # a cancelled queued request leaves at once ...
+        assert inst.queued == 0
+        with pytest.raises(RequestCancelledError):
+            list(queued)
+        third = inst.submit(InferRequest("m", prompt="c", sampling=SamplingParams(max_tokens=3)))  # ... freeing its slot
+        it.close()  # the client of the running request goes away: it stops before its next token
+        text, done = _collect(third)
+        assert done["stats"]["tokens"] == 3
+        assert running.finish_reason == "cancelled"
+        assert len(running.state.output_ids) < 50_000
+    finally:
+        assert inst.close(timeout=10)
+
+
+def test_concurrent_requests_get_their_own_answers(tok):
+    model = model_for(tok)
+    inst = Instance("m", model, tok, device="cpu", nbytes=0, queue_depth=8)
+    prompts = ["héllo", "Paris", "日本語", "wörld", "France", "🙂", "system", "capital"]
+    expected = {p: run(model, tok, InferRequest("m", prompt=p, sampling=SamplingParams(max_tokens=6)))[1]
+                for p in prompts}
+    results, errors = {}, []
+
+    def client(p):
+        try:
+            results[p] = _collect(inst.submit(InferRequest("m", prompt=p, sampling=SamplingParams(max_tokens=6))))[0]
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and results == expected
+    assert inst.close(timeout=10)
+
+
+def test_close_fails_queued_requests_and_lets_the_running_one_finish(tok):
+    model, long_req = _long_running(tok)
+    long_req.sampling = SamplingParams(max_tokens=40)
+    inst = Instance("m", model, tok, device="cpu", nbytes=0)
+    running = inst.submit(long_req)
+    it = iter(running)
+    next(it)
+    queued = inst.submit(InferRequest("m", prompt="a"))
+    assert inst.close(timeout=10)
+    with pytest.raises(InstanceClosedError):
+        list(queued)
+    rest = list(it)
+    assert rest[-1]["type"] == "done" and rest[-1]["stats"]["tokens"] == 40
+    with pytest.raises(InstanceClosedError):
+        inst.submit(InferRequest("m", prompt="late"))
+
+
+def test_a_failing_request_does_not_kill_the_worker(tok):
+    model = model_for(tok)
+    inst = Instance("m", model, tok, device="cpu", nbytes=0)
+    try:
+        bad = inst.submit(InferRequest("m", prompt="", raw=True))  # no prompt tokens at all
+        with pytest.raises(Exception):
+            list(bad)
+        t0 = time.perf_counter()
+        text, done = _collect(inst.submit(InferRequest("m", prompt="ok", sampling=SamplingParams(max_tokens=2))))
+        assert done["stats"]["tokens"] == 2 and time.perf_counter() - t0 < 10
+    finally:
+        inst.close(timeout=10)
