@@ -1,7 +1,7 @@
 """The sllmd wire protocol: typed messages, msgpack codec, protocol errors (DESIGN.md section 6)."""
 from .codec import decode_reply, decode_request, encode, peek_id
 from .errors import (BadMessageError, BusyError, CancelledError, DaemonTimeoutError, DaemonUnreachableError,
-                     HandshakeRequiredError, InternalError, OversizedError, ProtocolError, RemoteError,
+                     HandshakeRequiredError, InternalError, InvalidArgumentError, OversizedError, ProtocolError, RemoteError,
                      ShuttingDownError, UnknownTypeError, VersionMismatchError, error_reply_fields,
                      exception_from_reply)
 from .messages import (FINAL_REPLIES, LONG_RUNNING, PROTOCOL_VERSION, REPLIES, REQUESTS, STREAMING, Cancel, Done,
@@ -12,7 +12,7 @@ from .schema import Message
 __all__ = [
     "BadMessageError", "BusyError", "Cancel", "CancelledError", "DaemonTimeoutError", "DaemonUnreachableError",
     "Done", "Error", "Event", "Evict", "FINAL_REPLIES", "HandshakeRequiredError", "Heartbeat", "Hello", "Import",
-    "Infer", "InternalError", "LONG_RUNNING", "Load", "Message", "Models", "OversizedError", "PROTOCOL_VERSION",
+    "Infer", "InternalError", "InvalidArgumentError", "LONG_RUNNING", "Load", "Message", "Models", "OversizedError", "PROTOCOL_VERSION",
     "Pin", "Ping", "Progress", "ProtocolError", "Ps", "REPLIES", "REQUESTS", "RemoteError", "Remove", "Result",
     "STREAMING", "ShuttingDownError", "Status", "Token", "UnknownTypeError", "Unpin", "VersionMismatchError",
     "Welcome", "decode_reply", "decode_request", "encode", "error_reply_fields", "exception_from_reply", "peek_id",

@@ -37,6 +37,13 @@ class OversizedError(BadMessageError):
     code = "oversized"
 
 
+class InvalidArgumentError(BadMessageError):
+    """A request the client refused to send: an argument fails the message's checks (a usage error)."""
+
+    code = "invalid_argument"
+    exit_code = 2
+
+
 class VersionMismatchError(ProtocolError):
     """The two sides speak different protocol versions."""
 
@@ -106,10 +113,29 @@ class RemoteError(SllmError):
         self.exit_code = exit_code
 
 
+# Modules that declare error classes; imported on the first lookup so that a client maps every
+# code to its class without loading the daemon's heavy parts (these modules are light).
+ERROR_MODULES = ("sllmd.tiers.errors", "sllmd.inference.errors")
+_imported = False
+
+
 def _all_error_classes(base: type[SllmError] = SllmError):
     yield base
     for sub in base.__subclasses__():
         yield from _all_error_classes(sub)
+
+
+def _import_error_modules() -> None:
+    global _imported
+    if _imported:
+        return
+    _imported = True
+    import importlib
+    for name in ERROR_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def error_class_for(code: str) -> type[SllmError] | None:
@@ -117,8 +143,12 @@ def error_class_for(code: str) -> type[SllmError] | None:
 
     Looked up over the live subclass tree on every call, so error classes that
     other modules declare later (in `sllmd.errors` or elsewhere, once imported)
-    are found too.
+    are found too. Where two classes share a code, the one declared here wins.
     """
+    _import_error_modules()
+    for cls in _PROTOCOL_CLASSES:
+        if cls.code == code:
+            return cls
     for cls in _all_error_classes():
         if cls is RemoteError:
             continue
@@ -146,3 +176,8 @@ def exception_from_reply(code: str, message: str, exit_code: int = 1) -> SllmErr
     except Exception:  # a class with an unusual constructor: keep the code all the same
         return RemoteError(message, code, exit_code)
     return exc
+
+
+_PROTOCOL_CLASSES = [cls for cls in list(globals().values())
+                     if isinstance(cls, type) and issubclass(cls, SllmError) and cls.__module__ == __name__
+                     and cls is not RemoteError]

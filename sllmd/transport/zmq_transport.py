@@ -209,9 +209,10 @@ class ZmqTransport(Transport):
     def connect(self, address):
         path = ipc_path(address)
         if path is not None and not probe_ipc(path):
+            hint = "start it with `sllmd` or `systemctl start sllmd`"
             if os.path.exists(path):
-                raise DaemonUnreachableError(f"sllmd is not running (stale socket {path})")
-            raise DaemonUnreachableError(f"sllmd is not running (no socket at {path})")
+                raise DaemonUnreachableError(f"sllmd is not running (stale socket {path}); {hint}")
+            raise DaemonUnreachableError(f"sllmd is not running (no socket at {path}); {hint}")
         return ZmqClientEndpoint(self._ctx, address)
 
     def close(self):

@@ -1,0 +1,333 @@
+"""The Python client of sllmd: every daemon operation, synchronous, token streams as iterators.
+
+    from sllmd.client import Client
+    with Client() as c:                       # socket: $SLLMD_SOCKET or the default path
+        c.import_model("smol", "/models/smollm2.gguf")
+        for piece in c.infer("smol", "What is the capital of France?", max_tokens=32):
+            print(piece, end="", flush=True)
+
+Errors come back as the daemon raised them (sllmd.errors / sllmd.protocol
+classes, same `code`). `DaemonUnreachableError` means no daemon listens or it
+went away; `DaemonTimeoutError` means it accepted the request but showed no
+sign of life for `timeout` seconds (the daemon sends heartbeats while it
+works, so a slow load or a long queue is not a timeout). A Client is not
+thread-safe: use one per thread. Several requests may be open at once on one
+Client (e.g. `status()` while iterating an infer stream).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from sllmd.config import default_socket_path, parse_duration
+from sllmd.protocol import (PROTOCOL_VERSION, BadMessageError, Cancel, DaemonTimeoutError, DaemonUnreachableError,
+                            Done, Error, Event, Evict, HandshakeRequiredError, Heartbeat, Hello, Import, Infer,
+                            InvalidArgumentError, Load,
+                            Message, Models, OversizedError, Pin, Ping, Progress, Ps, Remove, Result, Status, Token,
+                            Unpin, Welcome, decode_reply, encode, exception_from_reply)
+from sllmd.transport import Transport, ZmqTransport, probe_ipc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def _address(socket: str) -> str:
+    return socket if "://" in socket else "ipc://" + socket
+
+
+def _build(make: Callable[[int], Message], rid: int) -> Message:
+    """A request checked before it leaves: a bad argument is the caller's error (exit 2), not the daemon's."""
+    try:
+        return make(rid)
+    except BadMessageError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
+class Client:
+    def __init__(self, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+                 transport: Transport | None = None, client_name: str = "sllmd.client"):
+        self.socket = socket or os.environ.get("SLLMD_SOCKET") or default_socket_path(os.environ)
+        self.address = _address(self.socket)
+        self.timeout = timeout
+        self._client_name = client_name
+        self._own_transport = transport is None
+        self._transport = transport or ZmqTransport()
+        self._ids = itertools.count(1)
+        self._inbox: dict[int, collections.deque[Message]] = {}
+        self._orphan_errors: collections.deque[Error] = collections.deque()
+        self._open: set[int] = set()
+        self._ep = None
+        self.welcome: Welcome | None = None
+        try:
+            try:
+                self._ep = self._transport.connect(self.address)
+            except PermissionError:
+                raise DaemonUnreachableError(f"permission denied on {self.socket} "
+                                             "(is this user in the daemon's group?)") from None
+            self._handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        for rid in list(self._open):
+            self._cancel(rid)
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
+        if self._own_transport and self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _handshake(self) -> None:
+        msg = Hello(id=next(self._ids), version=PROTOCOL_VERSION, client=self._client_name)
+        self._send(msg)
+        reply = self._wait(msg.id, self.timeout)
+        if not isinstance(reply, Welcome):
+            raise BadMessageError(f"expected welcome, got {reply.TYPE}")
+        self.welcome = reply
+
+    @property
+    def _silence_probe_s(self) -> float:
+        beat = self.welcome.heartbeat_s if self.welcome else 1.0
+        return 3 * beat + 0.5
+
+    def _send(self, msg: Message) -> None:
+        if self._ep is None:
+            raise DaemonUnreachableError("the client is closed")
+        frame = encode(msg)
+        limit = self.welcome.max_frame_bytes if self.welcome else None
+        if limit is not None and len(frame) > limit:
+            raise OversizedError(f"{msg.TYPE} of {len(frame)} bytes exceeds the daemon's limit of {limit} bytes")
+        if not self._ep.send(frame, self.timeout):
+            raise DaemonTimeoutError(f"could not send to sllmd at {self.socket} within {self.timeout:g}s")
+        self._open.add(msg.id)
+
+    def _receive_one(self, timeout: float) -> bool:
+        frames = self._ep.recv(timeout)
+        if frames is None:
+            return False
+        try:
+            if len(frames) != 1:
+                raise BadMessageError(f"expected one frame, got {len(frames)}")
+            msg = decode_reply(frames[0])
+        except BadMessageError as e:
+            log.warning("ignoring a malformed reply: %s", e)
+            return True
+        if msg.id is None:   # an error for a request the daemon could not read
+            self._orphan_errors.append(msg)
+        elif msg.id in self._open:
+            self._inbox.setdefault(msg.id, collections.deque()).append(msg)
+        else:
+            log.debug("dropping %s for finished request %s", msg.TYPE, msg.id)
+        return True
+
+    def _wait(self, rid: int, timeout: float) -> Message:
+        """The next reply to request `rid` (heartbeats swallowed); raises on error replies and silence."""
+        silent_since = time.monotonic()
+        probed = False
+        while True:
+            box = self._inbox.get(rid)
+            while box:
+                msg = box.popleft()
+                if isinstance(msg, Heartbeat):
+                    silent_since = time.monotonic()
+                    continue
+                if isinstance(msg, Error | Result | Done | Welcome):
+                    self._finish(rid)
+                if isinstance(msg, Error):
+                    raise exception_from_reply(msg.code, msg.message, msg.exit_code)
+                return msg
+            if self._orphan_errors and len(self._open) == 1:
+                err = self._orphan_errors.popleft()
+                self._finish(rid)
+                raise exception_from_reply(err.code, err.message, err.exit_code)
+            if self._ep is None:
+                raise DaemonUnreachableError("the client is closed")
+            silent = time.monotonic() - silent_since
+            if silent >= timeout:
+                self._cancel(rid)
+                raise DaemonTimeoutError(f"sllmd at {self.socket} sent nothing for {timeout:g}s")
+            if not probed and silent >= self._silence_probe_s:
+                probed = True   # a live daemon beats every heartbeat_s; check that it still listens
+                if self.address.startswith("ipc://") and not probe_ipc(self.socket):
+                    self._finish(rid)
+                    raise DaemonUnreachableError(f"sllmd at {self.socket} went away")
+            if self._receive_one(min(timeout - silent, self._silence_probe_s)):
+                continue
+
+    def _finish(self, rid: int) -> None:
+        self._open.discard(rid)
+        self._inbox.pop(rid, None)
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self._open:
+            self._finish(rid)
+            if self._ep is not None:
+                try:
+                    self._ep.send(encode(Cancel(id=rid)), 0.5)
+                except Exception:   # best effort: the daemon also notices a closed connection
+                    log.debug("could not send cancel for %d", rid, exc_info=True)
+
+    def _call(self, make: Callable[[int], Message]) -> Any:
+        """Sends a request and returns its result data; says hello again once if the daemon restarted."""
+        for attempt in (1, 2):
+            msg = _build(make, next(self._ids))
+            self._send(msg)
+            try:
+                reply = self._wait(msg.id, self.timeout)
+            except HandshakeRequiredError:
+                if attempt == 2:
+                    raise
+                self._handshake()
+                continue
+            if not isinstance(reply, Result):
+                raise BadMessageError(f"expected result, got {reply.TYPE}")
+            return reply.data
+
+    # --- operations -----------------------------------------------------------------------------------
+    def ping(self) -> float:
+        """Round trip time in seconds."""
+        t = time.perf_counter()
+        self._call(lambda i: Ping(id=i))
+        return time.perf_counter() - t
+
+    def status(self) -> dict:
+        return self._call(lambda i: Status(id=i))
+
+    def models(self) -> list[dict]:
+        return self._call(lambda i: Models(id=i))
+
+    def ps(self) -> list[dict]:
+        return self._call(lambda i: Ps(id=i))
+
+    def load(self, name: str, keep_alive: float | str | None = None) -> dict:
+        ka = None if keep_alive is None else parse_duration(keep_alive)
+        return self._call(lambda i: Load(id=i, name=name, keep_alive=ka))
+
+    def evict(self, name: str, tier: str = "device") -> dict:
+        return self._call(lambda i: Evict(id=i, name=name, tier=tier))
+
+    def remove(self, name: str) -> None:
+        self._call(lambda i: Remove(id=i, name=name))
+
+    def pin(self, name: str) -> None:
+        self._call(lambda i: Pin(id=i, name=name))
+
+    def unpin(self, name: str) -> None:
+        self._call(lambda i: Unpin(id=i, name=name))
+
+    def import_model(self, name: str, source: str | os.PathLike,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
+        """Imports SOURCE (our format, a HF model directory, .safetensors, .gguf) as NAME.
+
+        A local path is made absolute here: the daemon runs in another directory.
+        """
+        source = os.fspath(source)
+        if os.path.exists(source):
+            source = os.path.abspath(source)
+        for msg in self._stream(lambda i: Import(id=i, name=name, source=source)):
+            if isinstance(msg, Progress) and progress is not None:
+                progress(msg.done, msg.total)
+            elif isinstance(msg, Result):
+                return msg.data
+        raise BadMessageError("import ended without a result")
+
+    def infer(self, model: str, prompt: str | None = None, *, messages: list[dict] | None = None,
+              max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+              seed: int | None = None, stop: list[str] | None = None, keep_alive: float | str | None = None,
+              chat: bool = True) -> "InferStream":
+        """Starts a generation; iterate the result for text pieces (or `.events()` for dicts).
+
+        Closing the stream early (or leaving a `for` loop over it) cancels the request in the daemon.
+        """
+        ka = None if keep_alive is None else parse_duration(keep_alive)
+        make = lambda i: Infer(id=i, model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,  # noqa: E731
+                               temperature=temperature, top_p=top_p, seed=seed, stop=stop, keep_alive=ka, chat=chat)
+        _build(make, 0)   # validate now, in the caller's frame, rather than on first iteration
+        return InferStream(self, self._stream(make))
+
+    def generate(self, model: str, prompt: str | None = None, **kwargs) -> str:
+        """The whole text of an `infer` (same arguments)."""
+        with self.infer(model, prompt, **kwargs) as stream:
+            return "".join(stream)
+
+    def _stream(self, make: Callable[[int], Message]) -> Iterator[Message]:
+        """Every reply to one streaming request, up to and including its final one."""
+        for attempt in (1, 2):
+            msg = _build(make, next(self._ids))
+            self._send(msg)
+            try:
+                first = self._wait(msg.id, self.timeout)
+            except HandshakeRequiredError:
+                if attempt == 2:
+                    raise
+                self._handshake()
+                continue
+            break
+        try:
+            reply = first
+            while True:
+                yield reply
+                if isinstance(reply, Result | Done):
+                    return
+                reply = self._wait(msg.id, self.timeout)
+        finally:
+            self._cancel(msg.id)   # a no-op once the request has finished
+
+
+class InferStream:
+    """The replies of one infer request. Iterating yields text pieces; `events()` yields dicts:
+    {"type": "token", "text", "token_id"}, other events as {"type": NAME, ...}, and last
+    {"type": "done", "stats": {...}}. `stats` holds the final stats once the stream is done."""
+
+    def __init__(self, client: Client, replies: Iterator[Message]):
+        self._client = client
+        self._replies = replies
+        self.stats: dict | None = None
+        self.done = False
+
+    def events(self) -> Iterator[dict]:
+        try:
+            for msg in self._replies:
+                if isinstance(msg, Token):
+                    yield {"type": "token", "text": msg.text, "token_id": msg.token_id}
+                elif isinstance(msg, Event):
+                    yield {"type": msg.event, **(msg.data or {})}
+                elif isinstance(msg, Done):
+                    self.stats, self.done = msg.stats or {}, True
+                    yield {"type": "done", "stats": self.stats}
+                    return
+        finally:
+            if not self.done:
+                self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self.events():
+            if event["type"] == "token":
+                yield event["text"]
+
+    def text(self) -> str:
+        return "".join(self)
+
+    def close(self) -> None:
+        """Cancels the request if it is still running."""
+        self._replies.close()
+
+    def __enter__(self) -> "InferStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

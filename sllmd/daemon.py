@@ -1,0 +1,181 @@
+"""The sllmd process lifecycle: start, serve, stop.
+
+    created ──start()──► running ──signal / request_shutdown()──► stopping ──► stopped
+
+Shutdown is an explicit state. Signal handlers (SIGTERM, SIGINT, SIGHUP) only
+record that a stop was asked for; the main thread notices and runs
+`shutdown()`, which is idempotent:
+
+  1. STOPPING=1 to systemd; new requests get `shutting_down`;
+  2. in-flight requests get `shutdown_grace_s` to finish (a second signal cuts this short);
+  3. the node closes, which fails what is still running (those clients get an error reply);
+  4. the server flushes the last replies and closes its socket; then the ZeroMQ context ends.
+
+READY=1 goes to systemd ($NOTIFY_SOCKET, no python-systemd needed) once the
+socket is bound and the node started, i.e. once requests are served.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from sllmd.config import Config
+from sllmd.errors import SllmError
+from sllmd.server import Server
+from sllmd.transport import Transport, ZmqTransport
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def sd_notify(state: str, env: Mapping[str, str]) -> bool:
+    """Sends `state` (e.g. "READY=1") to systemd's notify socket, if there is one."""
+    address = env.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]   # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+        return True
+    except OSError as e:
+        log.warning("could not notify systemd (%s): %s", state.split("\n")[0], e)
+        return False
+
+
+def _default_node_factory(config: Config) -> Any:
+    from sllmd.node import Node
+    return Node(config)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, env: Mapping[str, str] | None = None,
+                 transport: Transport | None = None, node_factory: Callable[[Config], Any] | None = None):
+        self.config = config
+        self._env = dict(os.environ if env is None else env)
+        self._transport = transport
+        self._own_transport = transport is None
+        self._node_factory = node_factory or _default_node_factory
+        self.state = State.CREATED
+        self.node: Any = None
+        self.server: Server | None = None
+        self._endpoint = None
+        self._stop_requested: str | None = None   # written by signal handlers: nothing else happens there
+        self._stop_count = 0
+        self._shutdown_lock = threading.Lock()
+
+    # --- asking for a stop (signal-safe) -----------------------------------------------------------------
+    def request_shutdown(self, reason: str = "requested") -> None:
+        self._stop_count += 1
+        self._stop_requested = reason
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.request_shutdown(signal.Signals(signum).name)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    # --- running --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Binds the socket (refusing if another daemon holds it), starts the node, then serves."""
+        if self.state is not State.CREATED:
+            raise RuntimeError(f"cannot start a daemon that is {self.state.value}")
+        self.state = State.STARTING
+        cfg = self.config
+        if self._transport is None:
+            self._transport = ZmqTransport()
+        address = cfg.socket if "://" in cfg.socket else "ipc://" + cfg.socket
+        self._endpoint = self._transport.bind(address, max_frame_bytes=cfg.max_frame_bytes, mode=cfg.socket_mode)
+        log.info("bound %s (mode %04o)", address, cfg.socket_mode)
+        started = time.monotonic()
+        self.node = self._node_factory(cfg)
+        self.node.start()
+        log.info("node started in %.2f s (store %s, device %s)", time.monotonic() - started, cfg.store_dir,
+                 cfg.device)
+        self.server = Server(self.node, self._endpoint, max_frame_bytes=cfg.max_frame_bytes,
+                             heartbeat_s=cfg.heartbeat_s, max_streams=cfg.max_streams)
+        self.server.start()
+        self.state = State.RUNNING
+        sd_notify(f"READY=1\nSTATUS=serving on {cfg.socket}\nMAINPID={os.getpid()}", self._env)
+
+    def run(self) -> int:
+        """Starts, serves until a stop is asked for, shuts down. Returns the process exit code."""
+        if threading.current_thread() is threading.main_thread():
+            self.install_signal_handlers()
+        try:
+            self.start()
+        except SllmError as e:
+            log.error("cannot start: %s", e)
+            self.shutdown()
+            return e.exit_code
+        except Exception:
+            log.exception("cannot start")
+            self.shutdown()
+            return 1
+        log.info("sllmd %d ready on %s", os.getpid(), self.config.socket)
+        while self._stop_requested is None:
+            if self.server is not None and not self.server.serving:
+                log.error("the server stopped unexpectedly")
+                self.shutdown()
+                return 1
+            time.sleep(0.1)
+        log.info("stopping (%s)", self._stop_requested)
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Stops everything, in order; safe to call more than once and from any state."""
+        with self._shutdown_lock:
+            if self.state in (State.STOPPING, State.STOPPED):
+                return
+            self.state = State.STOPPING
+        sd_notify("STOPPING=1", self._env)
+        try:
+            if self.server is not None:
+                self.server.stop_accepting()
+                self._grace()
+            if self.node is not None:
+                try:
+                    self.node.close()
+                except Exception:
+                    log.exception("closing the node failed")
+            if self.server is not None:
+                self.server.close(timeout=5.0)
+            elif self._endpoint is not None:
+                self._endpoint.close()
+        finally:
+            if self._own_transport and self._transport is not None:
+                self._transport.close()   # the context ends after every socket is closed
+            self.state = State.STOPPED
+            log.info("stopped")
+
+    def _grace(self) -> None:
+        """Lets in-flight requests finish for up to shutdown_grace_s, less if another stop is asked for."""
+        count_at_start = self._stop_count
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        while True:
+            n = self.server.in_flight()
+            if n == 0:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop_count > max(count_at_start, 1):
+                log.warning("cancelling %d in-flight request(s)", n)
+                self.server.cancel_all()
+                return
+            self.server.wait_idle(min(remaining, 0.1))

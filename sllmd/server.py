@@ -1,0 +1,444 @@
+"""The daemon's request server: one I/O thread owns the socket, handlers run on worker threads.
+
+    clients ──frames──► I/O thread ──decode/validate──► control workers (status, models, ps, pin...)
+                           ▲    │                        stream threads  (infer, import, load, evict, rm)
+                           │    └─ hello, ping, cancel answered inline
+                           └──── outbox (queue) + endpoint.wake() ◄── replies encoded by the workers
+
+Only the I/O thread touches the endpoint. Workers put encoded replies on the
+outbox and wake the poller; the I/O thread sends them, keeps a per-client
+backlog when a client's queue is full, and sends a heartbeat for every
+request that has been quiet for `heartbeat_s`. A heartbeat or reply that
+cannot be delivered (the client went away) cancels that client's requests:
+a streaming handler sees the cancel flag at its next token and closes the
+node's generator. A malformed, oversized, unknown or out-of-order message
+gets a typed error reply; nothing a client sends can stop the loop.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from sllmd.errors import SllmError
+from sllmd.protocol import (LONG_RUNNING, PROTOCOL_VERSION, BadMessageError, BusyError, Cancel, CancelledError,
+                            Done, Error, Event, HandshakeRequiredError, Heartbeat, Hello, Message, Ping, Progress,
+                            Result, ShuttingDownError, Token, VersionMismatchError, Welcome, decode_request, encode,
+                            error_reply_fields)
+from sllmd.transport import SendResult, ServerEndpoint
+
+log = logging.getLogger(__name__)
+
+MAX_PEERS = 4096              # greeted connections remembered (least recently active forgotten first)
+MAX_BACKLOG = 10_000          # replies held for a client that does not read before it counts as gone
+MAX_CONTROL_QUEUE = 1024      # quick requests waiting for a control worker before "busy"
+PROGRESS_INTERVAL_S = 0.1
+
+
+def _daemon_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("sllmd")
+    except Exception:
+        return "unknown"
+
+
+class _Call:
+    """One in-flight request. `cancelled` is set by the I/O thread and read by the worker."""
+
+    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "started", "long")
+
+    def __init__(self, peer: bytes, msg: Message, long: bool):
+        self.peer, self.id, self.type, self.long = peer, msg.id, msg.TYPE, long
+        self.cancelled = threading.Event()
+        self.gone = False
+        self.started = self.last_sent = time.monotonic()
+
+
+class _Peer:
+    __slots__ = ("client", "backlog")
+
+    def __init__(self, client: str):
+        self.client = client
+        self.backlog: collections.deque[bytes] = collections.deque()
+
+
+class Server:
+    def __init__(self, node: Any, endpoint: ServerEndpoint, *, max_frame_bytes: int = 16 << 20,
+                 heartbeat_s: float = 1.0, max_streams: int = 64, control_workers: int = 4):
+        self.node = node
+        self.endpoint = endpoint
+        self.max_frame_bytes = max_frame_bytes
+        self.heartbeat_s = heartbeat_s
+        self.max_streams = max_streams
+        self._version = _daemon_version()
+        self._started_at = time.time()
+
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._calls: dict[tuple[bytes, int], _Call] = {}
+        self._n_long = 0
+        self._peers: collections.OrderedDict[bytes, _Peer] = collections.OrderedDict()   # I/O thread only
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._control: queue.Queue = queue.Queue()
+        self._control_threads = [threading.Thread(target=self._control_worker, name=f"sllmd-ctl-{i}", daemon=True)
+                                 for i in range(control_workers)]
+        self._io_thread = threading.Thread(target=self._io_loop, name="sllmd-io", daemon=True)
+        self._accepting = True
+        self._stop = False
+        self._closed = False
+        self._handlers: dict[str, Callable[[Message, _Call], Message]] = {
+            "status": self._status, "models": self._models, "ps": self._ps, "load": self._load,
+            "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
+            "import": self._import, "infer": self._infer,
+        }
+
+    # --- lifecycle (any thread) -----------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._control_threads:
+            t.start()
+        self._io_thread.start()
+        log.info("serving on %s (protocol %d)", self.endpoint.address, PROTOCOL_VERSION)
+
+    def stop_accepting(self) -> None:
+        """New requests get a `shutting_down` error from now on; in-flight ones go on."""
+        self._accepting = False
+
+    @property
+    def serving(self) -> bool:
+        """False once the I/O thread has ended (after close(), or if its socket failed)."""
+        return self._io_thread.is_alive()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until no request is in flight (their last replies handed to the socket)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._calls, timeout)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for call in self._calls.values():
+                call.cancelled.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops serving: cancels what is still in flight, waits up to `timeout` for the workers'
+        last replies, flushes them, then closes the endpoint. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.stop_accepting()
+        self.cancel_all()
+        if not self.wait_idle(timeout):
+            with self._lock:
+                stuck = [f"{c.type}#{c.id}" for c in self._calls.values()]
+            log.warning("closing with %d request(s) still running: %s", len(stuck), ", ".join(stuck[:10]))
+        for _ in self._control_threads:
+            self._control.put(None)
+        self._stop = True
+        self.endpoint.wake()
+        if self._io_thread.is_alive():
+            self._io_thread.join(timeout)
+        self.endpoint.close()
+        log.info("server closed")
+
+    # --- the I/O thread -----------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_s / 2
+        while True:
+            has_backlog = any(p.backlog for p in self._peers.values())
+            wait = max(0.0, next_beat - time.monotonic())
+            if has_backlog:
+                wait = min(wait, 0.005)
+            try:
+                batch = self.endpoint.recv(wait)
+            except Exception:   # the socket itself failed: nothing to serve with
+                log.exception("receiving failed; the server stops")
+                self.cancel_all()
+                return
+            for peer, frames in batch:
+                try:
+                    self._on_frames(peer, frames)
+                except Exception:
+                    log.exception("unexpected failure handling a message; serving on")
+            self._drain_outbox()
+            self._flush_backlogs()
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeats(now)
+                next_beat = now + self.heartbeat_s / 2
+            if self._stop:
+                self._drain_outbox()
+                self._flush_backlogs()
+                return
+
+    def _on_frames(self, peer: bytes, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self._send_error(peer, None, BadMessageError(f"expected one frame per message, got {len(frames)}"))
+            return
+        try:
+            msg = decode_request(frames[0], self.max_frame_bytes)
+        except BadMessageError as e:
+            log.debug("bad message from %s: %s", peer.hex(), e)
+            self._send_error(peer, getattr(e, "request_id", None), e)
+            return
+        if isinstance(msg, Hello):
+            self._hello(peer, msg)
+            return
+        state = self._peers.get(peer)
+        if state is None:
+            self._send_error(peer, msg.id, HandshakeRequiredError("say hello first"))
+            return
+        self._peers.move_to_end(peer)
+        if isinstance(msg, Cancel):
+            with self._lock:
+                call = self._calls.get((peer, msg.id))
+            if call is not None:
+                log.debug("cancel %s#%d", call.type, call.id)
+                call.cancelled.set()
+            return
+        if not self._accepting:
+            self._send_error(peer, msg.id, ShuttingDownError("the daemon is shutting down"))
+            return
+        if isinstance(msg, Ping):
+            self._send(peer, encode(Result(id=msg.id, data={"time": time.time()})))
+            return
+        long = msg.TYPE in LONG_RUNNING
+        with self._lock:
+            if (peer, msg.id) in self._calls:
+                problem: SllmError | None = BadMessageError(f"request id {msg.id} is already in flight")
+            elif long and self._n_long >= self.max_streams:
+                problem = BusyError(f"{self._n_long} long requests are running; try again later")
+            elif not long and self._control.qsize() >= MAX_CONTROL_QUEUE:
+                problem = BusyError("too many requests are waiting; try again later")
+            else:
+                problem = None
+                call = _Call(peer, msg, long)
+                self._calls[(peer, msg.id)] = call
+                self._n_long += long
+        if problem is not None:
+            self._send_error(peer, msg.id, problem)
+            return
+        if long:
+            threading.Thread(target=self._run, args=(call, msg), name=f"sllmd-{msg.TYPE}-{msg.id}",
+                             daemon=True).start()
+        else:
+            self._control.put((call, msg))
+
+    def _hello(self, peer: bytes, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            self._send_error(peer, msg.id, VersionMismatchError(
+                f"this daemon speaks protocol {PROTOCOL_VERSION}, the client speaks {msg.version}"))
+            return
+        if not self._accepting:
+            self._send_error(peer, msg.id, ShuttingDownError("the daemon is shutting down"))
+            return
+        if peer not in self._peers:
+            self._peers[peer] = _Peer(msg.client)
+            self._forget_idle_peers()
+        self._peers.move_to_end(peer)
+        self._send(peer, encode(Welcome(id=msg.id, version=PROTOCOL_VERSION, server=self._version,
+                                        max_frame_bytes=self.max_frame_bytes, heartbeat_s=self.heartbeat_s)))
+
+    def _forget_idle_peers(self) -> None:
+        if len(self._peers) <= MAX_PEERS:
+            return
+        with self._lock:
+            busy = {peer for peer, _ in self._calls}
+        for peer in list(self._peers):
+            if len(self._peers) <= MAX_PEERS:
+                break
+            if peer not in busy:
+                del self._peers[peer]
+
+    def _send(self, peer: bytes, frame: bytes) -> bool:
+        state = self._peers.get(peer)
+        if state is not None and state.backlog:
+            return self._queue_backlog(peer, state, frame)
+        result = self.endpoint.send(peer, frame)
+        if result is SendResult.SENT:
+            return True
+        if result is SendResult.GONE:
+            self._peer_gone(peer)
+            return False
+        if state is None:   # an ungreeted peer that does not read: its error reply is dropped
+            log.debug("dropping a reply to unread peer %s", peer.hex())
+            return False
+        return self._queue_backlog(peer, state, frame)
+
+    def _queue_backlog(self, peer: bytes, state: _Peer, frame: bytes) -> bool:
+        if len(state.backlog) >= MAX_BACKLOG:
+            log.warning("client %s reads no replies (%d waiting); cancelling its requests", peer.hex(),
+                        len(state.backlog))
+            self._peer_gone(peer)
+            return False
+        state.backlog.append(frame)
+        return True
+
+    def _flush_backlogs(self) -> None:
+        for peer, state in list(self._peers.items()):
+            while state.backlog:
+                result = self.endpoint.send(peer, state.backlog[0])
+                if result is SendResult.SENT:
+                    state.backlog.popleft()
+                elif result is SendResult.GONE:
+                    self._peer_gone(peer)
+                    break
+                else:
+                    break
+
+    def _send_error(self, peer: bytes, request_id: int | None, exc: BaseException) -> None:
+        self._send(peer, encode(Error(id=request_id, **error_reply_fields(exc))))
+
+    def _peer_gone(self, peer: bytes) -> None:
+        self._peers.pop(peer, None)
+        with self._lock:
+            calls = [c for (p, _), c in self._calls.items() if p == peer]
+        for call in calls:
+            call.gone = True
+            call.cancelled.set()
+        if calls:
+            log.info("client %s went away; cancelled %d request(s)", peer.hex(), len(calls))
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                call, frame, final = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if not call.gone:
+                self._send(call.peer, frame)
+                call.last_sent = time.monotonic()
+            if final:
+                with self._idle:
+                    self._calls.pop((call.peer, call.id), None)
+                    self._n_long -= call.long
+                    self._idle.notify_all()
+
+    def _heartbeats(self, now: float) -> None:
+        with self._lock:
+            quiet = [c for c in self._calls.values() if not c.gone and now - c.last_sent >= self.heartbeat_s]
+        for call in quiet:
+            call.last_sent = now
+            self._send(call.peer, encode(Heartbeat(id=call.id)))
+
+    # --- worker side ------------------------------------------------------------------------------
+    def _control_worker(self) -> None:
+        while True:
+            item = self._control.get()
+            if item is None:
+                return
+            self._run(*item)
+
+    def _post(self, call: _Call, msg: Message, final: bool = False) -> None:
+        self._outbox.put((call, encode(msg), final))
+        self.endpoint.wake()
+
+    def _emit(self, call: _Call, msg: Message) -> None:
+        """Sends a non-final reply; raises CancelledError once the request is cancelled."""
+        if call.cancelled.is_set():
+            raise CancelledError("request cancelled")
+        self._post(call, msg)
+
+    def _run(self, call: _Call, msg: Message) -> None:
+        started = time.monotonic()
+        try:
+            if call.cancelled.is_set():
+                raise CancelledError("request cancelled")
+            final = self._handlers[msg.TYPE](msg, call)
+            frame = encode(final)
+        except SllmError as e:
+            level = logging.DEBUG if isinstance(e, CancelledError) else logging.INFO
+            log.log(level, "%s#%d failed: %s: %s", call.type, call.id, e.code, e)
+            frame = encode(Error(id=call.id, **error_reply_fields(e)))
+        except Exception as e:
+            log.exception("%s#%d failed unexpectedly", call.type, call.id)
+            frame = encode(Error(id=call.id, **error_reply_fields(e)))
+        log.debug("%s#%d finished in %.1f ms", call.type, call.id, (time.monotonic() - started) * 1e3)
+        self._outbox.put((call, frame, True))
+        self.endpoint.wake()
+
+    # --- handlers: one protocol request -> one Node call ----------------------------------------------------
+    def _status(self, msg, call) -> Message:
+        data = dict(self.node.status())
+        with self._lock:
+            in_flight = len(self._calls)
+        data["daemon"] = {"version": self._version, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                          "socket": self.endpoint.address, "started_at": self._started_at,
+                          "uptime_s": time.time() - self._started_at, "requests_in_flight": in_flight,
+                          "clients": len(self._peers)}
+        return Result(id=msg.id, data=data)
+
+    def _models(self, msg, call) -> Message:
+        return Result(id=msg.id, data=list(self.node.models()))
+
+    def _ps(self, msg, call) -> Message:
+        return Result(id=msg.id, data=list(self.node.ps()))
+
+    def _load(self, msg, call) -> Message:
+        return Result(id=msg.id, data=self.node.load(msg.name, keep_alive=msg.keep_alive))
+
+    def _evict(self, msg, call) -> Message:
+        return Result(id=msg.id, data=self.node.evict(msg.name, tier=msg.tier))
+
+    def _remove(self, msg, call) -> Message:
+        self.node.remove(msg.name)
+        return Result(id=msg.id, data=None)
+
+    def _pin(self, msg, call) -> Message:
+        self.node.pin(msg.name)
+        return Result(id=msg.id, data=None)
+
+    def _unpin(self, msg, call) -> Message:
+        self.node.unpin(msg.name)
+        return Result(id=msg.id, data=None)
+
+    def _import(self, msg, call) -> Message:
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if call.cancelled.is_set():
+                raise CancelledError("import cancelled")
+            now = time.monotonic()
+            if done < total and now - last[0] < PROGRESS_INTERVAL_S:
+                return
+            last[0] = now
+            self._emit(call, Progress(id=msg.id, done=max(0, int(done)), total=max(0, int(total))))
+
+        return Result(id=msg.id, data=self.node.import_model(msg.name, msg.source, progress=progress))
+
+    @staticmethod
+    def _infer_request(msg) -> dict:
+        """The node's request map (InferRequest.from_dict validates it): `chat` on the wire is `raw` there."""
+        fields = {name: getattr(msg, name) for name in ("model", "prompt", "messages", "max_tokens", "temperature",
+                                                        "top_p", "seed", "stop", "keep_alive")}
+        if not msg.chat:
+            fields["raw"] = True
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def _infer(self, msg, call) -> Message:
+        events = self.node.infer(self._infer_request(msg))
+        try:
+            for ev in events:
+                if call.cancelled.is_set():
+                    raise CancelledError("request cancelled")
+                kind = ev.get("type")
+                if kind == "token":
+                    self._emit(call, Token(id=msg.id, text=ev.get("text") or "", token_id=ev.get("token_id")))
+                elif kind == "done":
+                    return Done(id=msg.id, stats=ev.get("stats"))
+                else:
+                    self._emit(call, Event(id=msg.id, event=str(kind),
+                                           data={k: v for k, v in ev.items() if k != "type"}))
+            return Done(id=msg.id, stats=None)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()   # stops the node's decode loop when the request ended early

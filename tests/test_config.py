@@ -1,0 +1,154 @@
+"""Config: sizes, Ollama durations, defaults per environment, file < env < flags; the systemd unit."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sllmd.config import (GiB, MiB, Config, ConfigError, add_flags, as_dict, default_socket_path, default_store_dir,
+                          flags_from_args, load_config, parse_duration, parse_mode, parse_size)
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_ENV = {"HOME": "/home/u"}            # no XDG dirs, no config file: only what a test adds
+CPU = {"device": "cpu"}                   # never resolve "auto" (that imports torch)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (4096, 4096), ("4096", 4096), ("8GiB", 8 * GiB), ("8G", 8 * GiB), ("8gib", 8 * GiB), ("512M", 512 * MiB),
+    ("512MiB", 512 * MiB), ("1.5G", int(1.5 * GiB)), ("100KB", 100_000), ("2GB", 2_000_000_000), ("1k", 1024),
+    (" 16 MiB ", 16 * MiB), ("0", 0), ("1T", 1 << 40), ("7B", 7),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "x", "-1", -1, "8XB", "1..5G", True, "G"])
+def test_parse_size_refuses(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("5m", 300.0), ("30s", 30.0), ("1h", 3600.0), ("1h30m", 5400.0), ("1.5h", 5400.0), ("500ms", 0.5),
+    ("-1", -1.0), ("-1m", -60.0), ("300", 300.0), ("0", 0.0), (0, 0.0), (-1, -1.0), (2.5, 2.5), ("+10s", 10.0),
+    ("1m30s", 90.0), ("10us", 1e-5),
+])
+def test_parse_duration_ollama_grammar(text, expected):
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "5 m", "--1", "nan", "1h-5m", True])
+def test_parse_duration_refuses(text):
+    with pytest.raises(ConfigError):
+        parse_duration(text)
+
+
+def test_parse_mode_refuses_world_access():
+    assert parse_mode("0660") == 0o660 and parse_mode(0o600) == 0o600
+    for bad in ("0666", "0601", "abc", "01777"):
+        with pytest.raises(ConfigError):
+            parse_mode(bad)
+
+
+def test_default_paths_follow_the_environment():
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/7"}) == "/run/user/7/sllm/sllmd.sock"
+    assert default_socket_path({"RUNTIME_DIRECTORY": "/run/sllmd", "XDG_RUNTIME_DIR": "/x"}) == "/run/sllmd/sllmd.sock"
+    assert default_socket_path({}).startswith("/tmp/sllm-") and default_socket_path({}).endswith("/sllmd.sock")
+    assert default_store_dir({"STATE_DIRECTORY": "/var/lib/sllmd"}) == Path("/var/lib/sllmd/store")
+    assert default_store_dir({"XDG_DATA_HOME": "/d"}) == Path("/d/sllm/store")
+    assert default_store_dir({"HOME": "/home/u"}) == Path("/home/u/.local/share/sllm/store")
+
+
+def test_defaults(tmp_path):
+    cfg = load_config(CPU, env=BASE_ENV)
+    assert cfg.keep_alive_s == 300.0 and cfg.queue_depth == 16 and cfg.chunk_size == 16 * MiB
+    assert cfg.max_frame_bytes == 16 * MiB and cfg.verify_checksums and cfg.socket_mode == 0o600
+    assert cfg.ssd_capacity_bytes is None and cfg.device == "cpu" and cfg.dram_bytes > 0
+    assert cfg.store_dir == Path("/home/u/.local/share/sllm/store")
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    f = tmp_path / "sllmd.toml"
+    f.write_text('[sllmd]\ndram = "1GiB"\nkeep_alive = "10m"\nqueue_depth = 4\nstore = "/from/file"\n')
+    env = dict(BASE_ENV, SLLMD_KEEP_ALIVE="-1", SLLMD_QUEUE_DEPTH="8")
+    cfg = load_config(dict(CPU, queue_depth="2"), env=env, config_file=f)
+    assert cfg.dram_bytes == GiB                  # file
+    assert cfg.keep_alive_s == -1.0               # env over file
+    assert cfg.queue_depth == 2                   # flag over env
+    assert cfg.store_dir == Path("/from/file")
+
+
+def test_config_file_from_env_and_from_systemd_configuration_directory(tmp_path):
+    (tmp_path / "sllmd.toml").write_text('keep_alive = 42\n')   # top-level keys work too
+    assert load_config(CPU, env=dict(BASE_ENV, SLLMD_CONFIG=str(tmp_path / "sllmd.toml"))).keep_alive_s == 42
+    assert load_config(CPU, env=dict(BASE_ENV, CONFIGURATION_DIRECTORY=str(tmp_path))).keep_alive_s == 42
+    xdg = tmp_path / "xdg"
+    (xdg / "sllm").mkdir(parents=True)
+    (xdg / "sllm" / "sllmd.toml").write_text('keep_alive = "1m"\n')
+    assert load_config(CPU, env=dict(BASE_ENV, XDG_CONFIG_HOME=str(xdg))).keep_alive_s == 60
+
+
+def test_systemd_environment_gives_systemd_paths():
+    cfg = load_config(CPU, env={"RUNTIME_DIRECTORY": "/run/sllmd", "STATE_DIRECTORY": "/var/lib/sllmd"})
+    assert cfg.socket == "/run/sllmd/sllmd.sock" and cfg.store_dir == Path("/var/lib/sllmd/store")
+
+
+@pytest.mark.parametrize("content, match", [
+    ('dram = "lots"\n', "dram .*config file.*not a size"),
+    ('colour = "blue"\n', "unknown setting"),
+    ('dram = \n', "cannot read"),
+    ('chunk_size = "1000"\n', "chunk_size"),
+    ('max_frame = "1K"\n', "max_frame"),
+])
+def test_bad_files_say_what_and_where(tmp_path, content, match):
+    f = tmp_path / "bad.toml"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        load_config(CPU, env=BASE_ENV, config_file=f)
+
+
+def test_bad_env_and_flags_name_their_origin(tmp_path):
+    with pytest.raises(ConfigError, match="environment"):
+        load_config(CPU, env=dict(BASE_ENV, SLLMD_VERIFY_CHECKSUMS="maybe"))
+    with pytest.raises(ConfigError, match="flags"):
+        load_config(dict(CPU, keep_alive="soon"), env=BASE_ENV)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(CPU, env=BASE_ENV, config_file=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="longer than"):
+        load_config(dict(CPU, socket="/tmp/" + "x" * 120), env=BASE_ENV)
+
+
+def test_flags_are_generated_from_the_settings():
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(["--dram", "1G", "--keep-alive", "-1", "--no-verify-checksums", "--device", "cpu"])
+    cfg = load_config(flags_from_args(args), env=BASE_ENV)
+    assert cfg.dram_bytes == GiB and cfg.keep_alive_s == -1 and cfg.verify_checksums is False
+    assert flags_from_args(parser.parse_args([]))["dram"] is None     # not given: does not override
+
+
+def test_config_is_frozen_and_printable():
+    cfg = Config(store_dir=Path("/s"), socket="/tmp/x.sock")
+    with pytest.raises(Exception):
+        cfg.dram_bytes = 1
+    assert as_dict(cfg)["store"] == "/s" and as_dict(cfg)["socket_mode"] == "0600"
+
+
+def test_the_example_config_is_valid():
+    cfg = load_config({"device": "cpu"}, env=BASE_ENV, config_file=REPO / "systemd" / "sllmd.toml.example")
+    assert cfg.socket_mode == 0o660 and cfg.keep_alive_s == 300 and cfg.dram_bytes == 8 * GiB
+
+
+def test_the_systemd_unit():
+    unit = (REPO / "systemd" / "sllmd.service").read_text()
+    for line in ("Type=notify", "RuntimeDirectory=sllmd", "StateDirectory=sllmd", "Restart=on-failure",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict"):
+        assert line in unit.splitlines()
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    run = subprocess.run(["systemd-analyze", "verify", str(REPO / "systemd" / "sllmd.service")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
