@@ -1,0 +1,342 @@
+"""The tiers on real checkpoints: the SSD store (atomic imports, catalog rebuilt
+from disk, pins, LRU capacity, kill -9 during import), the DRAM tier on the
+chunk pool (LRU, refcounts, no leaked chunks), the device tier (pressure and
+idle eviction, never a serving instance) and loading from each tier."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_tiny_model
+from sllmd import store
+from sllmd.errors import OutOfMemoryError
+from sllmd.inference import InferRequest, SamplingParams
+from sllmd.inference.engine import Instance
+from sllmd.pool import ChunkPool, HostArena
+from sllmd.store.format import open_checkpoint
+from sllmd.tiers.device import DeviceTier
+from sllmd.tiers.dram import DramTier
+from sllmd.tiers.errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError,
+                                StoreFullError, StoreLockedError)
+from sllmd.tiers.loader import load_instance
+from sllmd.tiers.ssd import SsdStore
+from sllmd.tiers.states import EvictReason
+from test_inference import tiny_tokenizer
+
+MiB = 1 << 20
+
+
+def blob_checkpoint(path: Path, nbytes: int, seed: int = 0) -> Path:
+    """A tensors-only checkpoint of about nbytes (random bytes, so a wrong copy shows)."""
+    g = torch.Generator().manual_seed(seed)
+    return store.save_state_dict({"w": torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=g)}, path)
+
+
+@pytest.fixture
+def evictions():
+    return []
+
+
+@pytest.fixture
+def ssd(tmp_path, evictions):
+    s = SsdStore(tmp_path / "store", on_evict=lambda n, r: evictions.append((n, r)))
+    s.open()
+    yield s
+    s.close()
+
+
+# --- SSD ------------------------------------------------------------------------------------
+def test_import_copies_our_format_and_the_catalog_survives_a_restart(tmp_path, ssd):
+    src = blob_checkpoint(tmp_path / "src", 100_000)
+    e = ssd.import_model("blob:v1", src)
+    assert e.path == ssd.models_dir / "blob:v1" and e.error is None and e.nbytes > 100_000
+    assert open_checkpoint(e.path).tensors["w"].nbytes == 100_000
+    assert (e.path / "data-00000.bin").read_bytes() == (src / "data-00000.bin").read_bytes()
+    ssd.set_pinned("blob:v1", True)
+    ssd.touch("blob:v1", now=1234.5)
+    ssd.close()
+    again = SsdStore(ssd.root)
+    again.open()
+    try:
+        [e2] = again.entries()
+        assert (e2.name, e2.pinned, e2.last_used, e2.nbytes) == ("blob:v1", True, 1234.5, e.nbytes)
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "../x", "a..b", "-x", "x" * 129, "a b"])
+def test_bad_names_are_refused(tmp_path, ssd, name):
+    with pytest.raises(InvalidNameError):
+        ssd.import_model(name, blob_checkpoint(tmp_path / "src", 10))
+    assert ssd.entries() == [] and list(ssd.staging_dir.iterdir()) == []
+
+
+def test_duplicate_and_missing(tmp_path, ssd):
+    src = blob_checkpoint(tmp_path / "src", 10)
+    ssd.import_model("a", src)
+    with pytest.raises(ModelExistsError):
+        ssd.import_model("a", src)
+    with pytest.raises(ModelNotFoundError):
+        ssd.get("nope")
+    with pytest.raises(Exception, match="no such file"):
+        ssd.import_model("b", tmp_path / "missing")
+
+
+def test_import_converts_a_safetensors_model_directory(tmp_path, ssd):
+    tok = tiny_tokenizer()
+    model = make_tiny_model("llama", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    e = ssd.import_model("hf-tiny", tmp_path / "hf")
+    ckpt = open_checkpoint(e.path)
+    assert set(ckpt.tensors) == set(model.state_dict())
+    assert (e.path / "model" / "config.json").is_file()
+
+
+def test_a_second_daemon_cannot_open_the_same_store(ssd):
+    with pytest.raises(StoreLockedError):
+        SsdStore(ssd.root).open()
+
+
+def test_leftovers_are_cleaned_and_broken_models_are_flagged(tmp_path):
+    root = tmp_path / "store"
+    s = SsdStore(root)
+    s.open()
+    s.import_model("good", blob_checkpoint(tmp_path / "src", 10))
+    s.close()
+    (root / "staging" / "import-deadbeef" / "checkpoint").mkdir(parents=True)  # an import killed mid-way
+    (root / "models" / ".x.tmp-1-abc").mkdir()  # a writer's temporary
+    (root / "models" / "broken").mkdir()  # not a checkpoint (no manifest)
+    (root / "catalog.json").write_text("{not json")  # a torn catalog loses pins, not models
+    s = SsdStore(root)
+    s.open()
+    try:
+        assert list((root / "staging").iterdir()) == [] and not (root / "models" / ".x.tmp-1-abc").exists()
+        by_name = {e.name: e for e in s.entries()}
+        assert set(by_name) == {"good", "broken"}
+        assert by_name["good"].error is None and "not a checkpoint" in by_name["broken"].error
+        json.loads((root / "catalog.json").read_text())  # rewritten whole
+    finally:
+        s.close()
+
+
+def test_capacity_evicts_lru_unpinned_idle_models(tmp_path, evictions):
+    size = 300_000
+    srcs = [blob_checkpoint(tmp_path / f"src{i}", size, seed=i) for i in range(5)]
+    probe = SsdStore(tmp_path / "probe")
+    probe.open()
+    one = probe.import_model("x", srcs[0]).nbytes
+    probe.close()
+    s = SsdStore(tmp_path / "store", capacity_bytes=3 * one, on_evict=lambda n, r: evictions.append((n, r)))
+    s.open()
+    try:
+        for i, name in enumerate(["a", "b", "c"]):
+            s.import_model(name, srcs[i])
+            s.touch(name, now=float(i))
+        s.set_pinned("a", True)  # the oldest, but pinned
+        s.acquire("b")  # being read: not evictable either
+        s.import_model("d", srcs[3])
+        assert evictions == [("c", EvictReason.LRU)]
+        assert {e.name for e in s.entries()} == {"a", "b", "d"} and s.used_bytes <= 3 * one
+        s.set_pinned("d", True)
+        with pytest.raises(StoreFullError, match="pinned or in use"):  # a and d pinned, b in use
+            s.import_model("e", srcs[4])
+        assert {e.name for e in s.entries()} == {"a", "b", "d"}
+        assert list(s.staging_dir.iterdir()) == []  # the refused import left nothing behind
+        s.release("b")
+        s.import_model("e", srcs[4])
+        assert evictions[-1] == ("b", EvictReason.LRU) and len(evictions) == 2
+        with pytest.raises(StoreFullError, match="at most"):
+            s.import_model("huge", blob_checkpoint(tmp_path / "huge", 4 * one))
+    finally:
+        s.close()
+
+
+def test_remove_is_refused_while_in_use(tmp_path, ssd, evictions):
+    ssd.import_model("a", blob_checkpoint(tmp_path / "src", 10))
+    ssd.acquire("a")
+    with pytest.raises(ModelInUseError):
+        ssd.remove("a")
+    ssd.release("a")
+    ssd.is_busy = lambda name: True  # e.g. the node has it in DRAM
+    with pytest.raises(ModelInUseError):
+        ssd.remove("a")
+    ssd.is_busy = lambda name: False
+    ssd.remove("a")
+    assert not (ssd.models_dir / "a").exists() and evictions == [("a", EvictReason.MANUAL)]
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from sllmd.tiers.ssd import SsdStore
+    s = SsdStore(sys.argv[1]); s.open()
+    def progress(done, total):
+        if done > total // 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    s.import_model("victim", sys.argv[2], progress=progress)
+""")
+
+
+def test_kill_9_during_import_leaves_a_consistent_store(tmp_path):
+    root = tmp_path / "store"
+    s = SsdStore(root)
+    s.open()
+    s.import_model("keep", blob_checkpoint(tmp_path / "keep", 1000))
+    s.close()
+    src = blob_checkpoint(tmp_path / "big", 48 * MiB)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(root), str(src)], cwd=REPO, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert any((root / "staging").iterdir())  # it died half-way through
+    s = SsdStore(root)
+    s.open()
+    try:
+        assert [e.name for e in s.entries()] == ["keep"] and s.entries()[0].error is None
+        assert list((root / "staging").iterdir()) == [] and sorted(os.listdir(root / "models")) == ["keep"]
+        s.import_model("victim", src)  # and the name is free again
+    finally:
+        s.close()
+
+
+# --- DRAM -----------------------------------------------------------------------------------
+def test_dram_tier_lru_refcounts_and_no_leaks(tmp_path, evictions):
+    pool = ChunkPool(4 * MiB, chunk_size=1 * MiB)
+    dram = DramTier(pool, on_evict=lambda n, r: evictions.append((n, r)))
+    ckpts = {n: open_checkpoint(blob_checkpoint(tmp_path / n, 1 * MiB + 10, seed=i))
+             for i, n in enumerate("abc")}  # two chunks each
+    a = dram.admit("a", ckpts["a"])
+    dram.release("a")
+    b = dram.admit("b", ckpts["b"])  # held: b stays referenced
+    assert dram.names() == ["a", "b"] and pool.stats()["free_chunks"] == 0
+    assert dram.admit("c", ckpts["c"]) is not None  # evicts a (LRU, idle), not the referenced b
+    assert evictions == [("a", EvictReason.LRU)] and a.released and not b.released
+    assert dram.names() == ["b", "c"]
+    dram.release("c")
+    huge = open_checkpoint(blob_checkpoint(tmp_path / "huge", 5 * MiB))
+    assert dram.admit("huge", huge) is None and dram.names() == ["b", "c"]  # never fits: nothing evicted
+    with pytest.raises(ModelInUseError):
+        dram.evict("b")
+    dram.release("b")
+    assert dram.evict("b") and not dram.evict("b")
+    cached = dram.acquire("c")
+    sd = cached.load_state_dict("cpu")
+    assert torch.equal(sd["w"], store.load_state_dict(ckpts["c"].path)["w"])
+    dram.release("c")
+    dram.clear()
+    s = pool.stats()
+    assert s["free_chunks"] == s["capacity_chunks"] and s["allocations"] == s["releases"]
+
+
+def test_dram_admit_fills_device_buffers_in_the_same_pass(tmp_path):
+    from sllmd.pool import buffers
+    pool = ChunkPool(8 * MiB, chunk_size=1 * MiB)
+    dram = DramTier(pool)
+    ckpt = open_checkpoint(blob_checkpoint(tmp_path / "x", 3 * MiB + 77))
+    bufs = [buffers.allocate(p.nbytes, torch.device("cpu")) for p in ckpt.manifest.partitions]
+    assert dram.admit("x", ckpt, device_buffers=bufs) is not None
+    assert bytes(bufs[0].numpy()) == (ckpt.path / "data-00000.bin").read_bytes()
+    dram.release("x")
+    dram.clear()
+
+
+# --- device ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _instance(tok, name):
+    return Instance(name, make_tiny_model("llama", vocab_size=len(tok)), tok, device="cpu", nbytes=100)
+
+
+def _fill(dev, tok, names, now):
+    for i, n in enumerate(names):
+        dev.reserve(n, 100)
+        dev.commit(n, _instance(tok, n), keep_alive_s=-1, load_tier="ssd", load_s=0.0)
+        dev.keep_alive(n, -1)
+        dev.get(n).last_used = now + i
+
+
+def test_device_pressure_evicts_lru_idle_never_serving(tok, evictions):
+    dev = DeviceTier("cpu", 300, on_evict=lambda n, r: evictions.append((n, r)))
+    try:
+        _fill(dev, tok, ["a", "b", "c"], now=0.0)
+        inst_a = dev.lease("a")  # a serves (and becomes the most recently used)
+        dev.get("a").last_used = -1.0  # even as the least recently used, it is not evicted
+        assert dev.reserve("d", 100) == ["b"]
+        assert evictions == [("b", EvictReason.PRESSURE)] and "b" not in dev
+        with pytest.raises(OutOfMemoryError):
+            dev.reserve("e", 1000)  # larger than the whole budget
+        dev.abort("d")
+        dev.lease("c")
+        dev.reserve("f", 100)  # the free 100 bytes that d gave back
+        with pytest.raises(OutOfMemoryError, match="serving"):
+            dev.reserve("g", 100)  # a and c serve, f is loading: nothing can go
+        assert inst_a.model is not None
+        dev.abort("f")
+        with pytest.raises(ModelInUseError):
+            dev.evict("a")
+        dev.unlease("a", keep_alive_s=-1)
+        assert dev.evict("a") and inst_a.model is None and not inst_a._thread.is_alive()
+    finally:
+        dev.close_all()
+
+
+def test_device_keep_alive_expiry(tok, evictions):
+    clock = [1000.0]
+    dev = DeviceTier("cpu", 1000, on_evict=lambda n, r: evictions.append((n, r)), clock=lambda: clock[0])
+    try:
+        _fill(dev, tok, ["short", "forever", "zero"], now=clock[0])
+        dev.keep_alive("short", 5.0)
+        dev.keep_alive("zero", 0.0)
+        assert dev.evict_expired(now=1000.0) == ["zero"]  # 0: unloaded as soon as idle
+        inst = dev.lease("short")
+        assert dev.evict_expired(now=2000.0) == []  # serving: never, however late
+        h = inst.submit(InferRequest("short", prompt="x", sampling=SamplingParams(max_tokens=2)))
+        list(h)
+        clock[0] = 2000.0
+        dev.unlease("short", keep_alive_s=5.0)  # the finished request sets the deadline
+        assert dev.get("short").expires_at == 2005.0 and dev.next_deadline() == 2005.0
+        assert dev.evict_expired(now=2004.9) == []
+        assert dev.evict_expired(now=2005.0) == ["short"]
+        assert dev.evict_expired(now=1e12) == [] and "forever" in dev
+        assert evictions == [("zero", EvictReason.IDLE), ("short", EvictReason.IDLE)]
+    finally:
+        dev.close_all()
+
+
+# --- loading from each tier -------------------------------------------------------------------
+def test_load_instance_from_ssd_then_dram_gives_the_same_model(tmp_path, tok):
+    model = make_tiny_model("gpt2", vocab_size=len(tok))  # tied weights
+    path = store.save_model(model, tmp_path / "ckpt", tokenizer=tok)
+    ckpt = open_checkpoint(path)
+    pool = ChunkPool(8 * MiB, chunk_size=1 * MiB)
+    dram = DramTier(pool)
+    arena = HostArena(16 * MiB, prefault=False)
+    x = torch.tensor([tok.encode("héllo wörld")])
+    with torch.inference_mode():
+        expected = model(x).logits
+    for want in ("ssd", "dram"):
+        loaded = load_instance("m", ckpt, "cpu", dram=dram, arena=arena)
+        assert loaded.tier == want and arena.used > 0
+        with torch.inference_mode():
+            assert torch.equal(loaded.model(x).logits, expected)
+        assert loaded.model.lm_head.weight.data_ptr() == loaded.model.transformer.wte.weight.data_ptr()
+        assert loaded.tokenizer.encode("héllo") == tok.encode("héllo")
+        del loaded
+        import gc
+        gc.collect()
+        assert arena.used == 0  # the instance's buffers went back to the arena
+    assert "m" in dram
+    dram.evict("m")
+    loaded = load_instance("m", ckpt, "cpu", dram=None, arena=None)  # no DRAM tier at all: straight from SSD
+    assert loaded.tier == "ssd"
+    dram.clear()
