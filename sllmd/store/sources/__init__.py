@@ -25,6 +25,7 @@ SAFETENSORS, PYTORCH, GGUF = "safetensors", "pytorch", "gguf"
 # Execution files worth carrying from a model directory: configs and tokenizers.
 _EXEC_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 _NOT_EXEC = (".index.json",)
+_SUFFIXES = {".safetensors": SAFETENSORS, ".gguf": GGUF, ".bin": PYTORCH, ".pt": PYTORCH, ".pth": PYTORCH}
 
 
 @dataclass
@@ -118,7 +119,7 @@ def open_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> Sour
     for p in paths:
         if p.is_dir():
             raise ConversionError(f"{p}: a directory cannot be combined with other sources")
-        fmt = sniff(p)
+        fmt = sniff(p) or _SUFFIXES.get(p.suffix.lower())  # a damaged file gets its format's own errors
         if fmt is None:
             raise ConversionError(f"{p}: unknown format (expected .safetensors, .gguf or a PyTorch checkpoint)")
         formats.append(fmt)

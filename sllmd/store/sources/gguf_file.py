@@ -37,7 +37,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype):
         kwargs["quantization_config"] = qconfig
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
-    except (ValueError, RuntimeError, KeyError, OSError, NotImplementedError) as e:
+    except Exception as e:  # a file transformers cannot read fails in many ways; all mean "cannot convert"
         raise ConversionError(f"{path}: transformers cannot load this GGUF file: {type(e).__name__}: {e}") from e
     clear_quantization(model)
     packed = [name for name, m in model.named_modules() if type(m).__name__.lower().startswith("gguf")]
@@ -46,7 +46,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype):
                               f"this transformers version cannot dequantize this file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, RuntimeError, KeyError, OSError, NotImplementedError) as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # the Rust tokenizers library panics (a BaseException) on odd vocabularies
         log.warning("%s: no tokenizer could be read from the GGUF file (%s); converting the weights only", path, e)
         tokenizer = None
     return model, tokenizer
