@@ -425,6 +425,7 @@ class Server:
 
     def _infer(self, msg, call) -> Message:
         events = self.node.infer(self._infer_request(msg))
+        done: Message | None = None
         try:
             for ev in events:
                 if call.cancelled.is_set():
@@ -433,12 +434,18 @@ class Server:
                 if kind == "token":
                     self._emit(call, Token(id=msg.id, text=ev.get("text") or "", token_id=ev.get("token_id")))
                 elif kind == "done":
-                    return Done(id=msg.id, stats=ev.get("stats"))
+                    done = Done(id=msg.id, stats=ev.get("stats"))
+                    break
                 else:
                     self._emit(call, Event(id=msg.id, event=str(kind),
                                            data={k: v for k, v in ev.items() if k != "type"}))
-            return Done(id=msg.id, stats=None)
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()   # stops the node's decode loop when the request ended early
+            if done is None:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()   # stops the node's decode loop: the request ended early
+        # Let the node's generator end on its own (its cleanup, e.g. keep_alive=0 unloading,
+        # happens before the client hears "done").
+        for extra in events:
+            log.warning("%s#%d: ignoring %r after done", call.type, call.id, extra.get("type"))
+        return done or Done(id=msg.id, stats=None)

@@ -1,0 +1,594 @@
+"""The server: streaming, cancellation, robustness against malformed input, busy, heartbeats, transports.
+
+Most tests run the real Server on a real ipc:// socket against `ScriptedNode`,
+a small node that follows the Node interface with scripted timing, so that
+cancellations and failures can be provoked and observed. One test throws
+every kind of bad input at a real `sllmd` process.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from daemon_helpers import DaemonProcess, remove_tree, short_tempdir
+from sllmd.client import Client
+from sllmd.errors import SllmError
+from sllmd.protocol import (PROTOCOL_VERSION, BusyError, CancelledError, DaemonTimeoutError, DaemonUnreachableError,
+                            Hello, InternalError, InvalidArgumentError, ShuttingDownError, Status, decode_reply,
+                            encode)
+from sllmd.protocol.errors import AddressInUseError
+from sllmd.server import Server
+from sllmd.tiers.errors import ModelNotFoundError
+from sllmd.transport import MemoryTransport, ZmqTransport, make_socket
+
+MAX_FRAME = 64 * 1024
+
+
+class ScriptedNode:
+    """Follows the Node interface; infer echoes the prompt's words, one token per `token_delay`."""
+
+    def __init__(self, name: str = "echo"):
+        self.names = {name}
+        self.token_delay = 0.0
+        self.load_delay = 0.0
+        self.streams_closed_early: list[str] = []
+        self.streams_finished: list[str] = []
+        self.pinned: set[str] = set()
+        self.status_error: Exception | None = None
+        self.models_result = None
+        self._lock = threading.Lock()
+
+    def _need(self, name):
+        if name not in self.names:
+            raise ModelNotFoundError(f"no model named {name!r}")
+
+    def status(self):
+        if self.status_error:
+            raise self.status_error
+        return {"uptime_s": 1.0, "tiers": {"ssd": {"used_bytes": 10, "capacity_bytes": None, "models": 1}}}
+
+    def models(self):
+        if self.models_result is not None:
+            return self.models_result
+        return [{"name": n, "size_bytes": 10, "tiers": ["ssd"], "state": "on_ssd", "pinned": n in self.pinned,
+                 "last_used": 0.0} for n in sorted(self.names)]
+
+    def ps(self):
+        return []
+
+    def load(self, name, keep_alive=None):
+        self._need(name)
+        time.sleep(self.load_delay)
+        return {"name": name, "tiers": ["ssd", "device"], "state": "loaded", "keep_alive": keep_alive}
+
+    def evict(self, name, tier="device"):
+        self._need(name)
+        return {"name": name, "tier": tier, "evicted": [tier]}
+
+    def remove(self, name):
+        self._need(name)
+        self.names.discard(name)
+
+    def pin(self, name):
+        self._need(name)
+        self.pinned.add(name)
+
+    def unpin(self, name):
+        self._need(name)
+        self.pinned.discard(name)
+
+    def import_model(self, name, source, progress=None):
+        for done in range(0, 101, 10):
+            if progress:
+                progress(done, 100)
+            time.sleep(0.01)
+        self.names.add(name)
+        return {"name": name, "source": source, "tiers": ["ssd"]}
+
+    def infer(self, req: dict):
+        self._need(req["model"])
+        return self._tokens(req)
+
+    def _tokens(self, req):
+        words = (req.get("prompt") or "").split()
+        n = req.get("max_tokens", len(words))
+        finished = False
+        try:
+            for i in range(n):
+                time.sleep(self.token_delay)
+                yield {"type": "token", "text": words[i % len(words)] + " ", "token_id": i}
+            yield {"type": "done", "stats": {"tokens": n, "model": req["model"]}}
+            finished = True
+        finally:
+            with self._lock:
+                (self.streams_finished if finished else self.streams_closed_early).append(req.get("prompt"))
+
+    def wait_closed_early(self, count=1, timeout=5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.streams_closed_early) >= count:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+class Served:
+    def __init__(self, node, socket_path, server, transport):
+        self.node, self.socket, self.server, self.transport = node, socket_path, server, transport
+
+    def client(self, **kw) -> Client:
+        return Client(self.socket, **kw)
+
+
+@pytest.fixture
+def serve():
+    """serve(node=None, **server_kwargs) -> Served: a Server on a fresh ipc socket."""
+    started = []
+
+    def start(node=None, **kw):
+        root = short_tempdir()
+        path = str(root / "s.sock")
+        transport = ZmqTransport()
+        endpoint = transport.bind("ipc://" + path, max_frame_bytes=kw.get("max_frame_bytes", MAX_FRAME))
+        kw.setdefault("max_frame_bytes", MAX_FRAME)
+        kw.setdefault("heartbeat_s", 0.2)
+        server = Server(node or ScriptedNode(), endpoint, **kw)
+        server.start()
+        served = Served(server.node, path, server, transport)
+        started.append((served, root))
+        return served
+
+    yield start
+    for served, root in started:
+        served.server.close(timeout=2)
+        served.transport.close()
+        remove_tree(root)
+
+
+class RawPeer:
+    """A bare DEALER for sending what a well-behaved client never would."""
+
+    def __init__(self, socket_path: str):
+        self.ctx = zmq.Context()
+        self.sock = make_socket(self.ctx, zmq.DEALER, connect="ipc://" + socket_path)
+
+    def send(self, *frames: bytes):
+        self.sock.send_multipart(list(frames))
+
+    def recv(self, timeout=5.0):
+        assert self.sock.poll(int(timeout * 1000)), "no reply"
+        frames = self.sock.recv_multipart()
+        assert len(frames) == 1
+        return decode_reply(frames[0])
+
+    def recv_final(self, timeout=5.0):
+        while True:
+            msg = self.recv(timeout)
+            if msg.TYPE != "heartbeat":
+                return msg
+
+    def hello(self):
+        self.send(encode(Hello(id=0, version=PROTOCOL_VERSION)))
+        assert self.recv().TYPE == "welcome"
+
+    def close(self):
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def test_unary_operations(serve):
+    s = serve()
+    with s.client() as c:
+        assert c.welcome.version == PROTOCOL_VERSION and c.welcome.max_frame_bytes == MAX_FRAME
+        assert c.ping() < 1.0
+        status = c.status()
+        assert status["uptime_s"] == 1.0 and status["daemon"]["protocol"] == PROTOCOL_VERSION
+        assert status["daemon"]["pid"] == os.getpid()
+        assert [m["name"] for m in c.models()] == ["echo"]
+        assert c.load("echo", keep_alive="5m")["keep_alive"] == 300.0
+        c.pin("echo")
+        assert c.models()[0]["pinned"] is True
+        c.unpin("echo")
+        assert c.evict("echo", tier="dram")["evicted"] == ["dram"]
+        assert c.ps() == []
+        c.remove("echo")
+        assert c.models() == []
+
+
+def test_node_errors_come_back_as_their_classes(serve):
+    s = serve()
+    with s.client() as c:
+        with pytest.raises(ModelNotFoundError, match="nope"):
+            c.load("nope")
+        with pytest.raises(InvalidArgumentError):       # refused before it is sent: a usage error
+            c.load("../etc/passwd")
+        s.node.status_error = RuntimeError("disk on fire")
+        with pytest.raises(InternalError, match="disk on fire"):
+            c.status()
+        s.node.models_result = [object()]                # a result that cannot be encoded
+        with pytest.raises(InternalError):
+            c.models()
+        s.node.status_error = None
+        assert c.status()["uptime_s"] == 1.0
+
+
+def test_infer_streams_tokens_in_order(serve):
+    s = serve()
+    s.node.token_delay = 0.01
+    with s.client() as c:
+        stream = c.infer("echo", "the capital of France is Paris", max_tokens=6)
+        assert list(stream) == ["the ", "capital ", "of ", "France ", "is ", "Paris "]
+        assert stream.stats == {"tokens": 6, "model": "echo"}
+        events = list(c.infer("echo", "a b", max_tokens=2).events())
+        assert [e["type"] for e in events] == ["token", "token", "done"]
+        assert events[1]["token_id"] == 1
+        assert c.generate("echo", "x y z", max_tokens=3) == "x y z "
+    assert s.node.streams_finished == ["the capital of France is Paris", "a b", "x y z"]
+
+
+def test_interleaved_requests_on_one_client(serve):
+    s = serve()
+    s.node.token_delay = 0.02
+    with s.client() as c:
+        stream = iter(c.infer("echo", "one two three four", max_tokens=4))
+        assert next(stream) == "one "
+        assert c.status()["uptime_s"] == 1.0          # a second request while the stream is open
+        assert list(stream) == ["two ", "three ", "four "]
+
+
+def test_import_forwards_progress(serve, tmp_path):
+    s = serve()
+    seen = []
+    with s.client() as c:
+        info = c.import_model("smol", tmp_path, progress=lambda d, t: seen.append((d, t)))
+    assert info["source"] == str(tmp_path)            # made absolute by the client
+    assert seen[-1] == (100, 100) and all(t == 100 for _, t in seen)
+
+
+def test_garbage_gets_typed_errors_and_the_server_keeps_serving(serve):
+    s = serve()
+    peer = RawPeer(s.socket)
+    try:
+        peer.hello()
+        good = msgpack.packb({"type": "infer", "id": 5, "model": "echo", "prompt": "a " * 50})
+        cases = [
+            (b"\xc1\xc1garbage", "bad_message", None),
+            (b"", "bad_message", None),
+            (good[:-7], "bad_message", 5),                                     # truncated msgpack
+            (msgpack.packb({"type": "load", "id": 6, "name": 7}), "bad_message", 6),          # wrong field type
+            (msgpack.packb({"type": "infer", "id": 7, "model": "echo", "prompt": "x", "max_tokens": "3"}),
+             "bad_message", 7),
+            (msgpack.packb({"type": "frobnicate", "id": 8}), "unknown_type", 8),
+            (msgpack.packb({"type": "welcome", "id": 9}), "unknown_type", 9),
+            (msgpack.packb({"type": "status", "id": 10, "x": 1}), "bad_message", 10),
+            (msgpack.packb({"type": "status", "id": 11, "pad": "x" * MAX_FRAME}), "oversized", 11),
+            (msgpack.packb(["status", 12]), "bad_message", None),
+        ]
+        for frame, code, rid in cases:
+            peer.send(frame)
+            reply = peer.recv()
+            assert (reply.TYPE, reply.code, reply.id) == ("error", code, rid), (frame[:40], reply)
+            peer.send(encode(Status(id=100)))
+            assert peer.recv().TYPE == "result"
+        peer.send(encode(Status(id=200)), b"second frame")
+        reply = peer.recv()
+        assert reply.code == "bad_message" and "one frame" in reply.message
+    finally:
+        peer.close()
+    with s.client() as c:
+        assert c.status()["uptime_s"] == 1.0
+
+
+def test_a_frame_over_the_hard_cap_drops_only_that_connection(serve):
+    s = serve()
+    peer = RawPeer(s.socket)
+    try:
+        peer.hello()
+        peer.send(b"\x00" * (MAX_FRAME * 4 + 1))
+        assert not peer.sock.poll(300)                      # no reply: ZeroMQ dropped the connection
+        with s.client() as c:
+            assert c.status()["uptime_s"] == 1.0
+    finally:
+        peer.close()
+
+
+def test_handshake_is_required_and_versions_must_match(serve):
+    s = serve()
+    peer = RawPeer(s.socket)
+    try:
+        peer.send(encode(Status(id=1)))
+        reply = peer.recv()
+        assert reply.code == "handshake_required" and reply.id == 1
+        peer.send(encode(Hello(id=2, version=PROTOCOL_VERSION + 1)))
+        reply = peer.recv()
+        assert reply.code == "version_mismatch" and reply.id == 2
+        peer.hello()
+        peer.send(encode(Status(id=3)))
+        assert peer.recv().TYPE == "result"
+    finally:
+        peer.close()
+
+
+def test_duplicate_request_ids_are_refused(serve):
+    s = serve()
+    s.node.token_delay = 0.05
+    peer = RawPeer(s.socket)
+    try:
+        peer.hello()
+        infer = msgpack.packb({"type": "infer", "id": 4, "model": "echo", "prompt": "a b c d e f"})
+        peer.send(infer)
+        assert peer.recv().TYPE == "token"
+        peer.send(infer)
+        while (reply := peer.recv()).TYPE != "error":
+            pass
+        assert reply.code == "bad_message" and "already in flight" in reply.message
+    finally:
+        peer.close()
+
+
+def test_client_disconnect_mid_stream_cancels_the_request(serve):
+    s = serve()
+    s.node.token_delay = 0.02
+    peer = RawPeer(s.socket)
+    peer.hello()
+    peer.send(msgpack.packb({"type": "infer", "id": 1, "model": "echo", "prompt": "w " * 10, "max_tokens": 100000}))
+    assert peer.recv().TYPE == "token"
+    peer.close()                                                     # goes away without a word
+    assert s.node.wait_closed_early(1, timeout=5), "the node's generator was not closed"
+    deadline = time.monotonic() + 5
+    while s.server.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert s.server.in_flight() == 0
+    with s.client() as c:
+        assert c.generate("echo", "still here", max_tokens=2) == "still here "
+
+
+def test_disconnect_while_waiting_for_the_first_token_cancels(serve):
+    s = serve()
+    s.node.token_delay = 0.5                                        # "prefill" takes a while
+    peer = RawPeer(s.socket)
+    peer.hello()
+    peer.send(msgpack.packb({"type": "infer", "id": 1, "model": "echo", "prompt": "slow", "max_tokens": 1000}))
+    time.sleep(0.1)
+    peer.close()
+    assert s.node.wait_closed_early(1, timeout=5)
+
+
+def test_closing_a_stream_early_cancels_it(serve):
+    s = serve()
+    s.node.token_delay = 0.02
+    with s.client() as c:
+        for i, _piece in enumerate(c.infer("echo", "w", max_tokens=100000)):
+            if i == 2:
+                break
+        assert s.node.wait_closed_early(1, timeout=5)
+        assert c.status()["daemon"]["requests_in_flight"] == 1     # only this status call
+
+
+def test_busy_when_long_requests_are_exhausted(serve):
+    s = serve(max_streams=2)
+    s.node.token_delay = 0.05
+    with s.client() as c:
+        streams = [iter(c.infer("echo", f"s{i}", max_tokens=1000)) for i in range(3)]
+        assert next(streams[0]) == "s0 " and next(streams[1]) == "s1 "
+        with pytest.raises(BusyError) as info:
+            next(streams[2])
+        assert info.value.exit_code == 75
+        assert c.status()["uptime_s"] == 1.0                          # quick requests are still served
+        for st in streams[:2]:
+            st.close()
+        assert s.node.wait_closed_early(2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:                            # the slots free up
+            try:
+                assert c.generate("echo", "again", max_tokens=1) == "again "
+                break
+            except BusyError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("still busy after the streams were closed")
+
+
+def test_heartbeats_keep_a_slow_request_alive(serve):
+    s = serve(heartbeat_s=0.1)
+    s.node.load_delay = 1.2
+    with s.client(timeout=0.5) as c:                                 # silence limit well under the load time
+        assert c.load("echo")["state"] == "loaded"
+
+
+class BareDaemon:
+    """A ROUTER in a thread that says welcome, then follows `script(router, peer, msg)` per request."""
+
+    def __init__(self, heartbeat_s: float, script):
+        self.root = short_tempdir()
+        self.socket = f"{self.root}/s.sock"
+        self.ctx = zmq.Context()
+        self.router = make_socket(self.ctx, zmq.ROUTER, bind="ipc://" + self.socket)
+        self.heartbeat_s, self.script = heartbeat_s, script
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set() and not self.router.closed:
+            if not self.router.poll(50):
+                continue
+            peer, frame = self.router.recv_multipart()
+            msg = msgpack.unpackb(frame)
+            if msg["type"] == "hello":
+                self.router.send_multipart([peer, msgpack.packb(
+                    {"type": "welcome", "id": msg["id"], "version": PROTOCOL_VERSION, "server": "bare",
+                     "max_frame_bytes": MAX_FRAME, "heartbeat_s": self.heartbeat_s})])
+            else:
+                self.script(self.router, peer, msg)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        if not self.router.closed:
+            self.router.close(0)
+        self.ctx.term()
+        remove_tree(self.root)
+
+
+def test_a_silent_daemon_times_out():
+    bare = BareDaemon(10.0, lambda router, peer, msg: None)         # welcomes, then never answers
+    try:
+        with Client(bare.socket, timeout=0.5) as c:
+            start = time.monotonic()
+            with pytest.raises(DaemonTimeoutError) as info:
+                c.status()
+            assert 0.4 < time.monotonic() - start < 3 and info.value.exit_code == 75
+    finally:
+        bare.close()
+
+
+def test_a_daemon_that_goes_away_mid_request_is_unreachable():
+    def beat_twice_then_die(router, peer, msg):
+        for _ in range(2):
+            router.send_multipart([peer, msgpack.packb({"type": "heartbeat", "id": msg["id"]})])
+            time.sleep(0.1)
+        router.close(0)                                              # the daemon is gone, its socket too
+
+    bare = BareDaemon(0.1, beat_twice_then_die)
+    try:
+        with Client(bare.socket, timeout=30) as c:
+            start = time.monotonic()
+            with pytest.raises(DaemonUnreachableError, match="went away"):
+                c.status()
+            assert time.monotonic() - start < 5
+    finally:
+        bare.close()
+
+
+def test_no_daemon_is_unreachable_at_once():
+    root = short_tempdir()
+    try:
+        with pytest.raises(DaemonUnreachableError, match="not running"):
+            Client(str(root / "none.sock"))
+        import socket as pysocket
+        stale = pysocket.socket(pysocket.AF_UNIX)
+        stale.bind(str(root / "stale.sock"))                         # a socket file nobody listens on
+        stale.close()
+        with pytest.raises(DaemonUnreachableError, match="stale"):
+            Client(str(root / "stale.sock"))
+    finally:
+        remove_tree(root)
+
+
+def test_socket_file_mode_single_owner_and_stale_files():
+    root = short_tempdir()
+    transport = ZmqTransport()
+    try:
+        path = str(root / "sub" / "s.sock")
+        ep = transport.bind("ipc://" + path, max_frame_bytes=MAX_FRAME)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(root / "sub").st_mode) == 0o700
+        with pytest.raises(AddressInUseError, match="already listening"):
+            transport.bind("ipc://" + path, max_frame_bytes=MAX_FRAME)
+        ep.close()
+        assert not os.path.exists(path)
+        import socket as pysocket
+        stale = pysocket.socket(pysocket.AF_UNIX)
+        stale.bind(path)
+        stale.close()
+        ep = transport.bind("ipc://" + path, max_frame_bytes=MAX_FRAME, mode=0o660)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        ep.close()
+        (root / "file").write_text("not a socket")
+        with pytest.raises(AddressInUseError, match="not a socket"):
+            transport.bind(f"ipc://{root}/file", max_frame_bytes=MAX_FRAME)
+    finally:
+        transport.close()
+        remove_tree(root)
+
+
+def test_stopping_refuses_new_requests_and_fails_running_ones(serve):
+    s = serve()
+    s.node.token_delay = 0.05
+    with s.client() as c:
+        stream = iter(c.infer("echo", "long", max_tokens=100000))
+        assert next(stream) == "long "
+        s.server.stop_accepting()
+        with pytest.raises(ShuttingDownError) as info:
+            c.status()
+        assert info.value.exit_code == 75
+        threading.Timer(0.2, s.server.close).start()
+        with pytest.raises(CancelledError):
+            for _ in stream:
+                pass
+    assert s.node.wait_closed_early(1)
+
+
+def test_memory_transport_serves_several_daemons_in_one_process():
+    net = MemoryTransport()
+    servers = []
+    for name in ("alpha", "beta"):
+        ep = net.bind(f"mem://{name}", max_frame_bytes=MAX_FRAME)
+        server = Server(ScriptedNode(name), ep, max_frame_bytes=MAX_FRAME, heartbeat_s=0.2)
+        server.start()
+        servers.append(server)
+    try:
+        with Client("mem://alpha", transport=net) as a, Client("mem://beta", transport=net) as b:
+            assert [m["name"] for m in a.models()] == ["alpha"]
+            assert [m["name"] for m in b.models()] == ["beta"]
+            assert b.generate("beta", "hi there", max_tokens=2) == "hi there "
+        with pytest.raises(DaemonUnreachableError):
+            Client("mem://gamma", transport=net)
+        with pytest.raises(AddressInUseError):
+            net.bind("mem://alpha", max_frame_bytes=MAX_FRAME)
+    finally:
+        for server in servers:
+            server.close(timeout=2)
+
+
+def test_a_slow_reader_gets_every_token_in_order():
+    net = MemoryTransport(hwm=4)                                    # the client's queue holds 4 frames
+    ep = net.bind("mem://slow", max_frame_bytes=MAX_FRAME)
+    server = Server(ScriptedNode(), ep, max_frame_bytes=MAX_FRAME, heartbeat_s=0.2)
+    server.start()
+    try:
+        with Client("mem://slow", transport=net) as c:
+            stream = iter(c.infer("echo", " ".join(str(i) for i in range(200)), max_tokens=200))
+            first = next(stream)
+            time.sleep(0.3)                                          # the server backs up meanwhile
+            rest = list(stream)
+        assert [first, *rest] == [f"{i} " for i in range(200)]
+    finally:
+        server.close(timeout=2)
+
+
+def test_a_real_sllmd_survives_bad_input():
+    root = short_tempdir()
+    try:
+        with DaemonProcess(root, "--max-frame", "64KiB") as daemon:
+            peer = RawPeer(daemon.socket)
+            try:
+                peer.send(encode(Status(id=1)))
+                assert peer.recv().code == "handshake_required"
+                peer.hello()
+                for frame in (b"\xc1", msgpack.packb({"type": "status", "id": 2})[:-1],
+                              msgpack.packb({"type": "load", "id": 3, "name": ["x"]}),
+                              msgpack.packb({"type": "nope", "id": 4}),
+                              msgpack.packb({"type": "status", "id": 5, "pad": "x" * 70_000})):
+                    peer.send(frame)
+                    assert peer.recv_final().TYPE == "error"
+                peer.send(b"a", b"b")
+                assert peer.recv_final().code == "bad_message"
+            finally:
+                peer.close()
+            with Client(daemon.socket) as c:
+                status = c.status()
+                assert status["daemon"]["pid"] == daemon.proc.pid
+                with pytest.raises(SllmError) as info:
+                    c.load("absent")
+                assert info.value.code == "model_not_found"
+            assert daemon.stop() == 0
+    finally:
+        remove_tree(root)
