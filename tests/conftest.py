@@ -45,26 +45,40 @@ def _locked(name: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def cached_dir(name: str, build) -> Path:
-    """CACHE/name, built by build(tmp_path) into a temporary directory and renamed
-    into place, so that an aborted or concurrent run never sees half a cache."""
+def cached(name: str, build) -> Path:
+    """CACHE/name, made by build(path) once. build must publish `path` atomically
+    (write elsewhere, then rename), so an aborted or concurrent run never sees
+    half of it; leftovers of an aborted build are removed under the lock."""
     path = CACHE / name
-    if path.is_dir():
+    if path.exists():
         return path
     with _locked(name):
-        if path.is_dir():
+        if path.exists():
             return path
-        for stale in CACHE.glob(f".{name}.*tmp*"):  # left by an aborted build (we hold the lock)
+        for stale in CACHE.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = CACHE / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         t0 = time.perf_counter()
+        build(path)
+        log.warning("built the test cache %s in %.1f s", path, time.perf_counter() - t0)
+    return path
+
+
+def _build_via_tmp(fill):
+    """A build function for cached(): fill(tmp) writes a directory that is then renamed into place."""
+    def build(path: Path) -> None:
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            build(tmp)
+            fill(tmp)
             os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("built the test cache %s in %.1f s", path, time.perf_counter() - t0)
-    return path
+    return build
+
+
+def smollm2_checkpoint_name() -> str:
+    """The cache entry of the converted SmolLM2 (scripts/demo.py uses the same one)."""
+    from sllmd.store.format import FORMAT_VERSION
+    return f"smollm2-{_smollm2_version()}-bf16-sllm{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
 
 
 # --- SmolLM2 ---------------------------------------------------------------------
@@ -82,12 +96,10 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(smollm2_gguf) -> Path:
-    """SmolLM2 converted from the GGUF file into our format (bfloat16)."""
+    """SmolLM2 converted from the GGUF file into our format (bfloat16); convert() publishes atomically."""
     from sllmd.store.convert import convert
-    from sllmd.store.format import FORMAT_VERSION
 
-    name = f"smollm2-{_smollm2_version()}-bf16-sllm{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
-    return cached_dir(name, lambda tmp: convert(smollm2_gguf, tmp / "ckpt")) / "ckpt"
+    return cached(smollm2_checkpoint_name(), lambda path: convert(smollm2_gguf, path))
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +107,7 @@ def smollm2_hf_dir(smollm2_gguf) -> Path:
     """The same weights as a Hugging Face directory (save_pretrained, safetensors),
     produced by transformers alone: independent of our writer and loader."""
 
-    def build(tmp: Path) -> None:
+    def fill(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
@@ -103,10 +115,10 @@ def smollm2_hf_dir(smollm2_gguf) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp / "hf")
-        AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(tmp / "hf")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(tmp)
 
-    return cached_dir(f"smollm2-{_smollm2_version()}-bf16-hf", build) / "hf"
+    return cached(f"smollm2-{_smollm2_version()}-bf16-hf", _build_via_tmp(fill))
 
 
 # --- tiny models -------------------------------------------------------------------
