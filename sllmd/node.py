@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 from . import pool as pool_mod
-from .errors import LoadError, SllmError
+from .errors import LoadError, OutOfMemoryError, SllmError
 from .inference.engine import Instance
 from .inference.errors import InvalidRequestError
 from .inference.request import InferRequest
@@ -25,7 +25,7 @@ from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
 from .tiers.errors import ModelFailedError, ShuttingDownError
-from .tiers.loader import load_instance
+from .tiers.loader import device_bytes, load_instance
 from .tiers.ssd import SsdStore
 from .tiers.states import EvictReason, ModelState, StateMachine, Tier
 
@@ -52,7 +52,8 @@ class Node:
         self.pool: pool_mod.ChunkPool | None = None
         self.dram: DramTier | None = None
         self.arena: pool_mod.HostArena | None = None
-        self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict)
+        self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict,
+                                 on_evicting=self._on_device_evicting)
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -139,13 +140,18 @@ class Node:
     def _note_eviction(self, name: str, tier: Tier, reason: EvictReason) -> None:
         self._evictions.append({"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()})
 
+    def _on_device_evicting(self, name: str, reason: EvictReason) -> None:
+        with self._lock:  # called under the device tier's lock: only this leaf lock here
+            sm = self._record(name)
+            if sm.state in (ModelState.LOADED, ModelState.MIGRATING):
+                sm.transition(ModelState.EVICTING, reason=reason)
+
     def _on_device_evict(self, name: str, reason: EvictReason) -> None:
         self._note_eviction(name, Tier.DEVICE, reason)
         in_dram = self.dram is not None and name in self.dram  # outside _lock: it stays a leaf
         with self._lock:
             sm = self._record(name)
-            if sm.state in (ModelState.LOADED, ModelState.MIGRATING):
-                sm.transition(ModelState.EVICTING, reason=reason)
+            if sm.state == ModelState.EVICTING:
                 sm.transition(ModelState.IN_DRAM if in_dram else ModelState.ON_SSD)
 
     def _on_dram_evict(self, name: str, reason: EvictReason) -> None:
@@ -265,21 +271,26 @@ class Node:
                 raise ModelFailedError(f"model {name!r} is unusable: {entry.error}")
             ckpt = open_checkpoint(entry.path)
             t0 = time.perf_counter()
+            nbytes = device_bytes(ckpt, self.config.device, self.arena)
             self._transition(name, ModelState.LOADING)
             try:
-                self.device.reserve(name, ckpt.manifest.total_bytes)
+                self.device.reserve(name, nbytes)
                 try:
                     with self._lock:
                         tokenizer = self._tokenizers.get(name)
                     loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
                                            verify=self.config.verify_checksums, tokenizer=tokenizer)
                     inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
-                                    nbytes=ckpt.manifest.total_bytes, queue_depth=self.config.queue_depth)
+                                    nbytes=nbytes, queue_depth=self.config.queue_depth)
                     load_s = time.perf_counter() - t0
                     self.device.commit(name, inst, self.config.keep_alive_s, loaded.tier, load_s)
                 except BaseException:
                     self.device.abort(name)
                     raise
+            except OutOfMemoryError as e:  # transient: the device is full of serving instances
+                in_dram = self.dram is not None and name in self.dram
+                self._transition(name, ModelState.IN_DRAM if in_dram else ModelState.ON_SSD, error=str(e))
+                raise
             except SllmError as e:
                 self._transition(name, ModelState.FAILED, error=str(e))
                 raise

@@ -7,7 +7,9 @@ reserves its bytes: idle instances are evicted, least recently used first
 requests or holds a lease is never evicted. Each instance's keep_alive
 deadline comes from the last request or load that finished on it.
 
-Callbacks (on_evict) run outside the tier's lock.
+Callbacks: on_evicting(name, reason) runs under the tier's lock the moment an
+instance is chosen for eviction (it must take only leaf locks); on_evict(name,
+reason) runs outside the lock once the instance has stopped.
 """
 from __future__ import annotations
 
@@ -47,10 +49,12 @@ class Slot:
 class DeviceTier:
     def __init__(self, device: str, budget_bytes: int,
                  on_evict: Callable[[str, EvictReason], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 on_evicting: Callable[[str, EvictReason], None] | None = None):
         self.device = device
         self.budget = budget_bytes
         self.on_evict = on_evict
+        self.on_evicting = on_evicting
         self.clock = clock
         self._lock = threading.RLock()
         self._slots: dict[str, Slot] = {}
@@ -93,7 +97,7 @@ class DeviceTier:
                 raise OutOfMemoryError(
                     f"model {name!r} needs {nbytes} bytes on {self.device}; {self.budget - self.used_bytes} of "
                     f"{self.budget} are free and every other instance is serving; retry later")
-            evicted = [self._slots.pop(v) for v in victims]
+            evicted = [self._take(v, EvictReason.PRESSURE) for v in victims]
             self._slots[name] = Slot(name, nbytes, last_used=self.clock())
         for slot in evicted:
             self._finish_eviction(slot, EvictReason.PRESSURE)
@@ -156,7 +160,7 @@ class DeviceTier:
             if s.busy:
                 what = "loading" if s.instance is None else "serving requests"
                 raise ModelInUseError(f"model {name!r} is {what}; it cannot be evicted now")
-            del self._slots[name]
+            self._take(name, reason)
         self._finish_eviction(s, reason)
         return True
 
@@ -165,7 +169,7 @@ class DeviceTier:
         now = self.clock() if now is None else now
         with self._lock:
             due = policy.expired(((s.name, s.expires_at, s.busy) for s in self._slots.values()), now)
-            evicted = [self._slots.pop(n) for n in due]
+            evicted = [self._take(n, EvictReason.IDLE) for n in due]
         for s in evicted:
             self._finish_eviction(s, EvictReason.IDLE)
         return [s.name for s in evicted]
@@ -173,6 +177,13 @@ class DeviceTier:
     def next_deadline(self) -> float | None:
         with self._lock:
             return min((s.expires_at for s in self._slots.values() if s.expires_at is not None), default=None)
+
+    def _take(self, name: str, reason: EvictReason) -> Slot:
+        """Removes a slot chosen for eviction (caller holds the lock)."""
+        slot = self._slots.pop(name)
+        if self.on_evicting is not None:
+            self.on_evicting(name, reason)
+        return slot
 
     def _finish_eviction(self, slot: Slot, reason: EvictReason) -> None:
         inst = slot.instance

@@ -30,6 +30,24 @@ from .dram import DramTier
 log = logging.getLogger(__name__)
 
 
+# accelerate's init_empty_weights (used by build_empty_model) patches
+# nn.Module.register_parameter for the whole process while a model is built: a
+# model being bound in another thread at that moment would get its parameters
+# sent to `meta`. Building and binding therefore take turns.
+_BUILD_LOCK = threading.Lock()
+
+ARENA_GRANULE = 2 << 20  # the host arena hands out 2 MiB-granular ranges (csrc/host_buffer.cpp)
+
+
+def device_bytes(ckpt: Checkpoint, device: str, arena: HostArena | None) -> int:
+    """What an instance of `ckpt` takes from the device budget: its partition buffers
+    (rounded as the arena rounds them on a CPU host)."""
+    parts = [p.nbytes for p in ckpt.manifest.partitions if p.nbytes]
+    if torch.device(device).type == "cpu" and arena is not None:
+        return sum(-(-n // ARENA_GRANULE) * ARENA_GRANULE for n in parts)
+    return sum(parts)
+
+
 @dataclass
 class Loaded:
     model: Any
@@ -93,7 +111,8 @@ def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | 
             dtype = as_dtype(stored) if stored else None
         except Exception:
             dtype = None  # not a floating dtype: build with the config's
-        model = build_empty_model(ckpt.path, dtype=dtype, architecture=ckpt.manifest.model.get("architecture"))
+        with _BUILD_LOCK:
+            model = build_empty_model(ckpt.path, dtype=dtype, architecture=ckpt.manifest.model.get("architecture"))
         t_build = time.perf_counter()
         if tokenizer is None:
             tokenizer = load_tokenizer(ckpt.path)
@@ -101,7 +120,8 @@ def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | 
     finally:
         bufs, tier = io.result()  # always wait: no load outlives this call
     t_io = time.perf_counter()
-    bind_state_dict(model, tensor_views(ckpt, bufs), dev)
+    with _BUILD_LOCK:
+        bind_state_dict(model, tensor_views(ckpt, bufs), dev)
     _generation_config(model, ckpt)
     t_end = time.perf_counter()
     timings = {"build_s": t_build - t0, "tokenizer_s": t_tok - t_build, "io_wait_s": t_io - t_tok,
