@@ -1,0 +1,151 @@
+"""One measurement in a fresh interpreter (run by run_all.py; argv[1] is a JSON spec).
+
+Outside the timed region: interpreter start-up, imports, a tiny torch warm-up,
+pre-faulting memory a daemon would have pre-faulted at start (ours with an
+arena, the DRAM pool), then the cache condition: cold = sync + drop the page
+cache; warm = read the files through the page cache until mincore() reports
+them fully resident; then a pause of settle_s (default 2.5 s). The pause matters
+on this VM: the guest reports freed memory to the host after ~2 s (free page
+reporting), and touching such memory again runs at ~0.5-0.8 GB/s instead of
+~10 GB/s. Without the pause, a loader that runs right after a process freed
+gigabytes would get memory that is still backed: run order would decide results.
+
+Timed region ("load"): the loader's call that returns the dict of CPU tensors;
+then ("materialize") the copy of any tensor that still points into a file
+mapping (see peers.py). seconds = load + materialize.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import common
+import limits
+import loader_bench
+import peers
+
+
+def _condition(cond: str, files: list[Path], settle_s: float) -> dict:
+    if cond == "cold":
+        common.drop_caches()
+    elif cond == "warm":
+        common.make_resident(files)
+    time.sleep(settle_s)
+    res = [common.resident_bytes(f) for f in files]
+    return {"resident_bytes": sum(r[0] for r in res), "file_bytes": sum(r[1] for r in res)}
+
+
+def _loader_run(spec: dict) -> dict:
+    task, path = spec["task"], Path(spec["path"])
+    files = [Path(f) for f in spec["files"]]
+    opts = spec.get("opts", {})
+    import torch
+    torch.empty(16).clone()  # first-op initialisation, common to all loaders
+    timer = arena = None
+    if task == "ours":
+        loader_bench.prepare_ours()
+        timer = loader_bench.StageTimer()
+        if opts.get("arena"):
+            arena = loader_bench.prefaulted_arena(loader_bench.checkpoint_bytes(path))
+        load = lambda: loader_bench.load_ours(path, opts.get("verify", True), arena, timer)  # noqa: E731
+    else:
+        _, prepare, fn, _ = peers.PEERS[task]
+        prepare()
+        load = lambda: fn(path)  # noqa: E731
+    state = _condition(spec["cond"], files, spec.get("settle_s", 2.5))
+    t0 = time.perf_counter()
+    sd = load()
+    t1 = time.perf_counter()
+    copied, copied_bytes = peers.materialize(sd, files)
+    t2 = time.perf_counter()
+    out = {
+        "seconds": t2 - t0, "load_s": t1 - t0, "materialize_s": t2 - t1,
+        "bytes": peers.unique_bytes(sd), "tensors": len(sd),
+        "materialized_tensors": copied, "materialized_bytes": copied_bytes,
+        "still_mapped": peers.still_mapped(sd, files), **state,
+    }
+    if timer is not None:
+        out["stages"] = timer.summary()
+    return out
+
+
+def _disk_run(spec: dict) -> dict:
+    files = [Path(f) for f in spec["files"]]
+    state = _condition(spec["cond"], files, spec.get("settle_s", 2.5))
+    if spec["task"] == "disk-fio":
+        r = limits.disk_fio(files)
+    else:
+        r = limits.disk_pread(files, threads=spec.get("opts", {}).get("threads", 8))
+    return {**r, **state}
+
+
+def _dram_run(spec: dict) -> dict:
+    """DRAM tier vs memcpy, in one process: fill the pool once, then the items in the
+    rotated order given by the spec (so no item always goes first). Items that write
+    into pre-faulted memory run `inner` times (median kept: they take tens of ms);
+    items into fresh memory run once, after the settle pause."""
+    import statistics
+
+    import torch
+    torch.empty(16).clone()
+    path = Path(spec["path"])
+    loader_bench.prepare_ours()
+    tier = loader_bench.DramTier(path)
+    n = tier.nbytes
+    arena = loader_bench.prefaulted_arena(n)
+    settle = spec.get("settle_s", 2.5)
+    if spec.get("drop", True):
+        common.drop_caches()
+        time.sleep(settle)
+    results: dict[str, dict] = {"fill": {"seconds": tier.fill(), "bytes": n}}
+    runs: dict[str, list] = {}
+    try:
+        for rnd in range(spec.get("inner", 3)):
+            for item in spec["order"]:
+                fresh = item in ("memcpy-fresh", "ours-dram")
+                if fresh and rnd:
+                    continue
+                if fresh:
+                    time.sleep(settle)  # host-cold free memory, as for every fresh-memory run
+                if item == "memcpy":
+                    r = limits.memcpy_touched(n, tier.base_address)
+                elif item == "memcpy-fresh":
+                    r = limits.memcpy_fresh(n, tier.base_address)
+                else:
+                    timer = loader_bench.DramStageTimer()
+                    with timer.active():
+                        t0 = time.perf_counter()
+                        sd = tier.load(arena if item == "ours-dram-arena" else None)
+                        seconds = time.perf_counter() - t0
+                    r = {"seconds": seconds, "bytes": peers.unique_bytes(sd), "tensors": len(sd),
+                         "stages": timer.summary()}
+                    del sd
+                runs.setdefault(item, []).append(r)
+    finally:
+        tier.release()
+    for item, rs in runs.items():
+        best = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # the median run
+        results[item] = {**best, "seconds": statistics.median(r["seconds"] for r in rs),
+                         "all_seconds": [round(r["seconds"], 5) for r in rs]}
+    return {"items": results}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    sys.path.insert(0, str(common.REPO))
+    task = spec["task"]
+    if task.startswith("disk-"):
+        out = _disk_run(spec)
+    elif task == "dram":
+        out = _dram_run(spec)
+    else:
+        out = _loader_run(spec)
+    out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    common.emit_result(out)
+
+
+if __name__ == "__main__":
+    main()
