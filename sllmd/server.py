@@ -369,7 +369,7 @@ class Server:
     def _status(self, msg, call) -> Message:
         data = dict(self.node.status())
         with self._lock:
-            in_flight = len(self._calls)
+            in_flight = len(self._calls) - 1   # not counting this status request
         data["daemon"] = {"version": self._version, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                           "socket": self.endpoint.address, "started_at": self._started_at,
                           "uptime_s": time.time() - self._started_at, "requests_in_flight": in_flight,

@@ -12,8 +12,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+from sllmd.tiers.errors import ModelNotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,3 +126,94 @@ def sllmctl(*args: str, socket_path: str | None = None, timeout: float = 120.0, 
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+class ScriptedNode:
+    """Follows the Node interface; infer echoes the prompt's words, one token per `token_delay`."""
+
+    def __init__(self, name: str = "echo"):
+        self.names = {name}
+        self.token_delay = 0.0
+        self.load_delay = 0.0
+        self.load_error: Exception | None = None
+        self.streams_closed_early: list[str] = []
+        self.streams_finished: list[str] = []
+        self.pinned: set[str] = set()
+        self.status_error: Exception | None = None
+        self.models_result = None
+        self._lock = threading.Lock()
+
+    def _need(self, name):
+        if name not in self.names:
+            raise ModelNotFoundError(f"no model named {name!r}")
+
+    def status(self):
+        if self.status_error:
+            raise self.status_error
+        return {"uptime_s": 1.0, "tiers": {"ssd": {"used_bytes": 10, "capacity_bytes": None, "models": 1}}}
+
+    def models(self):
+        if self.models_result is not None:
+            return self.models_result
+        return [{"name": n, "size_bytes": 10, "tiers": ["ssd"], "state": "on_ssd", "pinned": n in self.pinned,
+                 "last_used": 0.0} for n in sorted(self.names)]
+
+    def ps(self):
+        return []
+
+    def load(self, name, keep_alive=None):
+        self._need(name)
+        if self.load_error is not None:
+            raise self.load_error
+        time.sleep(self.load_delay)
+        return {"name": name, "tiers": ["ssd", "device"], "state": "loaded", "keep_alive": keep_alive}
+
+    def evict(self, name, tier="device"):
+        self._need(name)
+        return {"name": name, "tier": tier, "evicted": [tier]}
+
+    def remove(self, name):
+        self._need(name)
+        self.names.discard(name)
+
+    def pin(self, name):
+        self._need(name)
+        self.pinned.add(name)
+
+    def unpin(self, name):
+        self._need(name)
+        self.pinned.discard(name)
+
+    def import_model(self, name, source, progress=None):
+        for done in range(0, 101, 10):
+            if progress:
+                progress(done, 100)
+            time.sleep(0.01)
+        self.names.add(name)
+        return {"name": name, "source": source, "tiers": ["ssd"]}
+
+    def infer(self, req: dict):
+        self._need(req["model"])
+        return self._tokens(req)
+
+    def _tokens(self, req):
+        words = (req.get("prompt") or "").split()
+        n = req.get("max_tokens", len(words))
+        finished = False
+        try:
+            for i in range(n):
+                time.sleep(self.token_delay)
+                yield {"type": "token", "text": words[i % len(words)] + " ", "token_id": i}
+            yield {"type": "done", "stats": {"tokens": n, "model": req["model"]}}
+            finished = True
+        finally:
+            with self._lock:
+                (self.streams_finished if finished else self.streams_closed_early).append(req.get("prompt"))
+
+    def wait_closed_early(self, count=1, timeout=5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.streams_closed_early) >= count:
+                return True
+            time.sleep(0.02)
+        return False
