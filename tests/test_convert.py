@@ -263,6 +263,17 @@ def test_smollm2_gguf_conversion_matches_transformers(smollm2_checkpoint, smollm
         assert torch.equal(ours[name], t), name
 
 
+@pytest.mark.slow
+def test_smollm2_hf_directory_converts_to_the_same_tensors(smollm2_checkpoint, smollm2_hf_dir, tmp_path):
+    convert(smollm2_hf_dir, tmp_path / "ckpt")
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    assert ckpt.manifest.model["architecture"] == "LlamaForCausalLM"
+    assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= set(ckpt.manifest.files)
+    from_hf, from_gguf = load_state_dict(tmp_path / "ckpt"), load_state_dict(smollm2_checkpoint)
+    assert set(from_hf) == set(from_gguf) - {"lm_head.weight"}  # save_pretrained drops the tied head
+    assert all(torch.equal(t, from_gguf[name]) for name, t in from_hf.items())
+
+
 # --- errors -------------------------------------------------------------------------
 def _valid_safetensors(path):
     save_file({"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(8, 8)}, path)

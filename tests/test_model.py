@@ -154,6 +154,20 @@ def test_untied_head_missing_is_an_error_but_tied_one_is_not(tiny_models, tmp_pa
         load_model(tmp_path / "nohead")
 
 
+def test_checkpoints_without_the_base_model_prefix_load(tiny_models, tmp_path):
+    """Old hub GPT-2 checkpoints name "h.0.attn..." where the LM-head model has "transformer.h.0.attn..."."""
+    model = tiny_models("gpt2")
+    save_model(model, tmp_path / "full")
+    sd = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)  # an old causal-mask buffer: ignorable
+    save_state_dict(sd, tmp_path / "bare", files={"config.json": tmp_path / "full" / "model" / "config.json"})
+    loaded = load_model(tmp_path / "bare")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    with torch.no_grad():
+        x = _prompt()
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
 def test_corruption_fails_the_load_unless_unverified(tiny_models, tmp_path):
     model = tiny_models("llama")
     save_model(model, tmp_path / "ckpt")
