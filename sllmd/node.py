@@ -25,7 +25,7 @@ from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
 from .tiers.errors import ModelFailedError, ShuttingDownError
-from .tiers.loader import device_bytes, load_instance
+from .tiers.loader import device_bytes, load_instance, warm_up
 from .tiers.ssd import SsdStore
 from .tiers.states import EvictReason, ModelState, StateMachine, Tier
 
@@ -42,6 +42,8 @@ class Node:
         self._records: dict[str, StateMachine] = {}
         self._loading: dict[str, Future] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._warm_architectures: set = set()
+        self._warmers: list[threading.Thread] = []
         self._evictions: collections.deque[dict] = collections.deque(maxlen=64)
         self._closed = False
         self._started_at: float | None = None
@@ -71,6 +73,7 @@ class Node:
         self._started_at = time.time()
         self._timer = threading.Thread(target=self._expiry_loop, name="sllm-keepalive", daemon=True)
         self._timer.start()
+        self._spawn_warm_up(None)
         log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self._records),
                  self.config.dram_bytes, self.config.device, self.config.device_memory_bytes)
 
@@ -93,10 +96,33 @@ class Node:
         self.device.close_all(timeout=grace, drain=True)
         if self._timer is not None:
             self._timer.join(timeout=5)
+        for w in self._warmers:  # a model build patches torch process-wide: none may outlive the node
+            w.join(timeout=30)
         if self.dram is not None:
             self.dram.clear()
         self.ssd.close()
         log.info("node closed")
+
+    def _spawn_warm_up(self, names: list[str] | None) -> None:
+        t = threading.Thread(target=self._warm_up, args=(names,), name="sllm-warmup", daemon=True)
+        with self._lock:
+            self._warmers = [w for w in self._warmers if w.is_alive()] + [t]
+        t.start()
+
+    def _warm_up(self, names: list[str] | None) -> None:
+        """Background (at start, after an import): first-build costs and tokenizers, before the first request."""
+        done = self._warm_architectures
+        entries = self.ssd.entries()
+        for e in entries if names is None else [e for e in entries if e.name in names]:
+            if e.error is not None or self._stop.is_set():
+                continue
+            try:
+                tokenizer = warm_up(open_checkpoint(e.path), done)
+            except Exception as exc:  # a broken model fails its own load later, with its own error
+                log.debug("warm-up of %s skipped: %s", e.name, exc)
+                continue
+            with self._lock:
+                self._tokenizers.setdefault(e.name, tokenizer)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -175,6 +201,7 @@ class Node:
         with self._lock:
             self._records[name] = StateMachine()
             self._tokenizers.pop(name, None)
+        self._spawn_warm_up([name])
         return self._model_info(name)
 
     def _tiers_of(self, name: str) -> list[str]:

@@ -167,27 +167,26 @@ class Instance:
                 handle = self._queue.popleft()
                 self._running = handle
             try:
-                self._serve(handle)
+                final = self._serve(handle)
             except BaseException as e:  # the worker must survive anything a request does
                 log.exception("request %s on %s failed", handle.request.request_id, self.name)
-                err = e if isinstance(e, SllmError) else InferenceError(f"{type(e).__name__}: {e}")
+                final = e if isinstance(e, SllmError) else InferenceError(f"{type(e).__name__}: {e}")
                 handle.finish_reason = "error"
-                handle._finish(err)
-            finally:
-                with self._lock:
-                    self._running = None
-                if self.on_finished is not None:
-                    try:
-                        self.on_finished(self, handle)
-                    except Exception:
-                        log.exception("on_finished callback failed for %s", self.name)
+            with self._lock:
+                self._running = None  # before the final event: whoever sees it finds the instance idle
+            handle._finish(final)
+            if self.on_finished is not None:
+                try:
+                    self.on_finished(self, handle)
+                except Exception:
+                    log.exception("on_finished callback failed for %s", self.name)
 
-    def _serve(self, handle: RequestHandle) -> None:
+    def _serve(self, handle: RequestHandle) -> Any:
+        """Runs one request, streaming its tokens; returns its final item (done event or error)."""
         req = handle.request
         if handle.cancelled:
             handle.finish_reason = "cancelled"
-            handle._finish(RequestCancelledError(f"request {req.request_id} was cancelled"))
-            return
+            return RequestCancelledError(f"request {req.request_id} was cancelled")
         started = time.perf_counter()
         state = RequestState(req.request_id, req.model, req.sampling, build_prompt_ids(self.tokenizer, req))
         handle.state = state
@@ -220,6 +219,5 @@ class Instance:
             "total_s": time.perf_counter() - handle.arrived_at,
         }
         if state.finish_reason == "cancelled":
-            handle._finish(RequestCancelledError(f"request {req.request_id} was cancelled"))
-        else:
-            handle._finish({"type": "done", "stats": stats})
+            return RequestCancelledError(f"request {req.request_id} was cancelled")
+        return {"type": "done", "stats": stats}

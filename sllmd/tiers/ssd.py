@@ -287,7 +287,7 @@ class SsdStore:
                 copy_checkpoint(src, staged, progress)
             else:
                 if convert is None:
-                    from ..store import convert
+                    from ..store.convert import convert  # (sllmd.store.convert, once imported, is the module)
                 convert(src, staged, **({"progress": progress} if progress is not None else {}))
             open_checkpoint(staged)  # whatever it came from, it must now be a valid checkpoint
             nbytes = dir_bytes(staged)
