@@ -210,23 +210,30 @@ def test_chat_template_is_applied(tok):
     assert tok.decode(build_prompt_ids(tok, InferRequest("m", messages=msgs))).startswith("<|im_start|>system\n")
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=16),
-                                      SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, seed=11)])
-def test_a_request_resumes_from_its_state(tok, sampling):
+@pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=24),
+                                      SamplingParams(max_tokens=24, temperature=1.2, top_p=0.9, seed=11),
+                                      "held"])
+@pytest.mark.parametrize("at", [1, 5, 13])
+def test_a_request_resumes_from_its_state(tok, sampling, at):
     """What token-based migration relies on: a fresh Generation built from a snapshot
-    (token list + sampler state) continues exactly like the original."""
-    model = model_for(tok)
-    req = InferRequest("m", prompt="héllo", sampling=sampling)
+    (token list, sampler state, streaming position) continues exactly like the original:
+    the same tokens, and the text streamed before plus after is the unmigrated text."""
+    model = model_for(tok, seed=2)
+    if sampling == "held":  # a stop string that starts often and never completes: text is held back
+        plain = run(model, tok, InferRequest("m", prompt="日本語 🙂", sampling=SamplingParams(max_tokens=24)))[1]
+        sampling = SamplingParams(max_tokens=24, stop=(next(c for c in plain if c != "\ufffd") + "\x01\x02",))
+    req = InferRequest("m", prompt="日本語 🙂", sampling=sampling)
     full, full_text, _ = run(model, tok, req)
     state = RequestState("r", "m", sampling, build_prompt_ids(tok, req))
     gen = Generation(model, tok, state)
-    for _ in range(5):
+    for _ in range(at):
         gen.step()
     snap = RequestState.from_dict(gen.snapshot().to_dict())  # as it would travel
     resumed = Generation(model, tok, snap)
     while resumed.step() is not None:
         pass
     assert snap.output_ids == full
+    assert snap.emitted_text == full_text
     assert snap.finish_reason == "length"
 
 

@@ -28,9 +28,10 @@ class Generation:
         self.limit = context_limit(model)
         self.gen = new_generator(state.sampling, state.rng_state)
         self.cache = new_cache(model)
-        # A resumed request continues after its last output token: those are context.
-        self.detok = IncrementalDetokenizer(tokenizer, state.all_ids)
+        # A resumed request continues streaming exactly where its snapshot stopped.
+        self.detok = IncrementalDetokenizer(tokenizer, state.all_ids, state.detok_offsets)
         self.stops = StopStrings(state.sampling.stop)
+        self.stops.pending = state.held_text
         self.started = False
 
     @property
@@ -69,4 +70,6 @@ class Generation:
         """A copy of the request's whole state, sampler position included (for migration)."""
         snap = copy.deepcopy(self.state)
         snap.rng_state = generator_state(self.gen)
+        snap.detok_offsets = self.detok.offsets
+        snap.held_text = self.stops.pending
         return snap

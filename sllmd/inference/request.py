@@ -133,6 +133,10 @@ class RequestState:
     rng_state: bytes | None = None  # the CPU torch.Generator state after the last draw
     emitted_text: str = ""  # text the client has been sent so far
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error" once finished
+    # Streaming position: the detokenizer's (prefix, read) offsets into all_ids, and text
+    # decoded but held back (it may start a stop string). None/"" before the first token.
+    detok_offsets: tuple[int, int] | None = None
+    held_text: str = ""
 
     @property
     def all_ids(self) -> list[int]:
@@ -148,7 +152,9 @@ class RequestState:
                 "sampling": {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
                              "max_tokens": s.max_tokens, "stop": list(s.stop)},
                 "prompt_ids": list(self.prompt_ids), "output_ids": list(self.output_ids),
-                "rng_state": self.rng_state, "emitted_text": self.emitted_text, "finish_reason": self.finish_reason}
+                "rng_state": self.rng_state, "emitted_text": self.emitted_text, "finish_reason": self.finish_reason,
+                "detok_offsets": list(self.detok_offsets) if self.detok_offsets else None,
+                "held_text": self.held_text}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RequestState":
@@ -156,9 +162,11 @@ class RequestState:
             s = d["sampling"]
             sampling = SamplingParams(s["temperature"], s["top_p"], s["seed"], s["max_tokens"],
                                       tuple(s["stop"])).validate()
+            offsets = d.get("detok_offsets")
             state = cls(str(d["request_id"]), str(d["model"]), sampling, [int(t) for t in d["prompt_ids"]],
                         [int(t) for t in d["output_ids"]], d.get("rng_state"), str(d.get("emitted_text", "")),
-                        d.get("finish_reason"))
+                        d.get("finish_reason"), tuple(int(o) for o in offsets) if offsets else None,
+                        str(d.get("held_text", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidRequestError(f"malformed request state: {type(e).__name__}: {e}") from e
         _check(state.rng_state is None or isinstance(state.rng_state, bytes), "rng_state must be bytes")

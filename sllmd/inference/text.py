@@ -19,11 +19,22 @@ class IncrementalDetokenizer:
     character completes.
     """
 
-    def __init__(self, tokenizer, context_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, context_ids: Sequence[int] = (), offsets: tuple[int, int] | None = None):
+        """context_ids: the tokens before the first one pushed (the prompt, or a resumed
+        request's whole token list); offsets: a snapshot's (prefix, read) into them,
+        else the last CONTEXT_TOKENS of them are context and all of them are read."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(context_ids[-CONTEXT_TOKENS:]) if context_ids else []
-        self.prefix = 0
-        self.read = len(self.ids)
+        self.ids: list[int] = list(context_ids)
+        if offsets is None:
+            self.prefix, self.read = max(0, len(self.ids) - CONTEXT_TOKENS), len(self.ids)
+        else:
+            self.prefix, self.read = offsets
+            if not 0 <= self.prefix <= self.read <= len(self.ids):
+                raise ValueError(f"detokenizer offsets {offsets} do not fit {len(self.ids)} tokens")
+
+    @property
+    def offsets(self) -> tuple[int, int]:
+        return self.prefix, self.read
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
