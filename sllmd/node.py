@@ -134,6 +134,7 @@ class Node:
         while not self._stop.is_set():
             try:
                 self.device.evict_expired()
+                self.ssd.flush()
             except Exception:
                 log.exception("idle eviction failed")
             delay = policy.next_wakeup([self.device.next_deadline()], time.time(), TIMER_CEILING_S)

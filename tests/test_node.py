@@ -265,3 +265,33 @@ def test_smollm2_answers_paris(node_factory, smollm2_checkpoint):
     node.evict("smollm2")
     text2, stats = infer(node, "smollm2", "What is the capital of France?", max_tokens=20)
     assert text2 == text and stats["load_tier"] == "dram"
+
+
+def test_close_lets_the_running_request_finish_and_fails_the_queued_one(node_factory, sources):
+    node = node_factory(queue_depth=2)
+    node.import_model("m0", str(sources["m0"]))
+    running = node.infer(InferRequest("m0", prompt="x", sampling=SamplingParams(max_tokens=60)))
+    first = next(running)
+    queued = node.infer(InferRequest("m0", prompt="y", sampling=SamplingParams(max_tokens=2)))
+    outcome = {}
+
+    def wait_queued():
+        try:
+            outcome["queued"] = list(queued)
+        except Exception as e:
+            outcome["queued"] = e
+
+    t = threading.Thread(target=wait_queued)
+    t.start()
+    deadline = time.time() + 5
+    while node.ps()[0]["queued"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    closer = threading.Thread(target=node.close)
+    closer.start()
+    rest = [first] + list(running)  # the running request streams to its end
+    assert rest[-1]["type"] == "done" and rest[-1]["stats"]["tokens"] == 60
+    closer.join(30)
+    t.join(10)
+    assert getattr(outcome["queued"], "code", None) == "instance_closed"
+    with pytest.raises(ShuttingDownError):
+        node.infer(InferRequest("m0", prompt="late"))

@@ -133,6 +133,7 @@ class SsdStore:
         self._refs: dict[str, int] = {}  # readers (loads) per model
         self._importing: set[str] = set()
         self._lock_fd: int | None = None
+        self._dirty = False  # last-use times changed since catalog.json was written
         self.is_busy: Callable[[str], bool] = lambda name: False  # the node adds: in DRAM, on device, loading
 
     # --- lifecycle ------------------------------------------------------------
@@ -204,6 +205,7 @@ class SsdStore:
             return {}
 
     def _write_catalog(self) -> None:
+        self._dirty = False
         data = {"version": 1, "models": {n: {"pinned": e.pinned, "last_used": e.last_used,
                                               "imported_at": e.imported_at, "source": e.source}
                                           for n, e in self._entries.items()}}
@@ -252,10 +254,18 @@ class SsdStore:
                 self._refs.pop(name, None)
 
     def touch(self, name: str, now: float | None = None) -> None:
+        """Records a use; written to disk by the next flush() (losing one to a crash only
+        makes LRU order slightly stale)."""
         with self._lock:
             e = self._entries.get(name)
             if e is not None:
                 e.last_used = time.time() if now is None else now
+                self._dirty = True
+
+    def flush(self) -> None:
+        """Writes catalog.json if last-use times changed (the node calls it periodically)."""
+        with self._lock:
+            if self._dirty and self._lock_fd is not None:
                 self._write_catalog()
 
     def set_pinned(self, name: str, pinned: bool) -> None:
