@@ -341,3 +341,15 @@ def test_a_failing_request_does_not_kill_the_worker(tok):
         assert done["stats"]["tokens"] == 2 and time.perf_counter() - t0 < 10
     finally:
         inst.close(timeout=10)
+
+
+def test_close_cancels_a_request_that_outlives_the_grace(tok):
+    model, long_req = _long_running(tok)
+    inst = Instance("m", model, tok, device="cpu", nbytes=0)
+    it = iter(inst.submit(long_req))
+    next(it)
+    t0 = time.perf_counter()
+    assert inst.close(timeout=0.2)
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(RequestCancelledError):
+        list(it)

@@ -141,7 +141,8 @@ class Instance:
 
     def close(self, timeout: float | None = None, drain: bool = True) -> bool:
         """Stops taking requests; queued ones get InstanceClosedError; the running
-        one finishes (drain) or is cancelled. True when the worker stopped in time."""
+        one finishes (drain; cancelled if it is still running after `timeout`) or is
+        cancelled at once. True when the worker stopped."""
         with self._lock:
             self._closing = True
             dropped = list(self._queue)
@@ -154,6 +155,15 @@ class Instance:
         if threading.current_thread() is self._thread:
             return False
         self._thread.join(timeout)
+        if self._thread.is_alive() and drain:
+            # Out of time: the running request ends with an error instead of finishing.
+            with self._lock:
+                running = self._running
+            if running is not None:
+                log.warning("%s: request %s did not finish in time; cancelling it", self.name,
+                            running.request.request_id)
+                running.cancel()
+            self._thread.join(5.0)
         return not self._thread.is_alive()
 
     # --- worker side ------------------------------------------------------------

@@ -192,6 +192,9 @@ class DeviceTier:
             inst.model = None  # the last references to the weights: the buffers go back
             slot.instance = None
             gc.collect()
+            if self.device.startswith("cuda"):
+                import torch
+                torch.cuda.empty_cache()
         log.info("evicted %s from %s (%s, %d bytes)", slot.name, self.device, reason.value, slot.nbytes)
         if self.on_evict is not None:
             self.on_evict(slot.name, reason)
