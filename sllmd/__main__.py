@@ -73,7 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log_level, os.environ.get("JOURNAL_STREAM"))
     from sllmd.daemon import Daemon
-    return Daemon(config, env=os.environ).run()
+    daemon = Daemon(config, env=os.environ)
+    code = daemon.run()
+    stragglers = daemon.stragglers()
+    if stragglers:
+        # Everything that holds state is closed. A thread still inside native code (a decode step in
+        # torch) would make interpreter teardown abort the process ("terminate called..."), turning
+        # a clean stop into a crash; skip the teardown instead.
+        logging.getLogger("sllmd").warning("exiting with thread(s) still running: %s", ", ".join(stragglers))
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

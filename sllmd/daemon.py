@@ -165,6 +165,11 @@ class Daemon:
             self.state = State.STOPPED
             log.info("stopped")
 
+    @staticmethod
+    def stragglers() -> list[str]:
+        """Threads other than the caller's still running (e.g. a model thread that did not stop in time)."""
+        return [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+
     def _grace(self) -> None:
         """Lets in-flight requests finish for up to shutdown_grace_s, less if another stop is asked for."""
         count_at_start = self._stop_count

@@ -144,8 +144,9 @@ class Server:
             self._control.put(None)
         self._stop = True
         self.endpoint.wake()
-        if self._io_thread.is_alive():
-            self._io_thread.join(timeout)
+        for t in (*self._control_threads, self._io_thread):
+            if t.is_alive():
+                t.join(timeout)
         self.endpoint.close()
         log.info("server closed")
 
