@@ -168,3 +168,40 @@ def test_stop_with_a_request_running_then_restart_keeps_the_store(smollm2_checkp
                 assert "Paris" in c.generate("smol", QUESTION, max_tokens=24)
     finally:
         remove_tree(root)
+
+
+def test_kill_9_during_import_leaves_a_consistent_store(smollm2_checkpoint):
+    root = short_tempdir()
+    try:
+        daemon = DaemonProcess(root, dram="256MiB", device_memory="1GiB").start()
+        halfway = threading.Event()
+        outcome: list = []
+
+        def importing():
+            def progress(done, total):
+                if 0 < done < total:
+                    halfway.set()
+            try:
+                with Client(daemon.socket, timeout=30) as c:
+                    outcome.append(c.import_model("smol", smollm2_checkpoint, progress=progress))
+            except SllmError as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=importing)
+        t.start()
+        assert halfway.wait(60), daemon.log()
+        daemon.proc.kill()                                     # SIGKILL: no cleanup at all
+        daemon.proc.wait(30)
+        t.join(60)
+        assert not t.is_alive() and outcome and isinstance(outcome[0], SllmError)
+        assert outcome[0].code in ("unreachable", "timeout")
+        daemon.close()
+
+        with DaemonProcess(root, dram="256MiB", device_memory="1GiB") as again:   # the stale socket is replaced
+            with Client(again.socket) as c:
+                assert c.models() == []                        # no half-imported model that looks whole
+                c.import_model("smol", smollm2_checkpoint)
+                (m,) = c.models()
+                assert m["name"] == "smol" and m["state"] == "on_ssd"
+    finally:
+        remove_tree(root)
