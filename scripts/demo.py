@@ -33,7 +33,7 @@ def gguf_path() -> Path:
 
 def checkpoint(gguf: Path) -> Path:
     """The converted checkpoint, converting it now if no run has yet."""
-    from sllmd.store import convert
+    from sllmd.store.convert import convert  # the function (the package attribute turns into the module once imported)
     from sllmd.store.format import FORMAT_VERSION
 
     # Same name and lock as tests/conftest.py, so the demo and the tests share one conversion.
