@@ -25,7 +25,8 @@ from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
 from .tiers.errors import ModelFailedError, ShuttingDownError
-from .tiers.loader import device_bytes, load_instance, warm_up
+from .store.model import load_tokenizer
+from .tiers.loader import build_skeleton, device_bytes, load_instance
 from .tiers.ssd import SsdStore
 from .tiers.states import EvictReason, ModelState, StateMachine, Tier
 
@@ -42,7 +43,7 @@ class Node:
         self._records: dict[str, StateMachine] = {}
         self._loading: dict[str, Future] = {}
         self._tokenizers: dict[str, Any] = {}
-        self._warm_architectures: set = set()
+        self._skeletons: dict[str, Future] = {}  # a model built on meta (or being built) for its next load
         self._warmers: list[threading.Thread] = []
         self._evictions: collections.deque[dict] = collections.deque(maxlen=64)
         self._closed = False
@@ -110,19 +111,33 @@ class Node:
         t.start()
 
     def _warm_up(self, names: list[str] | None) -> None:
-        """Background (at start, after an import): first-build costs and tokenizers, before the first request."""
-        done = self._warm_architectures
+        """Background (at start, after an import, after an eviction): builds each model's
+        skeleton and loads its tokenizer ahead of its next load, so neither is on the
+        request's path (the first build in a process also pays 1-3 s of imports)."""
         entries = self.ssd.entries()
         for e in entries if names is None else [e for e in entries if e.name in names]:
             if e.error is not None or self._stop.is_set():
                 continue
+            with self._lock:
+                fut = None if e.name in self._skeletons else self._skeletons.setdefault(e.name, Future())
+                need_tokenizer = e.name not in self._tokenizers
+            if fut is None and not need_tokenizer:
+                continue
+            t0 = time.perf_counter()
             try:
-                tokenizer = warm_up(open_checkpoint(e.path), done)
+                ckpt = open_checkpoint(e.path)
+                if fut is not None:
+                    fut.set_result(build_skeleton(ckpt))
+                tokenizer = load_tokenizer(ckpt.path) if need_tokenizer else None
             except Exception as exc:  # a broken model fails its own load later, with its own error
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
                 log.debug("warm-up of %s skipped: %s", e.name, exc)
                 continue
-            with self._lock:
-                self._tokenizers.setdefault(e.name, tokenizer)
+            if tokenizer is not None:
+                with self._lock:
+                    self._tokenizers.setdefault(e.name, tokenizer)
+            log.debug("warmed up %s in %.2f s", e.name, time.perf_counter() - t0)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -175,6 +190,8 @@ class Node:
 
     def _on_device_evict(self, name: str, reason: EvictReason) -> None:
         self._note_eviction(name, Tier.DEVICE, reason)
+        if not self._stop.is_set():
+            self._spawn_warm_up([name])  # its next load finds the model already built
         in_dram = self.dram is not None and name in self.dram  # outside _lock: it stays a leaf
         with self._lock:
             sm = self._record(name)
@@ -194,6 +211,7 @@ class Node:
         with self._lock:
             self._records.pop(name, None)
             self._tokenizers.pop(name, None)
+            self._skeletons.pop(name, None)
 
     # --- catalog ------------------------------------------------------------------------
     def import_model(self, name: str, source: str, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -202,6 +220,7 @@ class Node:
         with self._lock:
             self._records[name] = StateMachine()
             self._tokenizers.pop(name, None)
+            self._skeletons.pop(name, None)
         self._spawn_warm_up([name])
         return self._model_info(name)
 
@@ -306,8 +325,10 @@ class Node:
                 try:
                     with self._lock:
                         tokenizer = self._tokenizers.get(name)
+                        skeleton = self._skeletons.pop(name, None)
                     loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
-                                           verify=self.config.verify_checksums, tokenizer=tokenizer)
+                                           verify=self.config.verify_checksums, tokenizer=tokenizer,
+                                           skeleton=skeleton)
                     inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
                                     nbytes=nbytes, queue_depth=self.config.queue_depth)
                     load_s = time.perf_counter() - t0
