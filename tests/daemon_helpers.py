@@ -33,7 +33,7 @@ class DaemonProcess:
         self.socket = str(self.root / "sllmd.sock")
         self.store = self.root / "store"
         self.log_path = self.root / "sllmd.log"
-        self.args = ["--socket", self.socket, "--store", str(self.store), "--dram", dram,
+        self.args = ["--config", "/dev/null", "--socket", self.socket, "--store", str(self.store), "--dram", dram,
                      "--device-memory", device_memory, "--device", "cpu", "--log-level", "debug",
                      "--heartbeat", "0.2", *args]
         self.env = dict(os.environ, **(env or {}))

@@ -224,3 +224,23 @@ def test_bad_config_exits_78_and_version_prints():
     assert run.returncode == 78 and "dram" in run.stderr and "not a size" in run.stderr
     run = subprocess.run([sys.executable, "-m", "sllmd", "--version"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("sllmd ") and "protocol 1" in run.stdout
+
+
+def test_a_second_daemon_on_the_same_store_fails_cleanly():
+    root = short_tempdir()
+    other = short_tempdir()
+    try:
+        with DaemonProcess(root) as first:
+            second = DaemonProcess(other)
+            second.args[second.args.index("--store") + 1] = str(first.store)
+            second.start(expect_ready=False)
+            assert second.proc.wait(60) == 1
+            log = second.log()
+            assert "cannot start" in log and "Traceback" not in log
+            assert not os.path.exists(second.socket)          # its socket is gone again
+            second.close()
+            with Client(first.socket) as c:
+                assert c.models() == []
+    finally:
+        remove_tree(root)
+        remove_tree(other)
