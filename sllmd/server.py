@@ -84,7 +84,7 @@ class Server:
         self._n_long = 0
         self._peers: collections.OrderedDict[bytes, _Peer] = collections.OrderedDict()   # I/O thread only
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._control: queue.Queue = queue.Queue()
+        self._control: queue.SimpleQueue = queue.SimpleQueue()
         self._control_threads = [threading.Thread(target=self._control_worker, name=f"sllmd-ctl-{i}", daemon=True)
                                  for i in range(control_workers)]
         self._io_thread = threading.Thread(target=self._io_loop, name="sllmd-io", daemon=True)
