@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from . import pool as pool_mod
 from .errors import LoadError, OutOfMemoryError, SllmError
@@ -25,8 +25,8 @@ from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
 from .tiers.errors import ModelFailedError, ShuttingDownError
-from .store.model import load_tokenizer
-from .tiers.loader import build_skeleton, device_bytes, load_instance
+from .tiers.loader import device_bytes, load_instance
+from .tiers.prepare import Preparer
 from .tiers.ssd import SsdStore
 from .tiers.states import EvictReason, ModelState, StateMachine, Tier
 
@@ -40,16 +40,14 @@ class Node:
     def __init__(self, config):
         self.config = config
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._records: dict[str, StateMachine] = {}
         self._loading: dict[str, Future] = {}
-        self._tokenizers: dict[str, Any] = {}
-        self._skeletons: dict[str, Future] = {}  # a model built on meta (or being built) for its next load
-        self._warmers: list[threading.Thread] = []
+        self._prepared = Preparer(self._stop.is_set)
         self._evictions: collections.deque[dict] = collections.deque(maxlen=64)
         self._closed = False
         self._started_at: float | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self.ssd = SsdStore(config.store_dir, config.ssd_capacity_bytes, on_evict=self._on_ssd_evict)
         self.pool: pool_mod.ChunkPool | None = None
@@ -74,7 +72,7 @@ class Node:
         self._started_at = time.time()
         self._timer = threading.Thread(target=self._expiry_loop, name="sllm-keepalive", daemon=True)
         self._timer.start()
-        self._spawn_warm_up(None)
+        self._prepare(None)
         log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self._records),
                  self.config.dram_bytes, self.config.device, self.config.device_memory_bytes)
 
@@ -97,47 +95,17 @@ class Node:
         self.device.close_all(timeout=grace, drain=True)
         if self._timer is not None:
             self._timer.join(timeout=5)
-        for w in self._warmers:  # a model build patches torch process-wide: none may outlive the node
-            w.join(timeout=30)
+        self._prepared.join(timeout=30)
         if self.dram is not None:
             self.dram.clear()
         self.ssd.close()
         log.info("node closed")
 
-    def _spawn_warm_up(self, names: list[str] | None) -> None:
-        t = threading.Thread(target=self._warm_up, args=(names,), name="sllm-warmup", daemon=True)
-        with self._lock:
-            self._warmers = [w for w in self._warmers if w.is_alive()] + [t]
-        t.start()
-
-    def _warm_up(self, names: list[str] | None) -> None:
-        """Background (at start, after an import, after an eviction): builds each model's
-        skeleton and loads its tokenizer ahead of its next load, so neither is on the
-        request's path (the first build in a process also pays 1-3 s of imports)."""
-        entries = self.ssd.entries()
-        for e in entries if names is None else [e for e in entries if e.name in names]:
-            if e.error is not None or self._stop.is_set():
-                continue
-            with self._lock:
-                fut = None if e.name in self._skeletons else self._skeletons.setdefault(e.name, Future())
-                need_tokenizer = e.name not in self._tokenizers
-            if fut is None and not need_tokenizer:
-                continue
-            t0 = time.perf_counter()
-            try:
-                ckpt = open_checkpoint(e.path)
-                if fut is not None:
-                    fut.set_result(build_skeleton(ckpt))
-                tokenizer = load_tokenizer(ckpt.path) if need_tokenizer else None
-            except Exception as exc:  # a broken model fails its own load later, with its own error
-                if fut is not None and not fut.done():
-                    fut.set_exception(exc)
-                log.debug("warm-up of %s skipped: %s", e.name, exc)
-                continue
-            if tokenizer is not None:
-                with self._lock:
-                    self._tokenizers.setdefault(e.name, tokenizer)
-            log.debug("warmed up %s in %.2f s", e.name, time.perf_counter() - t0)
+    def _prepare(self, names: list[str] | None) -> None:
+        """Prepares skeletons and tokenizers of these models (all when None) in the background."""
+        entries = [e for e in self.ssd.entries() if e.error is None and (names is None or e.name in names)]
+        if entries:
+            self._prepared.prepare((e.name, e.path) for e in entries)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -191,7 +159,7 @@ class Node:
     def _on_device_evict(self, name: str, reason: EvictReason) -> None:
         self._note_eviction(name, Tier.DEVICE, reason)
         if not self._stop.is_set():
-            self._spawn_warm_up([name])  # its next load finds the model already built
+            self._prepare([name])  # its next load finds the model already built
         in_dram = self.dram is not None and name in self.dram  # outside _lock: it stays a leaf
         with self._lock:
             sm = self._record(name)
@@ -210,8 +178,7 @@ class Node:
         self._note_eviction(name, Tier.SSD, reason)
         with self._lock:
             self._records.pop(name, None)
-            self._tokenizers.pop(name, None)
-            self._skeletons.pop(name, None)
+        self._prepared.forget(name)
 
     # --- catalog ------------------------------------------------------------------------
     def import_model(self, name: str, source: str, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -219,9 +186,8 @@ class Node:
         self.ssd.import_model(name, source, progress)
         with self._lock:
             self._records[name] = StateMachine()
-            self._tokenizers.pop(name, None)
-            self._skeletons.pop(name, None)
-        self._spawn_warm_up([name])
+        self._prepared.forget(name)
+        self._prepare([name])
         return self._model_info(name)
 
     def _tiers_of(self, name: str) -> list[str]:
@@ -323,12 +289,10 @@ class Node:
             try:
                 self.device.reserve(name, nbytes)
                 try:
-                    with self._lock:
-                        tokenizer = self._tokenizers.get(name)
-                        skeleton = self._skeletons.pop(name, None)
                     loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
-                                           verify=self.config.verify_checksums, tokenizer=tokenizer,
-                                           skeleton=skeleton)
+                                           verify=self.config.verify_checksums,
+                                           tokenizer=self._prepared.tokenizer(name),
+                                           skeleton=self._prepared.take_skeleton(name))
                     inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
                                     nbytes=nbytes, queue_depth=self.config.queue_depth)
                     load_s = time.perf_counter() - t0
@@ -346,8 +310,8 @@ class Node:
             except Exception as e:
                 self._transition(name, ModelState.FAILED, error=f"{type(e).__name__}: {e}")
                 raise LoadError(f"loading {name!r} failed: {type(e).__name__}: {e}") from e
+            self._prepared.keep_tokenizer(name, loaded.tokenizer)
             with self._lock:
-                self._tokenizers[name] = loaded.tokenizer
                 self._record(name).transition(ModelState.LOADED, device=self.config.device)
                 closed = self._closed
             if closed:  # close() ran while this loaded: do not leave an instance behind

@@ -340,3 +340,22 @@ def test_load_instance_from_ssd_then_dram_gives_the_same_model(tmp_path, tok):
     loaded = load_instance("m", ckpt, "cpu", dram=None, arena=None)  # no DRAM tier at all: straight from SSD
     assert loaded.tier == "ssd"
     dram.clear()
+
+
+def test_preparer_builds_skeletons_and_tokenizers_ahead(tmp_path, tok):
+    from sllmd.tiers.prepare import Preparer
+    path = store.save_model(make_tiny_model("llama", vocab_size=len(tok)), tmp_path / "ckpt", tokenizer=tok)
+    prep = Preparer(lambda: False)
+    prep.prepare([("m", path), ("broken", tmp_path / "missing")])
+    prep.join(60)
+    skeleton = prep.take_skeleton("m").result(timeout=1)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    assert prep.take_skeleton("m") is None  # handed out once
+    assert prep.tokenizer("m").encode("héllo") == tok.encode("héllo")
+    with pytest.raises(Exception):
+        prep.take_skeleton("broken").result(timeout=1)
+    loaded = load_instance("m", open_checkpoint(path), "cpu", skeleton=skeleton, tokenizer=prep.tokenizer("m"))
+    assert loaded.model is skeleton and loaded.timings["build_s"] < 0.05
+    assert not any(p.device.type == "meta" for p in loaded.model.parameters())
+    prep.forget("m")
+    assert prep.tokenizer("m") is None
