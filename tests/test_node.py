@@ -295,3 +295,23 @@ def test_close_lets_the_running_request_finish_and_fails_the_queued_one(node_fac
     assert getattr(outcome["queued"], "code", None) == "instance_closed"
     with pytest.raises(ShuttingDownError):
         node.infer(InferRequest("m0", prompt="late"))
+
+
+def test_a_model_requested_again_while_its_instance_stops_loads_anew(node_factory, sources):
+    """The eviction hook that settles the state runs after the old instance stopped; a
+    load that starts in between must not trip over the `evicting` state."""
+    from sllmd.tiers.states import EvictReason, ModelState
+    node = node_factory()
+    node.import_model("m0", str(sources["m0"]))
+    expected = infer(node, "m0")[0]
+    node.evict("m0")
+    node.load("m0")
+    slot = node.device.get("m0")
+    # Freeze the moment between "chosen for eviction" and "stopped": the record says evicting.
+    node._on_device_evicting("m0", EvictReason.IDLE)
+    node.device._slots.pop("m0")
+    assert model_info(node, "m0")["state"] == "evicting"
+    assert infer(node, "m0")[0] == expected  # loads again
+    node.device._finish_eviction(slot, EvictReason.IDLE)  # the old instance finishes stopping
+    m = model_info(node, "m0")
+    assert (m["state"], m["tiers"]) == ("loaded", ["ssd", "dram", "device"])

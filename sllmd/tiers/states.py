@@ -5,10 +5,11 @@ only through `StateMachine.transition`, which refuses transitions that make no
 sense (a model cannot be `loaded` without first `loading`), so a bug shows up
 as an error instead of a silently wrong `ps`.
 
-    on_ssd ──► loading ──► loaded ──► evicting ──► in_dram / on_ssd
-      ▲  ▲        │  │        │
-      │  └── in_dram  └─► failed ──► loading (a retry) / on_ssd (cleared)
-      └──────────────┘      loaded ──► migrating ──► loaded / evicting
+    on_ssd / in_dram ──► loading ──► loaded ──► evicting ──► in_dram / on_ssd
+                            │  ▲                   │
+                            ▼  └───────────────────┘ (requested again while stopping)
+                          failed ──► loading (a retry)
+    loaded ──► migrating ──► loaded / evicting
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     _S.LOADING: frozenset({_S.LOADED, _S.FAILED, _S.IN_DRAM, _S.ON_SSD}),
     _S.LOADED: frozenset({_S.EVICTING, _S.MIGRATING, _S.FAILED}),
     _S.MIGRATING: frozenset({_S.LOADED, _S.EVICTING, _S.FAILED}),
-    _S.EVICTING: frozenset({_S.ON_SSD, _S.IN_DRAM, _S.LOADED, _S.FAILED}),
+    # evicting -> loading: a request came back while the old instance was still stopping
+    _S.EVICTING: frozenset({_S.ON_SSD, _S.IN_DRAM, _S.LOADING, _S.LOADED, _S.FAILED}),
     _S.FAILED: frozenset({_S.LOADING, _S.ON_SSD, _S.IN_DRAM, _S.EVICTING}),
 }
 
