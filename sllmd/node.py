@@ -28,7 +28,7 @@ from .tiers.errors import ModelFailedError, ShuttingDownError
 from .tiers.loader import device_bytes, load_instance
 from .tiers.prepare import Preparer
 from .tiers.ssd import SsdStore
-from .tiers.states import EvictReason, ModelState, StateMachine, Tier
+from .tiers.states import EvictReason, InvalidTransition, ModelState, StateMachine, Tier
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,12 @@ class Node:
 
     def _transition(self, name: str, state: ModelState, **kw) -> None:
         with self._lock:
-            self._record(name).transition(state, **kw)
+            sm = self._record(name)
+            try:
+                sm.transition(state, **kw)
+            except InvalidTransition as e:  # a bug, but the tiers are the truth: say so and go on
+                log.error("model %s: %s (history: %s)", name, e, [r.state.value for r in sm.history])
+                sm.transition(state, force=True, **kw)
 
     def _held_above_ssd(self, name: str) -> bool:
         with self._lock:
@@ -311,10 +316,8 @@ class Node:
                 self._transition(name, ModelState.FAILED, error=f"{type(e).__name__}: {e}")
                 raise LoadError(f"loading {name!r} failed: {type(e).__name__}: {e}") from e
             self._prepared.keep_tokenizer(name, loaded.tokenizer)
-            with self._lock:
-                self._record(name).transition(ModelState.LOADED, device=self.config.device)
-                closed = self._closed
-            if closed:  # close() ran while this loaded: do not leave an instance behind
+            self._transition(name, ModelState.LOADED, device=self.config.device)
+            if self._closed:  # close() ran while this loaded: do not leave an instance behind
                 self.device.close_all()
                 raise ShuttingDownError("sllmd is shutting down")
             self.ssd.touch(name)
