@@ -59,6 +59,8 @@ class Node:
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         """Rebuilds the catalog from disk, starts pre-faulting the pool and the idle-eviction timer."""
+        if self._started_at is not None or self._closed:
+            raise RuntimeError("a node starts once")
         self.ssd.open()
         for e in self.ssd.entries():
             self._records[e.name] = self._fresh_record(e.error)
