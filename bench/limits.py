@@ -114,23 +114,30 @@ def disk_pread(paths: list[Path], threads: int = 4, io_size: int = IO_SIZE, huge
             "tool": f"preadv O_DIRECT {threads} threads x {io_size >> 20} MiB, {pages}"}
 
 
-def memcpy_touched(nbytes: int, src_address: int, threads: int = 2) -> dict:
-    """memcpy of nbytes from src into a destination faulted in beforehand."""
+def memcpy_touched(nbytes: int, src_address: int, dst_address: int, threads: int = 2) -> dict:
+    """memcpy of nbytes from src into a destination that is already faulted in."""
     from sllmd import _native
-    dst = _native.HostBuffer(nbytes, prefault=True)
     t0 = time.perf_counter()
-    _native.parallel_copy(dst.address, src_address, nbytes, threads)
+    _native.parallel_copy(dst_address, src_address, nbytes, threads)
     seconds = time.perf_counter() - t0
-    del dst
     return {"seconds": seconds, "bytes": nbytes, "tool": f"parallel_copy {threads} threads, pre-faulted dst"}
 
 
-def memcpy_fresh(nbytes: int, src_address: int, threads: int = 2) -> dict:
-    """memcpy into a fresh mapping (huge pages requested); the mapping and page faults are timed."""
+def memcpy_fresh(nbytes: int, src_address: int, threads: int = 2, huge: bool = True) -> dict:
+    """memcpy into a fresh mapping; the mapping and its page faults are timed. huge=True: sllmd's
+    HostBuffer (2 MiB aligned, MADV_HUGEPAGE); huge=False: a plain anonymous mmap (4 KiB pages)."""
+    import ctypes
+
     from sllmd import _native
     t0 = time.perf_counter()
-    dst = _native.HostBuffer(nbytes, prefault=False)
-    _native.parallel_copy(dst.address, src_address, nbytes, threads)
+    if huge:
+        dst = _native.HostBuffer(nbytes, prefault=False)
+        addr = dst.address
+    else:
+        dst = mmap.mmap(-1, nbytes)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(dst))
+    _native.parallel_copy(addr, src_address, nbytes, threads)
     seconds = time.perf_counter() - t0
-    del dst
-    return {"seconds": seconds, "bytes": nbytes, "tool": f"parallel_copy {threads} threads, fresh dst (THP madvise)"}
+    pages = "huge pages requested" if huge else "4 KiB pages"
+    return {"seconds": seconds, "bytes": nbytes, "tool": f"parallel_copy {threads} threads, fresh dst ({pages})",
+            "_keep": dst}

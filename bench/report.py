@@ -32,7 +32,8 @@ LABELS = {
     "runai": "runai SafetensorsStreamer",
     "fastsafetensors": "fastsafetensors (nogds, cpu)",
     "memcpy": "memcpy limit (pre-faulted dst)",
-    "memcpy-fresh": "memcpy into fresh memory",
+    "memcpy-fresh": "memcpy into fresh memory (huge pages requested)",
+    "memcpy-fresh-4k": "memcpy into fresh memory (4 KiB pages)",
     "ours-dram": "ours DRAM tier -> CPU tensors (fresh buffers)",
     "ours-dram-arena": "ours DRAM tier -> CPU tensors (pre-faulted arena)",
     "fill": "  (SSD -> DRAM tier fill, cold, verify)",
@@ -98,7 +99,7 @@ def summarize(records: list[dict]) -> dict:
 
 def _sort_key(key):
     model, cond, name = key
-    order = ["disk-limit", "disk-fio", "disk-pread", "memcpy", "memcpy-fresh", "ours", "ours-noverify",
+    order = ["disk-limit", "disk-fio", "disk-pread", "memcpy", "memcpy-fresh", "memcpy-fresh-4k", "ours", "ours-noverify",
              "ours-arena", "ours-dram", "ours-dram-arena", "fill", "safetensors", "safetensors-lazy", "torch.load",
              "torch.load-mmap", "torch.load-mmap-lazy", "runai", "fastsafetensors"]
     return (model != "synthetic", model, COND_ORDER.get(cond, 9), order.index(name) if name in order else 99, name)

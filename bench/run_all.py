@@ -94,7 +94,7 @@ def plan_groups(models: dict, conds: set, loaders: set, can_drop: bool, settle: 
                     items.append((model, cond, t, {"task": t, "cond": "cold", "files": ours_files,
                                                    "opts": {"threads": 8}}))
             for name, opts in OURS_VARIANTS.items():
-                if name in loaders:
+                if name in loaders and (model == "synthetic" or name != "ours-noverify"):
                     items.append((model, cond, name, {"task": "ours", "cond": cond, "path": str(m["sllm"]),
                                                       "files": ours_files, "opts": opts}))
             for name in peer_names:
@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> dict:
             for model, cond, name, spec in group[k:] + group[:k]:
                 spec = dict(spec, rep=rep)
                 if name == "dram":
-                    items = ["memcpy", "memcpy-fresh", "ours-dram", "ours-dram-arena"]
-                    spec["order"] = items[rep % 4:] + items[:rep % 4]
+                    items = ["memcpy", "memcpy-fresh", "memcpy-fresh-4k", "ours-dram", "ours-dram-arena"]
+                    spec["order"] = items[rep % len(items):] + items[:rep % len(items)]
                 res = common.run_worker(spec)
                 records.append({"rep": rep, "model": model, "cond": cond, "name": name, "result": res})
                 log(f"[rep {rep + 1}/{args.runs} {time.perf_counter() - t_start:6.0f}s] {model:9} {cond:4} "

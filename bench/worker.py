@@ -17,6 +17,7 @@ mapping (see peers.py). seconds = load + materialize.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -90,6 +91,8 @@ def _dram_run(spec: dict) -> dict:
     import statistics
 
     import torch
+
+    from sllmd import _native
     torch.empty(16).clone()
     path = Path(spec["path"])
     loader_bench.prepare_ours()
@@ -105,15 +108,18 @@ def _dram_run(spec: dict) -> dict:
     try:
         for rnd in range(spec.get("inner", 3)):
             for item in spec["order"]:
-                fresh = item in ("memcpy-fresh", "ours-dram")
+                fresh = item in ("memcpy-fresh", "memcpy-fresh-4k", "ours-dram")
                 if fresh and rnd:
                     continue
                 if fresh:
                     time.sleep(settle)  # host-cold free memory, as for every fresh-memory run
-                if item == "memcpy":
-                    r = limits.memcpy_touched(n, tier.base_address)
-                elif item == "memcpy-fresh":
-                    r = limits.memcpy_fresh(n, tier.base_address)
+                if item == "memcpy":  # into the arena's memory: the destination ours-dram-arena uses
+                    dst = _native.HostBuffer(arena.native, n)
+                    r = limits.memcpy_touched(n, tier.base_address, dst.address)
+                    del dst
+                elif item in ("memcpy-fresh", "memcpy-fresh-4k"):
+                    r = limits.memcpy_fresh(n, tier.base_address, huge=item == "memcpy-fresh")
+                    del r["_keep"]  # unmapped after the clock stopped
                 else:
                     timer = loader_bench.DramStageTimer()
                     with timer.active():
@@ -145,6 +151,7 @@ def main() -> None:
         out = _loader_run(spec)
     out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     common.emit_result(out)
+    os._exit(0)  # skip interpreter teardown: the kernel frees the gigabytes just as well
 
 
 if __name__ == "__main__":
