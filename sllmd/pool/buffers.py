@@ -12,6 +12,9 @@ from .. import _native
 from ..errors import OutOfMemoryError
 
 
+ARENA_GRANULE = 2 << 20  # the arena hands out ranges in multiples of this (csrc/host_memory.h kHugePage)
+
+
 class HostArena:
     """Pre-faulted host memory for CPU-device buffers (the device tier's budget on a CPU host)."""
 

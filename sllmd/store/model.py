@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,12 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 _CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Keys old checkpoints carry that current models compute instead (causal masks, rotary tables, positions).
+# accelerate's init_empty_weights (and transformers' own loading contexts) patch
+# nn.Module.register_parameter for the whole process while a model is built: a
+# module constructed or bound in another thread at that moment would get its
+# parameters sent to `meta`. Every construction and bind in sllm takes turns.
+MODEL_CONSTRUCTION_LOCK = threading.RLock()
+
 _LEGACY_UNEXPECTED = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$", r"\.attn\.(masked_)?bias$")
 
 
@@ -164,7 +171,7 @@ def build_empty_model(path: str | os.PathLike, *, dtype: torch.dtype | None = No
     cls = _model_class(config, architecture)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        with init_empty_weights(include_buffers=False):
+        with MODEL_CONSTRUCTION_LOCK, init_empty_weights(include_buffers=False):
             if cls is AutoModelForCausalLM:
                 model = cls.from_config(config, **kwargs)
             else:
@@ -215,6 +222,11 @@ def bind_state_dict(model, state_dict: Mapping[str, torch.Tensor], device="cpu",
     are an error unless the model declares them ignorable. Buffers that the
     checkpoint does not hold move to the target device. Returns the model in
     eval mode; raises LoadError if anything is left on `meta`."""
+    with MODEL_CONSTRUCTION_LOCK:
+        return _bind(model, state_dict, device, dtype)
+
+
+def _bind(model, state_dict, device, dtype):
     sd = _match_prefix(model, cast_floating(state_dict, dtype))
     result = model.load_state_dict(sd, strict=False, assign=True)
     tied = _tied_keys(model)
@@ -244,7 +256,8 @@ def bind_state_dict(model, state_dict: Mapping[str, torch.Tensor], device="cpu",
     return model.eval()
 
 
-def _generation_config(model, exec_dir: Path) -> None:
+def apply_generation_config(model, exec_dir: Path) -> None:
+    """Restores the generation config saved with the model (or derives it from the model config)."""
     from transformers import GenerationConfig
     if not getattr(model, "can_generate", lambda: False)():
         return
@@ -272,7 +285,7 @@ def load_model(path: str | os.PathLike, device="cpu", *, dtype: str | torch.dtyp
     state_dict = load_state_dict(path, device, verify=verify, **load_kwargs)
     t2 = time.perf_counter()
     bind_state_dict(model, state_dict, device, dtype=dtype)
-    _generation_config(model, ckpt.exec_dir())
+    apply_generation_config(model, ckpt.exec_dir())
     log.info("loaded %s (%s) on %s: build %.3f s, tensors %.3f s, bind %.3f s", path, type(model).__name__,
              device, t1 - t0, t2 - t1, time.perf_counter() - t2)
     return model

@@ -23,20 +23,13 @@ import torch
 from ..pool import HostArena, LoadOptions
 from ..pool import buffers as pool_buffers
 from ..store.format import Checkpoint
-from ..store.model import as_dtype, bind_state_dict, build_empty_model, load_tokenizer
+from ..store.model import apply_generation_config, as_dtype, bind_state_dict, build_empty_model, load_tokenizer
 from ..store.reader import load_partitions, tensor_views
 from .dram import DramTier
 
 log = logging.getLogger(__name__)
 
 
-# accelerate's init_empty_weights (used by build_empty_model) patches
-# nn.Module.register_parameter for the whole process while a model is built: a
-# model being bound in another thread at that moment would get its parameters
-# sent to `meta`. Building and binding therefore take turns.
-_BUILD_LOCK = threading.Lock()
-
-ARENA_GRANULE = 2 << 20  # the host arena hands out 2 MiB-granular ranges (csrc/host_buffer.cpp)
 
 
 def device_bytes(ckpt: Checkpoint, device: str, arena: HostArena | None) -> int:
@@ -44,7 +37,7 @@ def device_bytes(ckpt: Checkpoint, device: str, arena: HostArena | None) -> int:
     (rounded as the arena rounds them on a CPU host)."""
     parts = [p.nbytes for p in ckpt.manifest.partitions if p.nbytes]
     if torch.device(device).type == "cpu" and arena is not None:
-        return sum(-(-n // ARENA_GRANULE) * ARENA_GRANULE for n in parts)
+        return sum(-(-n // pool_buffers.ARENA_GRANULE) * pool_buffers.ARENA_GRANULE for n in parts)
     return sum(parts)
 
 
@@ -106,8 +99,7 @@ def build_skeleton(ckpt: Checkpoint):
         dtype = as_dtype(stored) if stored else None
     except Exception:
         dtype = None  # not a floating dtype: build with the config's
-    with _BUILD_LOCK:
-        return build_empty_model(ckpt.path, dtype=dtype, architecture=ckpt.manifest.model.get("architecture"))
+    return build_empty_model(ckpt.path, dtype=dtype, architecture=ckpt.manifest.model.get("architecture"))
 
 
 def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | None = None,
@@ -138,22 +130,11 @@ def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | 
     finally:
         bufs, tier = io.result()  # always wait: no load outlives this call
     t_io = time.perf_counter()
-    with _BUILD_LOCK:
-        bind_state_dict(model, tensor_views(ckpt, bufs), dev)
-    _generation_config(model, ckpt)
+    bind_state_dict(model, tensor_views(ckpt, bufs), dev)
+    apply_generation_config(model, ckpt.exec_dir())
     t_end = time.perf_counter()
     timings = {"build_s": t_build - t0, "tokenizer_s": t_tok - t_build, "io_wait_s": t_io - t_tok,
                "bind_s": t_end - t_io}
     log.info("loaded %s on %s from %s in %.3f s (%s)", name, device, tier, t_end - t0,
              ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
     return Loaded(model, tokenizer, tier, t_end - t0, timings)
-
-
-def _generation_config(model, ckpt: Checkpoint) -> None:
-    from transformers import GenerationConfig
-    if not getattr(model, "can_generate", lambda: False)():
-        return
-    if (ckpt.exec_dir() / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(ckpt.exec_dir())
-    else:
-        model.generation_config = GenerationConfig.from_model_config(model.config)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConversionError
+from ..model import MODEL_CONSTRUCTION_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype):
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+        with MODEL_CONSTRUCTION_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
     except Exception as e:  # a file transformers cannot read fails in many ways; all mean "cannot convert"
         raise ConversionError(f"{path}: transformers cannot load this GGUF file: {type(e).__name__}: {e}") from e
     clear_quantization(model)
