@@ -46,3 +46,17 @@ def test_corrupt_checkpoint_to_cuda_fails_cleanly(tmp_path):
         f.write(b"\xff\xfe")
     with pytest.raises(store.writer.CheckpointError, match="checksum mismatch"):
         store.load_state_dict(tmp_path / "c", device="cuda:0")
+
+
+def test_ssd_to_dram_and_cuda_in_one_pass(tmp_path):
+    from sllmd.pool import buffers
+    from sllmd.store.reader import tensor_views
+    sd = _state_dict()
+    store.save_state_dict(sd, tmp_path / "c")
+    ck = store.open_checkpoint(tmp_path / "c")
+    pool = ChunkPool(capacity_bytes=128 << 20)
+    bufs = [buffers.allocate(p.nbytes, torch.device("cuda:0")) for p in ck.manifest.partitions]
+    cached = PooledCheckpoint.read(ck, pool, device_buffers=bufs)
+    _check(sd, tensor_views(ck, bufs), "cuda:0")
+    cached.release()
+    assert pool.stats()["used_chunks"] == 0

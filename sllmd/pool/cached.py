@@ -43,22 +43,27 @@ class PooledCheckpoint:
     @classmethod
     def read(cls, ckpt: Checkpoint, pool: ChunkPool, *, verify: bool = True, options: LoadOptions | None = None,
              device_buffers: list[torch.Tensor] | None = None) -> "PooledCheckpoint":
-        """SSD -> DRAM chunks. With host `device_buffers` (one per partition), the
-        same pass also copies each chunk into them (SSD -> DRAM -> device, pipelined)."""
+        """SSD -> DRAM chunks. With `device_buffers` (one per partition, host or CUDA),
+        the same pass also copies each chunk into them (SSD -> DRAM -> device, pipelined)."""
         parts = ckpt.manifest.partitions
         chunks: list[list[int]] = []
         try:
             for p in parts:
                 chunks.append(pool.allocate(pool.chunks_for(p.nbytes)))
             use_crc = verify and bool(ckpt.manifest.checksum)
-            jobs = []
+            on_cuda = device_buffers is not None and any(b.device.type == "cuda" for b in device_buffers)
+            jobs, targets = [], []
             for p, c in zip(parts, chunks):
                 if not p.nbytes:
                     continue
-                dest = device_buffers[p.index].data_ptr() if device_buffers is not None else 0
+                # Host destinations are filled by the native copy stage; CUDA ones by ours.
+                dest = device_buffers[p.index].data_ptr() if device_buffers is not None and not on_cuda else 0
                 jobs.append(pipeline.file_job(os.fspath(ckpt.data_path(p)), p.nbytes, ckpt.manifest.block_size,
                                               p.crcs if use_crc else (), dest=dest, chunks=c))
-            if jobs:
+                targets.append(device_buffers[p.index] if on_cuda else None)
+            if jobs and on_cuda:
+                pipeline.run_to_cuda(jobs, pool, targets, options)
+            elif jobs:
                 pipeline.run(jobs, pool, options)
         except BaseException:
             for c in chunks:

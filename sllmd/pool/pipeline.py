@@ -71,13 +71,13 @@ def run(jobs: list, pool=None, options: LoadOptions | None = None) -> dict:
 
 def run_to_cuda(jobs: list, pool, buffers: list, options: LoadOptions | None = None, streams: int = 4) -> dict:
     """Reads jobs into (pinned) pool chunks and copies each finished chunk to its
-    job's CUDA buffer with non-blocking copies spread over `streams` streams."""
+    job's buffer: non-blocking copies spread over `streams` streams per CUDA device."""
     import torch
 
     options = options or LoadOptions()
     pool.pin()
-    device = buffers[0].device
-    cuda_streams = [torch.cuda.Stream(device=device) for _ in range(streams)]
+    cuda_streams = {d: [torch.cuda.Stream(device=d) for _ in range(streams)]
+                    for d in {b.device for b in buffers if b.device.type == "cuda"}}
     host_views = {}
     task = _native.LoadTask(jobs, pool.native, options.native(notify=True))
     issued = 0
@@ -96,9 +96,12 @@ def run_to_cuda(jobs: list, pool, buffers: list, options: LoadOptions | None = N
             src = host_views.get(chunk)
             if src is None:
                 src = host_views[chunk] = _chunk_tensor(pool, chunk)
-            stream = cuda_streams[issued % streams]
-            with torch.cuda.stream(stream):
-                buffers[job_index][offset:offset + length].copy_(src[:length], non_blocking=True)
+            target = buffers[job_index]
+            if target.device.type == "cuda":
+                with torch.cuda.stream(cuda_streams[target.device][issued % streams]):
+                    target[offset:offset + length].copy_(src[:length], non_blocking=True)
+            else:
+                target[offset:offset + length].copy_(src[:length])
             issued += 1
         task.wait()
     except BaseException:
@@ -106,8 +109,9 @@ def run_to_cuda(jobs: list, pool, buffers: list, options: LoadOptions | None = N
         task.wait()
         raise
     finally:
-        for s in cuda_streams:
-            s.synchronize()
+        for per_device in cuda_streams.values():
+            for s in per_device:
+                s.synchronize()
     raise_for(task)
     return task.stats()
 

@@ -73,20 +73,13 @@ def _read_partitions(name: str, ckpt: Checkpoint, device: torch.device, dram: Dr
         finally:
             dram.release(name)
     if dram is not None:
-        if device.type == "cpu":
-            bufs = [pool_buffers.allocate(p.nbytes, device, arena) for p in ckpt.manifest.partitions]
-            cached = dram.admit(name, ckpt, verify=verify, device_buffers=bufs, options=options)
-            if cached is not None:
-                dram.release(name)
-                return bufs, "ssd"
-            del bufs  # not cached: give the buffers back before reading another way
-        else:
-            cached = dram.admit(name, ckpt, verify=verify, options=options)
-            if cached is not None:
-                try:
-                    return cached.load_partitions(device), "ssd"
-                finally:
-                    dram.release(name)
+        # One pass: SSD -> DRAM chunks -> device buffers, the stages overlapping.
+        bufs = [pool_buffers.allocate(p.nbytes, device, arena) for p in ckpt.manifest.partitions]
+        cached = dram.admit(name, ckpt, verify=verify, device_buffers=bufs, options=options)
+        if cached is not None:
+            dram.release(name)
+            return bufs, "ssd"
+        del bufs  # not cached: give the buffers back before reading another way
     return load_partitions(ckpt, device, verify=verify, arena=arena, options=options), "ssd"
 
 
