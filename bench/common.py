@@ -3,6 +3,7 @@ file-mapping detection (to force materialization of mmap-backed tensors),
 statistics and a tiny subprocess protocol between run_all.py and worker.py."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -46,6 +47,36 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
+
+
+def drop_count() -> int:
+    """How many times anyone dropped the page cache since boot (/proc/vmstat drop_pagecache)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("drop_pagecache "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+@contextlib.contextmanager
+def exclusive_bench(name: str, wait_note=None):
+    """Holds an exclusive lock (/tmp/sllm-bench.lock) while a benchmark runs, so two benchmark
+    scripts on this machine do not drop each other's page cache or share the disk and cores."""
+    import fcntl
+    f = open("/tmp/sllm-bench.lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_note:
+                wait_note(f"waiting for another benchmark to finish (/tmp/sllm-bench.lock, {name})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()
 
 
 def resident_bytes(path: str | os.PathLike) -> tuple[int, int]:

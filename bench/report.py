@@ -45,7 +45,7 @@ def per_rep_rates(records: list[dict]) -> dict[tuple[str, str, str], dict[int, f
     rates: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in records:
         res = r["result"]
-        if "error" in res:
+        if "error" in res or "invalid" in res:
             continue
         key = (r["model"], r["cond"], r["name"])
         if r["name"] == "dram":
@@ -72,6 +72,8 @@ def summarize(records: list[dict]) -> dict:
     rows = []
     errors = [f"{r['model']} {r['cond']} {r['name']} rep {r['rep']}: {r['result']['error']}"
               for r in records if "error" in r["result"]]
+    invalid = [f"{r['model']} {r['cond']} {r['name']} rep {r['rep']}: {r['result']['invalid']}"
+               for r in records if "invalid" in r["result"]]
     for (model, cond, name), by_rep in sorted(rates.items(), key=lambda kv: _sort_key(kv[0])):
         vals = list(by_rep.values())
         row = {"model": model, "cond": cond, "name": name, "label": LABELS.get(name, name),
@@ -94,7 +96,8 @@ def summarize(records: list[dict]) -> dict:
                 speedups.append({"model": model, "cond": cond, "ours": name, "peer": peer,
                                  "ratio": median(list(by_rep.values())) / median(list(other.values())),
                                  "ratio_paired": _paired(by_rep, other)})
-    return {"rows": rows, "speedups": speedups, "targets": targets(rows, speedups), "errors": errors}
+    return {"rows": rows, "speedups": speedups, "targets": targets(rows, speedups), "errors": errors,
+            "invalid": invalid}
 
 
 def _sort_key(key):
@@ -161,6 +164,9 @@ def markdown(summary: dict) -> str:
     for t in summary["targets"]:
         mark = "met" if t["met"] else "MISSED"
         lines.append(f"- {t['target']}: {_f(t['value'])} (paired {_f(t['paired'])}), need >= {t['need']} -> {mark}")
+    if summary.get("invalid"):
+        lines += ["", "Runs discarded and repeated (another process disturbed the page cache):", ""]
+        lines += [f"- {e}" for e in summary["invalid"]]
     if summary["errors"]:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in summary["errors"]]
     return "\n".join(lines)

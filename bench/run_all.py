@@ -35,6 +35,7 @@ CONDS = ("cold", "warm", "dram")
 OURS_VARIANTS = {"ours": {"verify": True}, "ours-noverify": {"verify": False},
                  "ours-arena": {"verify": True, "arena": True}}
 SMOL_PEERS = ("safetensors", "runai", "fastsafetensors")
+RETRIES = 2  # a run spoiled by another process (page cache dropped meanwhile) is run again
 
 
 def log(msg: str) -> None:
@@ -141,10 +142,14 @@ def run(args: argparse.Namespace) -> dict:
                 if name == "dram":
                     items = ["memcpy", "memcpy-fresh", "memcpy-fresh-4k", "ours-dram", "ours-dram-arena"]
                     spec["order"] = items[rep % len(items):] + items[:rep % len(items)]
-                res = common.run_worker(spec)
-                records.append({"rep": rep, "model": model, "cond": cond, "name": name, "result": res})
-                log(f"[rep {rep + 1}/{args.runs} {time.perf_counter() - t_start:6.0f}s] {model:9} {cond:4} "
-                    f"{name:16} {_brief(res)}")
+                for attempt in range(1 + RETRIES):
+                    res = common.run_worker(spec)
+                    records.append({"rep": rep, "model": model, "cond": cond, "name": name, "attempt": attempt,
+                                    "result": res})
+                    log(f"[rep {rep + 1}/{args.runs} {time.perf_counter() - t_start:6.0f}s] {model:9} {cond:4} "
+                        f"{name:16} {_brief(res)}")
+                    if "invalid" not in res:
+                        break
     summary = report.summarize(records)
     return {"meta": meta(args, models, can_drop, why), "records": records, "summary": summary}
 
@@ -152,6 +157,8 @@ def run(args: argparse.Namespace) -> dict:
 def _brief(res: dict) -> str:
     if "error" in res:
         return "ERROR " + res["error"][:200]
+    if "invalid" in res:
+        return "INVALID (retried): " + res["invalid"]
     if "items" in res:
         return "  ".join(f"{k} {v['bytes'] / v['seconds'] / 1e9:.2f}" for k, v in res["items"].items()) + " GB/s"
     s = f"{res['bytes'] / res['seconds'] / 1e9:6.2f} GB/s ({res['seconds']:.3f} s)"
@@ -185,7 +192,8 @@ def meta(args, models, can_drop, why) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    out = run(args)
+    with common.exclusive_bench("bench/run_all.py", wait_note=log):
+        out = run(args)
     out["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
     path = args.json_out or common.RESULTS_DIR / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,11 +57,13 @@ def _loader_run(spec: dict) -> dict:
         prepare()
         load = lambda: fn(path)  # noqa: E731
     state = _condition(spec["cond"], files, spec.get("settle_s", 2.5))
+    drops = common.drop_count()
     t0 = time.perf_counter()
     sd = load()
     t1 = time.perf_counter()
     copied, copied_bytes = peers.materialize(sd, files)
     t2 = time.perf_counter()
+    invalid = _invalid(spec["cond"], state, drops, timer)
     out = {
         "seconds": t2 - t0, "load_s": t1 - t0, "materialize_s": t2 - t1,
         "bytes": peers.unique_bytes(sd), "tensors": len(sd),
@@ -70,7 +72,23 @@ def _loader_run(spec: dict) -> dict:
     }
     if timer is not None:
         out["stages"] = timer.summary()
+    if invalid:
+        out["invalid"] = invalid
     return out
+
+
+def _invalid(cond: str, state: dict, drops_before: int, timer) -> str | None:
+    """Why this run did not measure its condition (another process on this machine dropped
+    the page cache or read the files), or None."""
+    if common.drop_count() != drops_before:
+        return "another process dropped the page cache during the run"
+    if cond == "warm" and state["resident_bytes"] < state["file_bytes"]:
+        return "the files were not fully resident when the clock started"
+    if cond == "cold" and state["resident_bytes"]:
+        return "part of the files was in the page cache when the clock started"
+    if cond == "warm" and timer is not None and timer.pipeline_stats and timer.pipeline_stats[-1]["bytes_direct"]:
+        return "the loader read from the disk in a warm run (page cache dropped meanwhile)"
+    return None
 
 
 def _disk_run(spec: dict) -> dict:
