@@ -33,7 +33,7 @@ def _condition(cond: str, files: list[Path], settle_s: float) -> dict:
     if cond == "cold":
         common.drop_caches()
     elif cond == "warm":
-        common.make_resident(files)
+        common.make_resident(files, refresh=True)
     time.sleep(settle_s)
     res = [common.resident_bytes(f) for f in files]
     return {"resident_bytes": sum(r[0] for r in res), "file_bytes": sum(r[1] for r in res)}
