@@ -165,7 +165,8 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("copiers", &LoadOptions::copiers)
       .def_readwrite("io_size", &LoadOptions::io_size)
       .def_readwrite("direct", &LoadOptions::direct)
-      .def_readwrite("notify", &LoadOptions::notify);
+      .def_readwrite("notify", &LoadOptions::notify)
+      .def_readwrite("prefault_dest", &LoadOptions::prefault_dest);
 
   // keep_alive<1, 3>: the task holds the pool alive while it runs.
   py::class_<LoadTask>(m, "LoadTask")

@@ -32,6 +32,7 @@ struct LoadOptions {
   size_t io_size = 16u << 20;  // request size when reading straight into `dest`
   bool direct = true;          // O_DIRECT for data not in the page cache
   bool notify = false;         // report each finished chunk through next_completed()
+  bool prefault_dest = true;   // fault destination pages in ahead of the readers
 };
 
 struct LoadStats {
@@ -83,6 +84,7 @@ class LoadTask {
   void run();
   void reader();
   void copier();
+  void prefaulter();
   void read_unit(const Unit& u);
   bool verify_unit(const Unit& u);
   void finish_unit(const Unit& u);

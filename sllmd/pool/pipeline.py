@@ -33,10 +33,12 @@ class LoadOptions:
     io_size: int = 16 << 20
     direct: bool = True
     verify: bool = True
+    prefault_dest: bool = True  # fault fresh destination pages in ahead of the readers
 
     def native(self, notify: bool = False) -> "_native.LoadOptions":
         o = _native.LoadOptions()
         o.readers, o.copiers, o.io_size, o.direct, o.notify = self.readers, self.copiers, self.io_size, self.direct, notify
+        o.prefault_dest = self.prefault_dest
         return o
 
 
