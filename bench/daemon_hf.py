@@ -6,8 +6,8 @@ time to first token for SmolLM2 from a Hugging Face safetensors directory.
 Outside the timed region: interpreter start-up; importing torch, transformers,
 AutoModelForCausalLM, AutoTokenizer and the Llama modeling module (so the
 baseline pays no import inside the timed region); a tiny torch op; then the
-cache condition (warm: the directory's files read until fully resident; cold:
-sync + drop the page cache) and a pause of settle_s.
+cache condition (warm: the directory's files read until fully resident, before
+and after the pause; cold: sync + drop the page cache) and a pause of settle_s.
 
 Timed region: AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16) on the
 CPU; AutoTokenizer.from_pretrained(dir); the chat template applied and the
@@ -43,6 +43,8 @@ def main(spec: dict) -> dict:
     else:
         common.make_resident(files)
     time.sleep(spec.get("settle_s", 2.5))
+    if spec["cond"] != "cold":
+        common.make_resident(files)   # again: this VM's DAMON pageout may take idle page cache during the pause
     resident = sum(common.resident_bytes(f)[0] for f in files)
 
     t0 = time.perf_counter()
