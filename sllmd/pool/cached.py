@@ -73,21 +73,24 @@ class PooledCheckpoint:
 
     def load_partitions(self, device="cpu", *, arena: buffers.HostArena | None = None,
                         threads: int = 2) -> list[torch.Tensor]:
-        """DRAM -> one device buffer per partition (no disk access)."""
+        """DRAM -> one fresh device buffer per partition (no disk access)."""
+        devices = partition_devices(self.checkpoint, device)
+        bufs = [buffers.allocate(p.nbytes, d, arena) for p, d in zip(self.checkpoint.manifest.partitions, devices)]
+        self.load_into(bufs, threads=threads)
+        return bufs
+
+    def load_into(self, bufs: list[torch.Tensor], *, threads: int = 2) -> None:
+        """DRAM -> the given device buffers, one per partition."""
         with self._lock:
             if self._chunks is None:
                 raise RuntimeError("this pooled checkpoint was released")
-            devices = partition_devices(self.checkpoint, device)
-            parts = self.checkpoint.manifest.partitions
-            bufs = [buffers.allocate(p.nbytes, d, arena) for p, d in zip(parts, devices)]
-            for p, d, buf, c in zip(parts, devices, bufs, self._chunks):
+            for p, buf, c in zip(self.checkpoint.manifest.partitions, bufs, self._chunks):
                 if not p.nbytes:
                     continue
-                if d.type == "cpu":
+                if buf.device.type == "cpu":
                     self.pool.native.copy_out(c, p.nbytes, buf.data_ptr(), threads)
                 else:
                     self._copy_to_cuda(c, p.nbytes, buf)
-            return bufs
 
     def load_state_dict(self, device="cpu", *, arena: buffers.HostArena | None = None) -> dict[str, torch.Tensor]:
         return tensor_views(self.checkpoint, self.load_partitions(device, arena=arena))

@@ -51,21 +51,28 @@ def _view(buffer: torch.Tensor, e: TensorEntry) -> torch.Tensor:
 def load_partitions(ckpt: Checkpoint, device: DeviceSpec = "cpu", *, verify: bool = True,
                     arena: "buffers.HostArena | None" = None, options: LoadOptions | None = None) -> list[torch.Tensor]:
     """Reads every partition file into a fresh device buffer."""
-    options = options or LoadOptions()
     devices = partition_devices(ckpt, device)
+    bufs = [buffers.allocate(p.nbytes, d, arena) for p, d in zip(ckpt.manifest.partitions, devices)]
+    fill_partitions(ckpt, bufs, verify=verify, options=options)
+    return bufs
+
+
+def fill_partitions(ckpt: Checkpoint, bufs: list[torch.Tensor], *, verify: bool = True,
+                    options: LoadOptions | None = None) -> None:
+    """Reads every partition file into its (already allocated) device buffer."""
+    options = options or LoadOptions()
     block = ckpt.manifest.block_size
     use_crc = verify and bool(ckpt.manifest.checksum)
-    bufs = [buffers.allocate(p.nbytes, d, arena) for p, d in zip(ckpt.manifest.partitions, devices)]
 
     def job(p: Partition, **where):
         return pipeline.file_job(os.fspath(ckpt.data_path(p)), p.nbytes, block, p.crcs if use_crc else (), **where)
 
-    host = [i for i, d in enumerate(devices) if d.type == "cpu" and ckpt.manifest.partitions[i].nbytes]
+    parts = ckpt.manifest.partitions
+    host = [i for i, b in enumerate(bufs) if b.device.type == "cpu" and parts[i].nbytes]
     if host:
-        pipeline.run([job(ckpt.manifest.partitions[i], dest=bufs[i].data_ptr()) for i in host], options=options)
-    for dev in sorted({d for d in devices if d.type == "cuda"}, key=str):
-        _load_to_cuda(ckpt, [i for i, d in enumerate(devices) if d == dev], bufs, job, options)
-    return bufs
+        pipeline.run([job(parts[i], dest=bufs[i].data_ptr()) for i in host], options=options)
+    for dev in sorted({b.device for b in bufs if b.device.type == "cuda"}, key=str):
+        _load_to_cuda(ckpt, [i for i, b in enumerate(bufs) if b.device == dev], bufs, job, options)
 
 
 def _load_to_cuda(ckpt: Checkpoint, indices: list[int], bufs, job, options: LoadOptions) -> None:

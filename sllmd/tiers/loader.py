@@ -24,7 +24,7 @@ from ..pool import HostArena, LoadOptions
 from ..pool import buffers as pool_buffers
 from ..store.format import Checkpoint
 from ..store.model import apply_generation_config, as_dtype, bind_state_dict, build_empty_model, load_tokenizer
-from ..store.reader import load_partitions, tensor_views
+from ..store.reader import fill_partitions, tensor_views
 from .dram import DramTier
 
 log = logging.getLogger(__name__)
@@ -63,24 +63,22 @@ def _in_thread(fn: Callable[[], Any]) -> Future:
     return fut
 
 
-def _read_partitions(name: str, ckpt: Checkpoint, device: torch.device, dram: DramTier | None,
-                     arena: HostArena | None, verify: bool, options: LoadOptions | None) -> tuple[list, str]:
-    """Device buffers holding every partition, and the tier they came from."""
+def _fill(name: str, ckpt: Checkpoint, bufs: list[torch.Tensor], dram: DramTier | None, verify: bool,
+          options: LoadOptions | None) -> str:
+    """Fills the device buffers from the fastest tier holding the model; returns that tier."""
     cached = dram.acquire(name) if dram is not None else None
     if cached is not None:
         try:
-            return cached.load_partitions(device, arena=arena), "dram"
+            cached.load_into(bufs)
+            return "dram"
         finally:
             dram.release(name)
-    if dram is not None:
-        # One pass: SSD -> DRAM chunks -> device buffers, the stages overlapping.
-        bufs = [pool_buffers.allocate(p.nbytes, device, arena) for p in ckpt.manifest.partitions]
-        cached = dram.admit(name, ckpt, verify=verify, device_buffers=bufs, options=options)
-        if cached is not None:
-            dram.release(name)
-            return bufs, "ssd"
-        del bufs  # not cached: give the buffers back before reading another way
-    return load_partitions(ckpt, device, verify=verify, arena=arena, options=options), "ssd"
+    # One pass: SSD -> DRAM chunks -> device buffers, the stages overlapping.
+    if dram is not None and dram.admit(name, ckpt, verify=verify, device_buffers=bufs, options=options) is not None:
+        dram.release(name)
+        return "ssd"
+    fill_partitions(ckpt, bufs, verify=verify, options=options)  # not cacheable: straight in
+    return "ssd"
 
 
 def build_skeleton(ckpt: Checkpoint):
@@ -103,8 +101,11 @@ def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | 
     model here."""
     t0 = time.perf_counter()
     dev = torch.device(device)
-    io = _in_thread(lambda: _read_partitions(name, ckpt, dev, dram, arena if dev.type == "cpu" else None,
-                                             verify, options))
+    # The tensors are views of buffers allocated up front, so the model is built
+    # and bound while the bytes are still arriving; only the first forward needs them.
+    bufs = [pool_buffers.allocate(p.nbytes, dev, arena if dev.type == "cpu" else None)
+            for p in ckpt.manifest.partitions]
+    io = _in_thread(lambda: _fill(name, ckpt, bufs, dram, verify, options))
     try:
         model = None
         if isinstance(skeleton, Future):  # still being built in the background: wait for it
@@ -117,17 +118,18 @@ def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | 
         if model is None:
             model = build_skeleton(ckpt)
         t_build = time.perf_counter()
+        bind_state_dict(model, tensor_views(ckpt, bufs), dev)
+        t_bind = time.perf_counter()
         if tokenizer is None:
             tokenizer = load_tokenizer(ckpt.path)
         t_tok = time.perf_counter()
     finally:
-        bufs, tier = io.result()  # always wait: no load outlives this call
+        tier = io.result()  # always wait: no load outlives this call (and a failed read fails the load)
     t_io = time.perf_counter()
-    bind_state_dict(model, tensor_views(ckpt, bufs), dev)
     apply_generation_config(model, ckpt.exec_dir())
     t_end = time.perf_counter()
-    timings = {"build_s": t_build - t0, "tokenizer_s": t_tok - t_build, "io_wait_s": t_io - t_tok,
-               "bind_s": t_end - t_io}
+    timings = {"build_s": t_build - t0, "bind_s": t_bind - t_build, "tokenizer_s": t_tok - t_bind,
+               "io_wait_s": t_io - t_tok}
     log.info("loaded %s on %s from %s in %.3f s (%s)", name, device, tier, t_end - t0,
              ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
     return Loaded(model, tokenizer, tier, t_end - t0, timings)
