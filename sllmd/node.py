@@ -74,6 +74,7 @@ class Node:
         self._started_at = time.time()
         self._timer = threading.Thread(target=self._expiry_loop, name="sllm-keepalive", daemon=True)
         self._timer.start()
+        self._prepared.warm_up()
         self._prepare(None)
         log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self._records),
                  self.config.dram_bytes, self.config.device, self.config.device_memory_bytes)

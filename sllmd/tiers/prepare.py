@@ -37,6 +37,15 @@ class Preparer:
             self._threads = [w for w in self._threads if w.is_alive()] + [t]
         t.start()
 
+    def warm_up(self) -> None:
+        """Runs one forward pass of a tiny model in the background: the first forward
+        in a process pays 0.1-0.5 s of one-time torch/transformers set-up, which
+        would otherwise land on the first request's time to first token."""
+        t = threading.Thread(target=_warm_up, name="sllm-warm-up", daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
     def take_skeleton(self, name: str) -> Future | None:
         """The prepared skeleton (a Future: it may still be building), handed out once."""
         with self._lock:
@@ -86,3 +95,22 @@ class Preparer:
                 with self._lock:
                     self._tokenizers.setdefault(name, tokenizer)
             log.debug("prepared %s in %.2f s", name, time.perf_counter() - t0)
+
+
+def _warm_up() -> None:
+    t0 = time.perf_counter()
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ..store.model import MODEL_CONSTRUCTION_LOCK
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        with MODEL_CONSTRUCTION_LOCK:
+            model = LlamaForCausalLM(config).eval()
+        with torch.inference_mode():
+            model(torch.arange(4).unsqueeze(0), use_cache=True)
+    except Exception as exc:  # an optimisation only: never fatal
+        log.debug("warm-up failed: %s", exc)
+        return
+    log.debug("warm-up forward done in %.2f s", time.perf_counter() - t0)
