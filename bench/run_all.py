@@ -191,8 +191,8 @@ def meta(args, models, can_drop, why) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t0 = time.perf_counter()
     with common.exclusive_bench("bench/run_all.py", wait_note=log):
+        t0 = time.perf_counter()  # after any wait for another benchmark
         out = run(args)
     out["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
     path = args.json_out or common.RESULTS_DIR / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
