@@ -28,8 +28,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PIP) install -q -e '.[bench]' --no-build-isolation
+	$(PIP) install -q --no-build-isolation -e '.[bench]'
 	$(PY) bench/run_all.py
+	$(PY) bench/daemon_bench.py
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so

@@ -79,7 +79,7 @@ size_t HostArena::largest_free() const {
 }
 
 HostBuffer::HostBuffer(size_t nbytes, bool prefault, int threads)
-    : data_(static_cast<char*>(map_host(nbytes))), nbytes_(nbytes) {
+    : data_(static_cast<char*>(map_host(nbytes, /*huge=*/false))), nbytes_(nbytes) {
   if (prefault) prefault_host(data_, nbytes_, threads);
 }
 

@@ -38,7 +38,7 @@ class HostArena : public std::enable_shared_from_this<HostArena> {
 
 class HostBuffer {
  public:
-  // Its own mapping, optionally pre-faulted.
+  // Its own mapping (4 KiB pages: see map_host), optionally pre-faulted.
   HostBuffer(size_t nbytes, bool prefault, int threads);
   // From an arena; throws std::bad_alloc when the arena has no room.
   HostBuffer(std::shared_ptr<HostArena> arena, size_t nbytes);

@@ -15,7 +15,7 @@ constexpr int kPopulateWrite = MADV_POPULATE_WRITE;
 constexpr int kPopulateWrite = 23;  // Linux >= 5.14
 #endif
 
-void* map_host(size_t nbytes) {
+void* map_host(size_t nbytes, bool huge) {
   size_t len = round_up(nbytes ? nbytes : 1, kHugePage);
   // Over-map by one huge page so the usable range can start 2 MiB aligned.
   void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -25,7 +25,7 @@ void* map_host(size_t nbytes) {
   if (aligned > base) munmap(raw, aligned - base);
   size_t tail = (base + len + kHugePage) - (aligned + len);
   if (tail) munmap(reinterpret_cast<void*>(aligned + len), tail);
-  madvise(reinterpret_cast<void*>(aligned), len, MADV_HUGEPAGE);
+  if (huge) madvise(reinterpret_cast<void*>(aligned), len, MADV_HUGEPAGE);
   return reinterpret_cast<void*>(aligned);
 }
 

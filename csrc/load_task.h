@@ -27,7 +27,7 @@ struct FileJob {
 };
 
 struct LoadOptions {
-  int readers = 4;
+  int readers = 8;
   int copiers = 2;
   size_t io_size = 16u << 20;  // request size when reading straight into `dest`
   bool direct = true;          // O_DIRECT for data not in the page cache

@@ -2,7 +2,8 @@
 
 On a CPU host the "device" is host memory: from a pre-faulted HostArena when
 the daemon has one (copies then run at memcpy speed), else a fresh mapping
-with transparent huge pages requested. On CUDA it is one torch allocation.
+(4 KiB pages: fresh huge pages fault in slowly in a VM). On CUDA it is one
+torch allocation.
 """
 from __future__ import annotations
 
