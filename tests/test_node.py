@@ -300,7 +300,7 @@ def test_close_lets_the_running_request_finish_and_fails_the_queued_one(node_fac
 def test_a_model_requested_again_while_its_instance_stops_loads_anew(node_factory, sources):
     """The eviction hook that settles the state runs after the old instance stopped; a
     load that starts in between must not trip over the `evicting` state."""
-    from sllmd.tiers.states import EvictReason, ModelState
+    from sllmd.tiers.states import EvictReason
     node = node_factory()
     node.import_model("m0", str(sources["m0"]))
     expected = infer(node, "m0")[0]

@@ -103,7 +103,7 @@ class PooledCheckpoint:
             off = i * cs
             n = min(cs, nbytes - off)
             with torch.cuda.stream(cuda_streams[i % streams]):
-                buf[off:off + n].copy_(pipeline._chunk_tensor(self.pool, chunk)[:n], non_blocking=True)
+                buf[off:off + n].copy_(pipeline.chunk_tensor(self.pool, chunk)[:n], non_blocking=True)
         for s in cuda_streams:
             s.synchronize()
 

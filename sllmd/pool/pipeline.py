@@ -97,7 +97,7 @@ def run_to_cuda(jobs: list, pool, buffers: list, options: LoadOptions | None = N
             length = min(pool.chunk_size, job.nbytes - offset)
             src = host_views.get(chunk)
             if src is None:
-                src = host_views[chunk] = _chunk_tensor(pool, chunk)
+                src = host_views[chunk] = chunk_tensor(pool, chunk)
             target = buffers[job_index]
             if target.device.type == "cuda":
                 with torch.cuda.stream(cuda_streams[target.device][issued % streams]):
@@ -118,7 +118,8 @@ def run_to_cuda(jobs: list, pool, buffers: list, options: LoadOptions | None = N
     return task.stats()
 
 
-def _chunk_tensor(pool, chunk: int):
+def chunk_tensor(pool, chunk: int):
+    """A uint8 tensor over one pool chunk (no copy), the source of a device copy."""
     import ctypes
 
     import torch
