@@ -98,6 +98,7 @@ PYBIND11_MODULE(_native, m) {
     d["failures"] = c.failures.load();
     d["ns_read"] = c.ns_read.load();
     d["ns_copy"] = c.ns_copy.load();
+    d["ns_load_wall"] = c.ns_load_wall.load();
     return d;
   });
 

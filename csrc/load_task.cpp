@@ -168,6 +168,7 @@ void LoadTask::run() {
     if (f.fd_buffered >= 0) ::close(f.fd_buffered);
   }
   ns_wall_ = since(t0);
+  global_counters().ns_load_wall += ns_wall_;
   if (!error_kind_.empty()) global_counters().failures++;
   finished_ = true;
   completed_.close();

@@ -44,7 +44,8 @@ struct LoadStats {
 // Process-wide counters for the throughput displays.
 struct GlobalCounters {
   std::atomic<uint64_t> bytes_read{0}, bytes_copied{0}, bytes_verified{0}, loads{0}, failures{0};
-  std::atomic<uint64_t> ns_read{0}, ns_copy{0};
+  std::atomic<uint64_t> ns_read{0}, ns_copy{0};  // summed over threads: busy time, not elapsed
+  std::atomic<uint64_t> ns_load_wall{0};          // elapsed time of all loads (for bandwidth)
 };
 GlobalCounters& global_counters();
 

@@ -209,7 +209,8 @@ def cmd_status(args) -> int:
     print(table(["TIER", "USED", "CAPACITY", "USE", "MODELS"], rows))
     loader = status.get("loader") or {}
     parts = []
-    for what, nbytes, ns in (("read", "bytes_read", "ns_read"), ("copy", "bytes_copied", "ns_copy")):
+    # Reads: bytes over the loads' elapsed time (ns_read is busy time summed over reader threads).
+    for what, nbytes, ns in (("read", "bytes_read", "ns_load_wall"), ("copy", "bytes_copied", "ns_copy")):
         if loader.get(ns):
             parts.append(f"{what} {fmt_bytes(loader[nbytes])} at {loader[nbytes] / loader[ns]:.2f} GB/s")
         elif nbytes in loader:
