@@ -78,7 +78,8 @@ def _plan_regions(state_dict: Mapping[str, torch.Tensor], partition_of: Callable
     return regions, views
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a directory's entries (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -231,7 +232,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         _write_json(tmp / INDEX_FILE, {"tensors": index})
         manifest = Manifest(parts, BLOCK_SIZE, CHECKSUM if checksums else None, exec_names, dict(model or {}))
         _write_json(tmp / MANIFEST_FILE, manifest.to_json())  # last: its presence marks a whole checkpoint
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,7 +284,7 @@ def _write_exec_files(tmp: Path, files: Mapping[str, str | os.PathLike | bytes])
             shutil.copyfile(src, dst)
         with open(dst, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(exec_dir)
+    fsync_dir(exec_dir)
     return sorted(files)
 
 
@@ -297,4 +298,4 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)

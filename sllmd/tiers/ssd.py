@@ -30,6 +30,7 @@ from typing import Callable
 
 from ..errors import CheckpointError, SllmError
 from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
+from ..store.writer import fsync_dir
 from . import policy
 from .errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
                      StoreLockedError)
@@ -79,14 +80,6 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def is_our_checkpoint(source: Path) -> bool:
     try:
         return source.is_dir() and json.loads((source / MANIFEST_FILE).read_text()).get("magic") == MAGIC
@@ -115,7 +108,7 @@ def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None) 
             fo.flush()
             os.fsync(fo.fileno())
     for d in {dest} | {(dest / p.relative_to(source)).parent for p in files}:
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 class SsdStore:
@@ -305,7 +298,7 @@ class SsdStore:
                 self._make_room(nbytes, exclude={name})
                 dest = self.models_dir / name
                 os.rename(staged, dest)
-                _fsync_dir(self.models_dir)
+                fsync_dir(self.models_dir)
                 now = time.time()
                 entry = self._scan(name, dest)
                 entry.imported_at = entry.last_used = now
@@ -352,7 +345,7 @@ class SsdStore:
         self._refs.pop(name, None)
         trash = self.staging_dir / f"remove-{uuid.uuid4().hex[:12]}"
         os.rename(entry.path, trash)  # atomic: the model is gone from the catalog at once
-        _fsync_dir(self.models_dir)
+        fsync_dir(self.models_dir)
         self._write_catalog()
         shutil.rmtree(trash, ignore_errors=True)
         log.info("removed %s from the ssd store (%s, %d bytes)", name, reason.value, entry.nbytes)
