@@ -4,6 +4,7 @@ statistics and a tiny subprocess protocol between run_all.py and worker.py."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import ctypes
 import json
 import mmap
@@ -205,3 +206,21 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """One benchmark model's files: ours (a checkpoint directory) and the peers' formats."""
+
+    root: Path
+
+    @property
+    def sllm(self) -> Path:
+        return self.root / "sllm"
+
+    @property
+    def safetensors(self) -> Path:
+        return self.root / "model.safetensors"
+
+    def sllm_data_files(self) -> list[Path]:
+        return sorted(self.sllm.glob("data-*.bin"))

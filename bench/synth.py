@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import CheckpointFiles
+
 log = logging.getLogger(__name__)
 
 VOCAB = 32000
@@ -101,24 +103,12 @@ def make_state_dict(spec: SynthSpec) -> dict:
 
 
 @dataclass(frozen=True)
-class SynthFiles:
-    root: Path
+class SynthFiles(CheckpointFiles):
     spec: SynthSpec
-
-    @property
-    def sllm(self) -> Path:
-        return self.root / "sllm"
-
-    @property
-    def safetensors(self) -> Path:
-        return self.root / "model.safetensors"
 
     @property
     def pt(self) -> Path:
         return self.root / "model.pt"
-
-    def sllm_data_files(self) -> list[Path]:
-        return sorted(self.sllm.glob("data-*.bin"))
 
     @property
     def payload_bytes(self) -> int:
