@@ -22,17 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sllmd.errors import SllmError
+from sllmd.errors import ConfigError, Exit
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-EX_CONFIG = 78   # sysexits; systemd shows it as "CONFIG" and the unit does not restart on it
-
-
-class ConfigError(SllmError):
-    """A setting, flag or config file that cannot be used."""
-
-    code = "config"
-    exit_code = EX_CONFIG
+EX_CONFIG = Exit.CONFIG   # systemd shows it as "CONFIG" and the unit does not restart on it
 
 
 # --- sizes ---------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from typing import Callable, Iterator
 from . import pool as pool_mod
 from .errors import LoadError, OutOfMemoryError, SllmError
 from .inference.engine import Instance
-from .inference.errors import InvalidRequestError
+from .errors import InvalidRequestError
 from .inference.request import InferRequest
 from .store.format import open_checkpoint
 from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
-from .tiers.errors import ModelFailedError, ShuttingDownError
+from .errors import ModelFailedError, ShuttingDownError
 from .tiers.loader import device_bytes, load_instance
 from .tiers.prepare import Preparer
 from .tiers.ssd import SsdStore

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from sllmd.tiers.errors import ModelNotFoundError
+from sllmd.errors import ModelNotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
 

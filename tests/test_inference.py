@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from sllmd.inference import InferRequest, RequestState, SamplingParams
 from sllmd.inference.decode import build_prompt_ids, sample, stop_token_ids
 from sllmd.inference.engine import Instance
-from sllmd.inference.errors import BusyError, InstanceClosedError, InvalidRequestError, RequestCancelledError
+from sllmd.errors import BusyError, InstanceClosedError, InvalidRequestError, RequestCancelledError
 from sllmd.inference.generation import Generation
 from sllmd.inference.text import IncrementalDetokenizer, StopStrings
 

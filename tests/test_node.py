@@ -14,9 +14,9 @@ from sllmd import store
 from sllmd.config import Config
 from sllmd.errors import CorruptCheckpointError, OutOfMemoryError
 from sllmd.inference import InferRequest, SamplingParams
-from sllmd.inference.errors import BusyError, InvalidRequestError
+from sllmd.errors import BusyError, InvalidRequestError
 from sllmd.node import Node
-from sllmd.tiers.errors import ModelInUseError, ModelNotFoundError, ShuttingDownError
+from sllmd.errors import ModelInUseError, ModelNotFoundError, ShuttingDownError
 from test_inference import tiny_tokenizer
 
 MiB = 1 << 20

@@ -8,7 +8,6 @@ from sllmd import errors as core_errors
 from sllmd.protocol import (PROTOCOL_VERSION, REPLIES, REQUESTS, BadMessageError, BusyError, DaemonUnreachableError,
                             Error, Hello, Infer, InternalError, OversizedError, RemoteError, Token, UnknownTypeError,
                             decode_reply, decode_request, encode, error_reply_fields, exception_from_reply, peek_id)
-from sllmd.protocol import errors as perr
 
 # One valid instance of every message type, by field values.
 SAMPLES = {
@@ -133,14 +132,34 @@ def test_local_construction_is_validated_too():
         Hello(id=1, version="1")
 
 
-def test_error_codes_are_unique_and_exit_codes_documented():
-    classes = [c for c in vars(perr).values() if isinstance(c, type) and issubclass(c, core_errors.SllmError)
-               and c is not RemoteError]
+def _all_error_classes(base=core_errors.SllmError):
+    for sub in base.__subclasses__():
+        yield sub
+        yield from _all_error_classes(sub)
+
+
+def test_every_error_class_has_its_own_registered_code():
+    # import every module that raises, so that any class declared outside sllmd.errors is seen too
+    import sllmd.config, sllmd.node, sllmd.server, sllmd.client  # noqa: F401
+    classes = [c for c in _all_error_classes() if c is not RemoteError]
     codes = [c.code for c in classes]
-    assert len(codes) == len(set(codes))
-    assert BusyError.exit_code == 75 and perr.DaemonTimeoutError.exit_code == 75
+    assert len(codes) == len(set(codes)), "two classes share a code"
+    assert all(c.__module__ == "sllmd.errors" for c in classes), "errors are declared in sllmd.errors only"
+    assert set(codes) | {"error"} <= set(core_errors.CODES)
+    assert len(set(core_errors.CODES.values())) == len(core_errors.CODES), "code numbers are unique"
+    assert all(core_errors.REGISTRY[c.code] is c for c in classes)
+    with pytest.raises(TypeError, match="taken"):
+        type("Again", (core_errors.SllmError,), {"code": "busy"})
+    with pytest.raises(TypeError, match="not in"):
+        type("Unlisted", (core_errors.SllmError,), {"code": "no_such_code"})
+
+
+def test_exit_codes_are_the_documented_ones():
+    assert BusyError.exit_code == 75 and core_errors.DaemonTimeoutError.exit_code == 75
     assert DaemonUnreachableError.exit_code == 69
-    assert perr.InvalidArgumentError.exit_code == 2
+    assert core_errors.InvalidArgumentError.exit_code == 2
+    assert core_errors.ConfigError.exit_code == 78
+    assert core_errors.TooLargeError.exit_code == 1 and core_errors.OutOfMemoryError.exit_code == 75
 
 
 def test_error_replies_become_the_same_exception():

@@ -22,9 +22,9 @@ from sllmd.errors import SllmError
 from sllmd.protocol import (PROTOCOL_VERSION, BusyError, CancelledError, DaemonTimeoutError, DaemonUnreachableError,
                             Hello, InternalError, InvalidArgumentError, ShuttingDownError, Status, decode_reply,
                             encode)
-from sllmd.protocol.errors import AddressInUseError
+from sllmd.errors import AddressInUseError
 from sllmd.server import Server
-from sllmd.tiers.errors import ModelNotFoundError
+from sllmd.errors import ModelNotFoundError
 from sllmd.transport import MemoryTransport, ZmqTransport, make_socket
 
 MAX_FRAME = 64 * 1024

@@ -24,7 +24,7 @@ from sllmd.pool import ChunkPool, HostArena
 from sllmd.store.format import open_checkpoint
 from sllmd.tiers.device import DeviceTier
 from sllmd.tiers.dram import DramTier
-from sllmd.tiers.errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError,
+from sllmd.errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError,
                                 StoreFullError, StoreLockedError)
 from sllmd.tiers.loader import load_instance
 from sllmd.tiers.ssd import SsdStore

@@ -11,12 +11,10 @@ import importlib
 import logging
 import sys
 
-from sllmd.errors import SllmError
+from sllmd.errors import Exit, SllmError
 
 # Verb modules, in the order their verbs appear in --help.
 VERB_MODULES = ["sllmctl.offline", "sllmctl.daemon_verbs"]
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUSY = 0, 1, 2, 69, 75
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SllmError as e:
         print(f"sllmctl: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return int(e.exit_code)
     except KeyboardInterrupt:
         print("sllmctl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return EXIT_OK
+        return Exit.OK
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from ..errors import SllmError
 from .decode import build_prompt_ids, stop_token_ids
-from .errors import BusyError, InferenceError, InstanceClosedError, RequestCancelledError
+from sllmd.errors import BusyError, InferenceError, InstanceClosedError, RequestCancelledError, SllmError
 from .generation import Generation
 from .request import InferRequest, RequestState
 

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequestError
+from sllmd.errors import InvalidRequestError
 
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 64

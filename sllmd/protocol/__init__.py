@@ -1,6 +1,6 @@
 """The sllmd wire protocol: typed messages, msgpack codec, protocol errors (DESIGN.md section 6)."""
 from .codec import decode_reply, decode_request, encode, peek_id
-from .errors import (BadMessageError, BusyError, CancelledError, DaemonTimeoutError, DaemonUnreachableError,
+from sllmd.errors import (BadMessageError, BusyError, CancelledError, DaemonTimeoutError, DaemonUnreachableError,
                      HandshakeRequiredError, InternalError, InvalidArgumentError, OversizedError, ProtocolError, RemoteError,
                      ShuttingDownError, UnknownTypeError, VersionMismatchError, error_reply_fields,
                      exception_from_reply)

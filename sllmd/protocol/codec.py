@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadMessageError, OversizedError, UnknownTypeError
+from sllmd.errors import BadMessageError, OversizedError, UnknownTypeError
 from .messages import MAX_ID, REPLIES, REQUESTS
 from .schema import Message
 

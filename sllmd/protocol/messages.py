@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import BadMessageError
+from sllmd.errors import BadMessageError
 from .schema import Message, at_least, checked, in_range, max_len, model_name, non_empty
 
 PROTOCOL_VERSION = 1

@@ -17,7 +17,7 @@ import types
 import typing
 from typing import Any, Callable, ClassVar, Literal
 
-from .errors import BadMessageError
+from sllmd.errors import BadMessageError
 
 Check = Callable[[Any], "str | None"]
 

@@ -23,7 +23,7 @@ from typing import Callable
 from ..errors import OutOfMemoryError
 from ..inference.engine import Instance
 from . import policy
-from .errors import ModelInUseError
+from sllmd.errors import ModelInUseError
 from .states import EvictReason
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from ..errors import PoolExhaustedError
 from ..pool import ChunkPool, LoadOptions, PooledCheckpoint
 from ..store.format import Checkpoint
 from . import policy
-from .errors import ModelInUseError
+from sllmd.errors import ModelInUseError
 from .states import EvictReason
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, SllmError
 from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
 from ..store.writer import fsync_dir
 from . import policy
-from .errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
+from sllmd.errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
                      StoreLockedError)
 from .states import EvictReason
 

@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 
-from sllmd.protocol.errors import AddressInUseError, DaemonUnreachableError
+from sllmd.errors import AddressInUseError, DaemonUnreachableError
 
 from .base import ClientEndpoint, SendResult, ServerEndpoint, Transport
 

@@ -18,7 +18,7 @@ import threading
 
 import zmq
 
-from sllmd.protocol.errors import AddressInUseError, DaemonUnreachableError
+from sllmd.errors import AddressInUseError, DaemonUnreachableError
 
 from .base import ClientEndpoint, SendResult, ServerEndpoint, Transport
 
