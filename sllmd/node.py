@@ -20,6 +20,7 @@ from .errors import LoadError, OutOfMemoryError, SllmError
 from .inference.engine import Instance
 from .errors import InvalidRequestError
 from .inference.request import InferRequest
+from .model_card import model_card
 from .store.format import open_checkpoint
 from .tiers import policy
 from .tiers.device import DeviceTier, Slot
@@ -227,6 +228,13 @@ class Node:
             except SllmError:
                 continue  # removed meanwhile
         return out
+
+    def show(self, name: str) -> dict:
+        """`models`' entry for `name` plus its description from the checkpoint (model_card)."""
+        self._check_open()
+        info = self._model_info(name)
+        info.update(model_card(self.ssd.get(name).path))
+        return info
 
     def pin(self, name: str) -> None:
         self._check_open()

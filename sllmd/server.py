@@ -94,7 +94,7 @@ class Server:
         self._handlers: dict[str, Callable[[Message, _Call], Message]] = {
             "status": self._status, "models": self._models, "ps": self._ps, "load": self._load,
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
-            "import": self._import, "infer": self._infer,
+            "import": self._import, "infer": self._infer, "show": self._show,
         }
 
     # --- lifecycle (any thread) -----------------------------------------------------------------------
@@ -382,6 +382,9 @@ class Server:
 
     def _ps(self, msg, call) -> Message:
         return Result(id=msg.id, data=list(self.node.ps()))
+
+    def _show(self, msg, call) -> Message:
+        return Result(id=msg.id, data=self.node.show(msg.name))
 
     def _load(self, msg, call) -> Message:
         return Result(id=msg.id, data=self.node.load(msg.name, keep_alive=msg.keep_alive))

@@ -16,7 +16,7 @@ SAMPLES = {
     "import": dict(name="smol", source="/models/smol.gguf"),
     "load": dict(name="smol", keep_alive=300.0),
     "evict": dict(name="smol", tier="dram"),
-    "remove": dict(name="smol"), "pin": dict(name="smol"), "unpin": dict(name="smol"),
+    "remove": dict(name="smol"), "pin": dict(name="smol"), "unpin": dict(name="smol"), "show": dict(name="smol"),
     "infer": dict(model="smol", prompt="hi", max_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["\n"],
                   keep_alive=-1.0, chat=False),
     "welcome": dict(version=PROTOCOL_VERSION, server="0.1.0", max_frame_bytes=1 << 20, heartbeat_s=1.0),

@@ -6,7 +6,7 @@ from sllmd.errors import (BadMessageError, BusyError, CancelledError, DaemonTime
                      exception_from_reply)
 from .messages import (FINAL_REPLIES, LONG_RUNNING, PROTOCOL_VERSION, REPLIES, REQUESTS, STREAMING, Cancel, Done,
                        Error, Evict, Event, Heartbeat, Hello, Import, Infer, Load, Models, Pin, Ping, Progress, Ps,
-                       Remove, Result, Status, Token, Unpin, Welcome)
+                       Remove, Result, Show, Status, Token, Unpin, Welcome)
 from .schema import Message
 
 __all__ = [
@@ -14,6 +14,6 @@ __all__ = [
     "Done", "Error", "Event", "Evict", "FINAL_REPLIES", "HandshakeRequiredError", "Heartbeat", "Hello", "Import",
     "Infer", "InternalError", "InvalidArgumentError", "LONG_RUNNING", "Load", "Message", "Models", "OversizedError", "PROTOCOL_VERSION",
     "Pin", "Ping", "Progress", "ProtocolError", "Ps", "REPLIES", "REQUESTS", "RemoteError", "Remove", "Result",
-    "STREAMING", "ShuttingDownError", "Status", "Token", "UnknownTypeError", "Unpin", "VersionMismatchError",
+    "STREAMING", "Show", "ShuttingDownError", "Status", "Token", "UnknownTypeError", "Unpin", "VersionMismatchError",
     "Welcome", "decode_reply", "decode_request", "encode", "error_reply_fields", "exception_from_reply", "peek_id",
 ]

@@ -9,7 +9,7 @@ stream). Type names are append-only: never rename or reuse one.
 A conversation:
 
     hello -> welcome                    (first, on every connection; carries PROTOCOL_VERSION)
-    status | models | ps | load | evict | remove | pin | unpin | ping -> result | error
+    status | models | ps | show | load | evict | remove | pin | unpin | ping -> result | error
     import -> progress* -> result | error
     infer  -> (token | event)* -> done | error
     cancel                              (no reply of its own: the cancelled request ends with an error)
@@ -158,6 +158,14 @@ class Infer(Envelope):
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise BadMessageError("infer: give exactly one of prompt and messages")
+
+
+@request("show")
+@dataclass(frozen=True, kw_only=True)
+class Show(Envelope):
+    """A model's description (architecture, parameters, context length, dtype, chat template, sizes)."""
+
+    name: str = checked(model_name)
 
 
 @request("cancel")
