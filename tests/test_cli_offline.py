@@ -32,7 +32,7 @@ def test_convert_then_inspect_json(hf_dir, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     ckpt = open_checkpoint(tmp_path / "ckpt")
-    assert d["magic"] == "sllm-checkpoint" and d["format_version"] == "1.0"
+    assert d["magic"] == "sllm-checkpoint" and d["format_version"] == "1.1"
     assert d["model"]["architecture"] == "GPT2LMHeadModel" and d["model"]["source"]["format"] == "safetensors"
     assert d["checksum"] == {"scheme": "crc32c", "block_size": 1 << 20}
     assert "config.json" in d["files"]

@@ -1,4 +1,5 @@
 """Bad checkpoints fail loudly, name what is wrong, and leak nothing."""
+import hashlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from sllmd import store
 from sllmd.errors import (CheckpointError, CorruptCheckpointError, NotACheckpointError,
                           TruncatedCheckpointError, UnsupportedTensorError, UnsupportedVersionError)
 from sllmd.pool import ChunkPool, PooledCheckpoint
-from sllmd.store.format import BLOCK_SIZE
+from sllmd.store.format import BLOCK_SIZE, manifest_sha256
 
 
 @pytest.fixture
@@ -21,6 +22,17 @@ def ckpt(tmp_path):
     path = tmp_path / "c"
     store.save_state_dict({"a": torch.randn(3 << 18), "b": torch.randn(1000)}, path)  # 3 MiB + a bit
     return path
+
+
+def rewrite(ckpt, manifest=None, index=None):
+    """Replaces the manifest and/or the index with consistent checksums: what a buggy
+    writer (not a flipped byte) would produce, so the content checks are what refuses it."""
+    if index is not None:
+        (ckpt / "index.json").write_text(json.dumps(index))
+    manifest = manifest if manifest is not None else json.loads((ckpt / "manifest.json").read_text())
+    manifest["index_sha256"] = hashlib.sha256((ckpt / "index.json").read_bytes()).hexdigest()
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _load_both_ways(path):
@@ -73,10 +85,11 @@ def test_missing_index(ckpt):
 
 
 def test_garbage_index(ckpt):
-    (ckpt / "index.json").write_text('{"tensors": {"a": {"partition": 7}}}')
+    rewrite(ckpt, index={"tensors": {"a": {"partition": 7}}})
     with pytest.raises(CorruptCheckpointError, match="malformed index.json"):
         store.load_state_dict(ckpt)
     (ckpt / "index.json").write_bytes(b"\x00\xff not json")
+    rewrite(ckpt)
     with pytest.raises(CorruptCheckpointError, match="unreadable tensor index"):
         store.load_state_dict(ckpt)
 
@@ -84,9 +97,113 @@ def test_garbage_index(ckpt):
 def test_tensor_outside_its_partition(ckpt):
     index = json.loads((ckpt / "index.json").read_text())
     index["tensors"]["a"]["offset"] = 1 << 30
-    (ckpt / "index.json").write_text(json.dumps(index))
+    rewrite(ckpt, index=index)
     with pytest.raises(CorruptCheckpointError, match="outside its partition"):
         store.load_state_dict(ckpt)
+
+
+def _flip_byte(path, at):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("field", ["shape", "stride", "storage_offset", "offset"])
+def test_flipped_byte_in_the_index_is_refused(ckpt, field):
+    """A bit flip in any digit of a view's geometry: the index checksum names the file."""
+    text = (ckpt / "index.json").read_text()
+    at = text.index(f'"{field}":', text.index('"b"')) + len(field) + 3
+    while not text[at].isdigit():
+        at += 1
+    _flip_byte(ckpt / "index.json", at)
+    for open_ in (store.open_checkpoint, store.load_state_dict):
+        with pytest.raises(CorruptCheckpointError, match=r"index\.json: checksum mismatch"):
+            open_(ckpt)
+
+
+def test_flipped_byte_in_the_manifest_is_refused(ckpt):
+    text = (ckpt / "manifest.json").read_text()
+    _flip_byte(ckpt / "manifest.json", text.index('"nbytes":') + 9)  # 1 digit of the partition size
+    with pytest.raises(CorruptCheckpointError, match=r"manifest\.json: checksum mismatch"):
+        store.open_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"shape": [1001]}, "reaches byte 4004 of its 4000"),
+    ({"shape": [500], "stride": [3]}, "reaches byte"),
+    ({"storage_offset": 1}, "reaches byte 4004 of its 4000"),
+    ({"stride": [1, 1]}, "1 dimensions but 2 strides"),
+    ({"shape": [-1]}, "must be an integer >= 0"),
+    ({"shape": [1000.0]}, "must be an integer >= 0"),
+    ({"shape": "1000"}, "must be a list of integers"),
+    ({"offset": True}, "must be an integer"),
+    ({"nbytes": 1 << 40}, "outside its partition"),
+    ({"dtype": "float99"}, "float99"),
+    ({"dtype": 7}, "dtype must be a string"),
+    ({"shape": [1 << 62], "stride": [0]}, "impossible shape"),
+])
+def test_view_outside_its_bytes_is_refused(ckpt, change, message):
+    """A view's extent (storage offset, shape, stride, element size) must lie within its bytes."""
+    index = json.loads((ckpt / "index.json").read_text())
+    index["tensors"]["b"].update(change)
+    rewrite(ckpt, index=index)
+    with pytest.raises(CorruptCheckpointError, match="index.json") as info:
+        store.open_checkpoint(ckpt)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"block_size": 0}, "block_size must be an integer >= 1"),
+    ({"block_size": 1000}, "not a multiple of 4096"),
+    ({"block_size": "1MiB"}, "block_size must be an integer"),
+    ({"partitions": {"0": {}}}, "partitions must be a list"),
+    ({"partitions": ["data-00000.bin"]}, "partition 0 is a str"),
+    ({"partitions": [{"file": "../x", "nbytes": 0}]}, "plain file name"),
+    ({"checksum": "md5"}, "checksum 'md5'"),
+    ({"format_version": 1}, "format_version must be [major, minor]"),
+    ({"format_version": ["1", "1"]}, "format_version must be an integer"),
+    ({"files": "config.json"}, "files must be a list"),
+    ({"model": [1]}, "model must be an object"),
+    ({"block_size": None}, "block_size must be an integer"),
+])
+def test_malformed_manifest_is_refused(ckpt, change, message):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest.update(change)
+    rewrite(ckpt, manifest=manifest)
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: malformed") as info:
+        store.open_checkpoint(ckpt)
+    assert message in str(info.value)
+
+
+def test_missing_manifest_field_is_named(ckpt):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["partitions"]
+    rewrite(ckpt, manifest=manifest)
+    with pytest.raises(CorruptCheckpointError, match="missing field 'partitions'"):
+        store.open_checkpoint(ckpt)
+
+
+def test_current_minor_requires_its_checksums(ckpt):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["manifest_sha256"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match="must carry manifest_sha256 and index_sha256"):
+        store.open_checkpoint(ckpt)
+
+
+def test_format_1_0_checkpoint_without_checksums_still_opens(ckpt):
+    """What sllm wrote before the checksums (format 1.0): opened, its views still checked."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for key in ("manifest_sha256", "index_sha256"):
+        del manifest[key]
+    manifest["format_version"] = [1, 0]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert store.load_state_dict(ckpt)["b"].shape == (1000,)
+    index = json.loads((ckpt / "index.json").read_text())
+    index["tensors"]["b"]["shape"] = [1001]
+    (ckpt / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="reaches byte"):
+        store.open_checkpoint(ckpt)
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -102,10 +219,11 @@ def test_not_a_checkpoint(tmp_path):
 def test_newer_major_version_is_refused_newer_minor_is_read(ckpt):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["format_version"] = [1, 9]
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    manifest["a_field_of_1_9"] = {"x": 1}  # covered by the manifest checksum too
+    rewrite(ckpt, manifest=manifest)
     assert "a" in store.load_state_dict(ckpt)
     manifest["format_version"] = [2, 0]
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    rewrite(ckpt, manifest=manifest)
     with pytest.raises(UnsupportedVersionError, match="version 2.0 is not supported"):
         store.load_state_dict(ckpt)
 

@@ -2,6 +2,8 @@
 publish atomically (temporary directory, fsync, rename)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -229,8 +231,9 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
             index[name] = TensorEntry(name, r.partition, r.offset, r.hi - r.lo, tuple(t.shape), tuple(t.stride()),
                                       start // t.element_size(), dtype_name(t.dtype)).to_json()
         exec_names = _write_exec_files(tmp, files or {})
-        _write_json(tmp / INDEX_FILE, {"tensors": index})
-        manifest = Manifest(parts, BLOCK_SIZE, CHECKSUM if checksums else None, exec_names, dict(model or {}))
+        index_sha256 = _write_json(tmp / INDEX_FILE, {"tensors": index})
+        manifest = Manifest(parts, BLOCK_SIZE, CHECKSUM if checksums else None, exec_names, dict(model or {}),
+                            index_sha256=index_sha256)
         _write_json(tmp / MANIFEST_FILE, manifest.to_json())  # last: its presence marks a whole checkpoint
         fsync_dir(tmp)
         _publish(tmp, path, overwrite)
@@ -261,12 +264,14 @@ def _balance(state_dict: Mapping[str, torch.Tensor], count: int) -> dict[str, in
     return plan
 
 
-def _write_json(path: Path, obj) -> None:
-    import json
-    with open(path, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
+def _write_json(path: Path, obj) -> str:
+    """Writes obj as compact JSON, fsync'd; returns the SHA-256 of the bytes written."""
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
 
 
 def _write_exec_files(tmp: Path, files: Mapping[str, str | os.PathLike | bytes]) -> list[str]:
