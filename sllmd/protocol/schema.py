@@ -12,11 +12,11 @@ declared (and stored as a float); a bool is never accepted as an int.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from typing import Any, Callable, ClassVar, Literal
 
+from sllmd import names
 from sllmd.errors import BadMessageError
 
 Check = Callable[[Any], "str | None"]
@@ -47,14 +47,9 @@ def max_len(n: int) -> Check:
     return lambda v: None if v is None or len(v) <= n else f"is longer than {n}"
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*\Z")
-
-
 def model_name(v: str) -> str | None:
-    """Model names double as directory names in the store: no separators, no dot-dot."""
-    if not v or len(v) > 128 or not _NAME.match(v) or ".." in v:
-        return "must be 1-128 characters of letters, digits and . _ : + - (not starting with a symbol, no '..')"
-    return None
+    """Model names double as directory names in the store: the rule is sllmd.names'."""
+    return names.problem(v)
 
 
 def non_empty(v) -> str | None:
