@@ -27,15 +27,17 @@ def short_tempdir(prefix: str = "sllm-test-") -> Path:
 
 
 class DaemonProcess:
-    def __init__(self, root: Path, *args: str, env: dict | None = None, dram: str = "64MiB",
-                 device_memory: str = "512MiB"):
+    def __init__(self, root: Path, *args: str, env: dict | None = None, dram: str | None = "64MiB",
+                 device_memory: str | None = "512MiB"):
+        """dram / device_memory None: the daemon's own defaults."""
         self.root = Path(root)
         self.socket = str(self.root / "sllmd.sock")
         self.store = self.root / "store"
         self.log_path = self.root / "sllmd.log"
-        self.args = ["--config", "/dev/null", "--socket", self.socket, "--store", str(self.store), "--dram", dram,
-                     "--device-memory", device_memory, "--device", "cpu", "--log-level", "debug",
-                     "--heartbeat", "0.2", *args]
+        sizes = (["--dram", dram] if dram is not None else []) + \
+            (["--device-memory", device_memory] if device_memory is not None else [])
+        self.args = ["--config", "/dev/null", "--socket", self.socket, "--store", str(self.store), *sizes,
+                     "--device", "cpu", "--log-level", "debug", "--heartbeat", "0.2", *args]
         self.env = dict(os.environ, **(env or {}))
         for key in list(self.env):
             if key.startswith("SLLMD_") and key not in (env or {}):
@@ -192,7 +194,7 @@ class ScriptedNode:
         self.names.add(name)
         return {"name": name, "source": source, "tiers": ["ssd"]}
 
-    def infer(self, req: dict):
+    def infer(self, req: dict, cancelled=None):
         self._need(req["model"])
         return self._tokens(req)
 
