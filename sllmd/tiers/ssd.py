@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -28,27 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import names
 from ..errors import CheckpointError, SllmError
 from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
 from ..store.writer import fsync_dir
 from . import policy
-from sllmd.errors import (InvalidNameError, ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
+from sllmd.errors import (ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
                      StoreLockedError)
 from .states import EvictReason
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 CATALOG = "catalog.json"
 Progress = Callable[[int, int], None]
 EvictHook = Callable[[str, EvictReason], None]
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise InvalidNameError(f"invalid model name {name!r}: use letters, digits and . _ : + - "
-                               f"(at most 128 characters, starting with a letter or digit)")
-    return name
+    return names.check(name)
 
 
 @dataclass
@@ -111,6 +107,25 @@ def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None) 
         fsync_dir(d)
 
 
+def _apply_catalog(entry: SsdEntry, meta: dict) -> None:
+    """Pins, times and source from catalog.json; a value of the wrong type is ignored (with
+    a warning): the directory's own facts stand, and the model stays usable."""
+    def field(key: str, ok, default):
+        value = meta.get(key, default)
+        if value is default or ok(value):
+            return value
+        log.warning("catalog.json: ignoring %s=%r of model %s (not a valid value)", key, value, entry.name)
+        return default
+
+    def is_time(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e18
+
+    entry.pinned = field("pinned", lambda v: isinstance(v, bool), False)
+    entry.last_used = float(field("last_used", is_time, entry.last_used))
+    entry.imported_at = float(field("imported_at", is_time, entry.imported_at))
+    entry.source = field("source", lambda v: isinstance(v, str), None)
+
+
 class SsdStore:
     """The local checkpoint store. Thread-safe; long work (imports) runs outside its lock."""
 
@@ -150,14 +165,13 @@ class SsdStore:
         meta = self._read_catalog()
         entries = {}
         for d in sorted(self.models_dir.iterdir()):
-            if not d.is_dir() or not NAME_RE.match(d.name):
+            if not d.is_dir():
                 continue
-            m = meta.get(d.name, {})
+            if not names.is_valid(d.name):
+                log.warning("ignoring %s in the store: %r is not a valid model name", d, d.name)
+                continue
             entry = self._scan(d.name, d)
-            entry.pinned = bool(m.get("pinned", False))
-            entry.last_used = float(m.get("last_used", entry.last_used))
-            entry.imported_at = float(m.get("imported_at", entry.imported_at))
-            entry.source = m.get("source")
+            _apply_catalog(entry, meta.get(d.name, {}))
             entries[d.name] = entry
         with self._lock:
             self._entries = entries
@@ -173,14 +187,22 @@ class SsdStore:
                 self._lock_fd = None
 
     def _scan(self, name: str, path: Path) -> SsdEntry:
-        mtime = path.stat().st_mtime
+        """The entry for one model directory; whatever is wrong with it becomes its `error`
+        (a bad checkpoint makes one failed model, never a daemon that cannot start)."""
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
         try:
             ckpt = open_checkpoint(path)
             data = ckpt.manifest.total_bytes
             missing = [p.file for p in ckpt.manifest.partitions if not ckpt.data_path(p).is_file()]
             error = f"missing data files {missing}" if missing else None
-        except SllmError as e:
+        except (SllmError, OSError) as e:
             data, error = 0, str(e)
+        except Exception as e:  # a reader bug must not stop the daemon either
+            log.exception("scanning %s failed", path)
+            data, error = 0, f"{type(e).__name__}: {e}"
         if error:
             log.warning("model %s in the store is unusable: %s", name, error)
         return SsdEntry(name, path, dir_bytes(path), data, last_used=mtime, imported_at=mtime, error=error)
@@ -193,7 +215,7 @@ class SsdStore:
             return {k: v for k, v in models.items() if isinstance(v, dict)}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, AttributeError, TypeError) as e:
             log.warning("%s is unreadable (%s); pins and last-use times start afresh", self.root / CATALOG, e)
             return {}
 
