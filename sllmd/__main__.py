@@ -3,7 +3,8 @@
 Settings: TOML config file < SLLMD_* environment < flags (see `sllmd --help`).
 Logs go to stderr; under systemd (journal on stderr) each line carries its
 syslog priority instead of a timestamp. Exit codes: 0 clean stop, 1 failure,
-2 usage, 78 bad configuration.
+2 usage (an unknown flag), 78 bad configuration (one line on stderr, before
+anything starts; the unit's RestartPreventExitStatus=78 relies on it).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import logging
 import os
 import sys
 
-from sllmd.config import ConfigError, add_flags, as_dict, flags_from_args, load_config
+from sllmd.config import (ConfigError, add_flags, as_dict, flags_from_args, load_config, prepare_store_dir,
+                          value_flags)
 
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -56,8 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_dash_values(argv: list[str], flags: set[str]) -> list[str]:
+    """`--dram -1GiB` as `--dram=-1GiB`: argparse takes a value starting with "-" for a flag
+    (unless it is a plain negative number), which would turn a bad value into a usage error
+    instead of the setting's own message, and refuse `--keep-alive -1m` outright."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(join_dash_values(argv, value_flags()))
     if args.version:
         from importlib.metadata import version
         from sllmd.protocol import PROTOCOL_VERSION
@@ -65,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(flags_from_args(args), env=os.environ, config_file=args.config)
+        if args.print_config:
+            sys.stdout.write(json.dumps(as_dict(config), indent=2) + "\n")
+            return 0
+        prepare_store_dir(config)
     except ConfigError as e:
-        sys.stderr.write(f"sllmd: {e}\n")
+        sys.stderr.write("sllmd: " + " ".join(str(e).split()) + "\n")   # one line, whatever the cause
         return e.exit_code
-    if args.print_config:
-        sys.stdout.write(json.dumps(as_dict(config), indent=2) + "\n")
-        return 0
     setup_logging(config.log_level, os.environ.get("JOURNAL_STREAM"))
     from sllmd.daemon import Daemon
     daemon = Daemon(config, env=os.environ)

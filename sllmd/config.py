@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ def parse_size(value: str | int) -> int:
             raise ConfigError(f"not a size: {value!r}")
         return int(value)
     m = _SIZE.match(str(value))
+    if not m and str(value).strip().startswith("-"):
+        raise ConfigError(f"a size cannot be negative: {value!r}")
     if not m:
         raise ConfigError(f"not a size: {value!r} (examples: 8GiB, 512M, 4096)")
     number, unit, binary, suffix_b = m.groups()
@@ -59,6 +62,16 @@ def parse_optional_size(value: str | int | None) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited", "infinity")):
         return None
     return parse_size(value)
+
+
+def format_size(n: int) -> str:
+    """A size as parse_size reads it back: 4GiB, 2.93GiB, 512MiB, 100B (at most 3 significant digits)."""
+    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if n >= 1024 ** power:
+            value = n / 1024 ** power
+            text = f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+            return text + unit
+    return f"{n}B"
 
 
 # --- durations (Ollama's keep_alive grammar) -----------------------------------------------------
@@ -188,6 +201,7 @@ class Setting:
     parse: Callable[[Any], Any]
     help: str
     metavar: str = "VALUE"
+    default: str | None = None     # the default as --help states it; None: taken from Config
 
     @property
     def env(self) -> str:
@@ -199,24 +213,28 @@ class Setting:
 
 
 SETTINGS: list[Setting] = [
-    Setting("socket", "socket", lambda v: str(v), "Unix socket to listen on", "PATH"),
-    Setting("socket_mode", "socket_mode", parse_mode, "socket file permission, octal (0600, or 0660 for a group)",
-            "MODE"),
+    Setting("socket", "socket", lambda v: str(v), "Unix socket to listen on", "PATH",
+            "$XDG_RUNTIME_DIR/sllm/sllmd.sock; /run/sllmd/sllmd.sock under systemd"),
+    Setting("socket_mode", "socket_mode", parse_mode, "socket file permission, octal: 0600, or 0660 for a group",
+            "MODE", "0600"),
     Setting("store", "store_dir", lambda v: Path(str(v)).expanduser(), "SSD tier: the checkpoint store directory",
-            "DIR"),
-    Setting("ssd_capacity", "ssd_capacity_bytes", parse_optional_size, "SSD tier capacity (none = unlimited)",
-            "SIZE"),
-    Setting("dram", "dram_bytes", parse_size, "DRAM tier: chunk pool capacity", "SIZE"),
-    Setting("chunk_size", "chunk_size", parse_size, "DRAM pool chunk size", "SIZE"),
-    Setting("device", "device", parse_device, "device for model instances: cpu, cuda:N or auto", "DEV"),
-    Setting("device_memory", "device_memory_bytes", parse_size, "device tier: memory budget for instances", "SIZE"),
+            "DIR", "$XDG_DATA_HOME/sllm/store (~/.local/share/sllm/store); /var/lib/sllmd/store under systemd"),
+    Setting("ssd_capacity", "ssd_capacity_bytes", parse_optional_size, "SSD tier capacity; none = unlimited",
+            "SIZE", "none, the disk's free space is the limit"),
+    Setting("dram", "dram_bytes", parse_size, "DRAM tier: chunk pool capacity", "SIZE",
+            "min(4GiB, RAM/8), {dram} here"),
+    Setting("chunk_size", "chunk_size", parse_size, "DRAM pool chunk size", "SIZE", "16MiB"),
+    Setting("device", "device", parse_device, "device for model instances: cpu, cuda:N or auto", "DEV",
+            "auto, i.e. cuda:0 when torch sees a GPU, else cpu"),
+    Setting("device_memory", "device_memory_bytes", parse_size, "device tier: memory budget for instances", "SIZE",
+            "90% of the GPU's memory on cuda; min(4GiB, RAM/8) on cpu, {cpu_device} here"),
     Setting("keep_alive", "keep_alive_s", parse_duration,
-            "default keep_alive: 5m, 30s, -1 = forever, 0 = unload after the request", "DUR"),
+            "default keep_alive: 5m, 30s, -1 = forever, 0 = unload after the request", "DUR", "5m"),
     Setting("queue_depth", "queue_depth", parse_int, "per-instance request queue length", "N"),
     Setting("max_frame", "max_frame_bytes", parse_size, "largest accepted message", "SIZE"),
     Setting("verify_checksums", "verify_checksums", parse_bool, "verify checkpoint checksums while loading",
             "BOOL"),
-    Setting("log_level", "log_level", parse_log_level, "debug, info, warning or error", "LEVEL"),
+    Setting("log_level", "log_level", parse_log_level, "debug, info, warning or error", "LEVEL", "info"),
     Setting("max_streams", "max_streams", parse_int, "concurrent long requests before answering busy", "N"),
     Setting("shutdown_grace", "shutdown_grace_s", parse_duration, "how long a stop waits for requests", "DUR"),
     Setting("heartbeat", "heartbeat_s", parse_duration, "heartbeat interval to clients", "DUR"),
@@ -278,12 +296,55 @@ def _resolve_device(device: str) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+# Defaults sized for a daemon someone just started next to everything else on the host: the DRAM pool
+# and (on a CPU host) the device budget are at most 4GiB and an eighth of RAM each, so together never
+# more than a quarter of it. Room for models of a few GiB (SmolLM2-135M needs 0.26 GiB); larger
+# models need --dram / --device-memory, which the config file or flags set explicitly.
+DEFAULT_HOST_SHARE = 8
+DEFAULT_HOST_CAP = 4 * GiB
+_GRANULE = 2 * MiB    # the host arena's allocation unit (sllmd.pool.buffers.ARENA_GRANULE)
+
+
+def default_dram_bytes(chunk_size: int = 16 * MiB, physical: int | None = None) -> int:
+    physical = _physical_memory() if physical is None else physical
+    share = min(DEFAULT_HOST_CAP, physical // DEFAULT_HOST_SHARE)
+    return max(chunk_size, share // chunk_size * chunk_size)
+
+
+def default_cpu_device_memory(physical: int | None = None) -> int:
+    physical = _physical_memory() if physical is None else physical
+    share = min(DEFAULT_HOST_CAP, physical // DEFAULT_HOST_SHARE)
+    return max(_GRANULE, share // _GRANULE * _GRANULE)
+
+
+def _cuda_total_memory(device: str) -> int:
+    import torch
+    _free, total = torch.cuda.mem_get_info(torch.device(device))
+    return total
+
+
 def _default_device_memory(device: str) -> int:
     if device.startswith("cuda"):
-        import torch
-        _free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(total * 0.9)
-    return _physical_memory() // 4
+        return int(_cuda_total_memory(device) * 0.9)
+    return default_cpu_device_memory()
+
+
+def default_help(setting: Setting) -> str:
+    """The default of a setting as --help shows it."""
+    if setting.default is not None:
+        return setting.default.format(dram=format_size(default_dram_bytes()),
+                                      cpu_device=format_size(default_cpu_device_memory()))
+    field = next(f for f in dataclasses.fields(Config) if f.name == setting.field)
+    value = field.default
+    if value is dataclasses.MISSING:
+        return "see the README"
+    if setting.parse in (parse_size, parse_optional_size):
+        return "none" if value is None else format_size(value)
+    if setting.parse is parse_bool:
+        return "on" if value else "off"
+    if setting.parse is parse_duration:
+        return f"{value:g}s"
+    return str(value)
 
 
 def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
@@ -313,14 +374,79 @@ def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] |
 
     device = _resolve_device(values.get("device", "auto"))
     values["device"] = device
+    check_device(device)
     values.setdefault("socket", default_socket_path(env))
     values.setdefault("store_dir", default_store_dir(env))
-    values.setdefault("dram_bytes", min(8 * GiB, _physical_memory() // 4))
+    values.setdefault("dram_bytes", default_dram_bytes(values.get("chunk_size", Config.chunk_size)))
     if "device_memory_bytes" not in values:
         values["device_memory_bytes"] = _default_device_memory(device)
     config = Config(**values)
     validate(config)
+    check_host(config)
     return config
+
+
+def check_device(device: str) -> None:
+    """A cuda device must exist in this torch (a CPU-only build has none)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        raise ConfigError(f"device: {device} asked for, but torch {torch.__version__} has {build}; "
+                          "use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device: {device} asked for, but torch sees {count} CUDA device(s) (cuda:0..{count - 1})")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_host(config: Config) -> None:
+    """Sizes this host cannot honour are refused here, before anything is allocated."""
+    ram = _physical_memory()
+    if config.dram_bytes > ram:
+        raise ConfigError(f"dram: {format_size(config.dram_bytes)} is more than this host's memory "
+                          f"({format_size(ram)})")
+    if config.device.startswith("cpu"):
+        if config.device_memory_bytes > ram:
+            raise ConfigError(f"device_memory: {format_size(config.device_memory_bytes)} is more than this host's "
+                              f"memory ({format_size(ram)}); on a CPU host instances live in RAM")
+        if config.dram_bytes + config.device_memory_bytes > ram:
+            raise ConfigError(f"dram + device_memory: {format_size(config.dram_bytes)} + "
+                              f"{format_size(config.device_memory_bytes)} is more than this host's memory "
+                              f"({format_size(ram)}); on a CPU host both live in RAM")
+    elif config.device.startswith("cuda"):
+        total = _cuda_total_memory(config.device)
+        if config.device_memory_bytes > total:
+            raise ConfigError(f"device_memory: {format_size(config.device_memory_bytes)} is more than "
+                              f"{config.device}'s memory ({format_size(total)})")
+    existing = _nearest_existing(config.store_dir)
+    if not existing.is_dir():
+        raise ConfigError(f"store: {existing} is not a directory (store = {config.store_dir})")
+    if config.ssd_capacity_bytes is not None:
+        st = os.statvfs(existing)
+        disk = st.f_blocks * st.f_frsize
+        if config.ssd_capacity_bytes > disk:
+            raise ConfigError(f"ssd_capacity: {format_size(config.ssd_capacity_bytes)} is more than the disk "
+                              f"under {existing} ({format_size(disk)})")
+
+
+def prepare_store_dir(config: Config) -> None:
+    """Creates the store directory and checks that it takes files: a store that cannot be
+    written is a configuration error (exit 78), found before the daemon starts."""
+    try:
+        config.store_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=config.store_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"store: cannot use {config.store_dir}: {e.strerror or e}") from None
 
 
 def validate(config: Config) -> None:
@@ -329,6 +455,8 @@ def validate(config: Config) -> None:
             raise ConfigError(text)
     need(bool(config.socket), "socket: an empty path")
     need(len(os.fsencode(config.socket)) <= 107, f"socket: path longer than 107 bytes: {config.socket}")
+    from sllmd.transport.base import check_listen_address
+    check_listen_address(config.socket)   # tcp:// waits for CurveZMQ
     need(config.chunk_size >= 1 * MiB and config.chunk_size % (4 * KiB) == 0,
          "chunk_size: must be at least 1MiB and a multiple of 4KiB")
     need(config.dram_bytes >= config.chunk_size, "dram: smaller than one chunk")
@@ -358,10 +486,16 @@ def add_flags(parser) -> None:
     """Adds every setting as a flag to an argparse parser (default None: not given)."""
     group = parser.add_argument_group("settings (also SLLMD_<NAME> in the environment, or the config file)")
     for s in SETTINGS:
+        text = f"{s.help} (default: {default_help(s)})".replace("%", "%%")
         if s.parse is parse_bool:
-            group.add_argument(s.flag, dest=s.key, default=None, action=argparse.BooleanOptionalAction, help=s.help)
+            group.add_argument(s.flag, dest=s.key, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
-            group.add_argument(s.flag, dest=s.key, default=None, metavar=s.metavar, help=s.help)
+            group.add_argument(s.flag, dest=s.key, default=None, metavar=s.metavar, help=text)
+
+
+def value_flags() -> set[str]:
+    """The flags that take a value (for letting such a value start with "-", e.g. --keep-alive -1m)."""
+    return {s.flag for s in SETTINGS if s.parse is not parse_bool}
 
 
 def flags_from_args(args) -> dict[str, Any]:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from sllmd.config import (GiB, MiB, Config, ConfigError, add_flags, as_dict, default_socket_path, default_store_dir,
-                          flags_from_args, load_config, parse_duration, parse_mode, parse_size)
+from sllmd.config import (SETTINGS, GiB, MiB, Config, ConfigError, add_flags, as_dict, default_cpu_device_memory,
+                          default_dram_bytes, default_socket_path, default_store_dir, flags_from_args, format_size,
+                          load_config, parse_duration, parse_mode, parse_size)
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ENV = {"HOME": "/home/u"}            # no XDG dirs, no config file: only what a test adds
@@ -139,7 +142,8 @@ def test_config_is_frozen_and_printable():
 
 def test_the_example_config_is_valid():
     cfg = load_config({"device": "cpu"}, env=BASE_ENV, config_file=REPO / "systemd" / "sllmd.toml.example")
-    assert cfg.socket_mode == 0o660 and cfg.keep_alive_s == 300 and cfg.dram_bytes == 8 * GiB
+    assert cfg.socket_mode == 0o660 and cfg.keep_alive_s == 300
+    assert cfg.dram_bytes == default_dram_bytes()        # no hard-coded pool size: the host's default
 
 
 def test_the_systemd_unit():
@@ -152,3 +156,92 @@ def test_the_systemd_unit():
     run = subprocess.run(["systemd-analyze", "verify", str(REPO / "systemd" / "sllmd.service")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("ram, dram, cpu_budget", [
+    (24 * GiB, 3 * GiB, 3 * GiB), (64 * GiB, 4 * GiB, 4 * GiB), (1024 * GiB, 4 * GiB, 4 * GiB),
+    (2 * GiB, 256 * MiB, 256 * MiB), (100 * MiB, 16 * MiB, 12 * MiB),   # at least one chunk; 2MiB granules
+])
+def test_default_sizes_take_a_modest_share_of_the_host(ram, dram, cpu_budget):
+    assert default_dram_bytes(16 * MiB, physical=ram) == dram
+    assert default_cpu_device_memory(physical=ram) == cpu_budget
+
+
+def test_default_pool_and_cpu_budget_together_stay_under_a_quarter_of_ram():
+    cfg = load_config(CPU, env=BASE_ENV)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert cfg.dram_bytes <= min(4 * GiB, ram // 8) and cfg.device_memory_bytes <= min(4 * GiB, ram // 8)
+    assert cfg.dram_bytes + cfg.device_memory_bytes <= ram // 4
+    assert cfg.dram_bytes % cfg.chunk_size == 0
+
+
+@pytest.mark.parametrize("n, text", [(4 * GiB, "4GiB"), (3 * GiB // 2, "1.5GiB"), (512 * MiB, "512MiB"),
+                                     (100, "100B"), (1 << 50, "1024TiB"), (1023 * 1024, "1023KiB")])
+def test_format_size_reads_back(n, text):
+    assert format_size(n) == text and parse_size(text) == n
+
+
+def sllmd(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """The real `sllmd` entry point, isolated from the user's config and SLLMD_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLLMD_") and k != "XDG_CONFIG_HOME"}
+    env["HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "sllmd", "--config", "/dev/null", *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_help_shows_every_default(tmp_path):
+    run = sllmd("--help", home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    entries: dict[str, str] = {}          # "--flag ..." -> its help text (argparse wraps it over lines)
+    for line in run.stdout.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif entries and line.startswith("   "):
+            entries[flag] += " " + line.strip()
+    for s in SETTINGS:
+        assert "(default: " in entries[s.flag], f"{s.flag} does not show its default: {entries[s.flag]}"
+    text = " ".join(run.stdout.split())
+    assert f"min(4GiB, RAM/8), {format_size(default_dram_bytes())} here" in text
+
+
+def _cuda_is_usable() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+BAD_SETTINGS = [
+    pytest.param(["--device", "cuda:0"], "device", id="cuda-on-cpu-torch"),
+    pytest.param(["--device", "cuda:99"], "device", id="no-such-cuda-device"),
+    pytest.param(["--device", "cpu", "--store", "/proc/nope"], "store", id="store-in-proc"),
+    pytest.param(["--device", "cpu", "--dram", "100TiB"], "dram", id="dram-beyond-ram"),
+    pytest.param(["--device", "cpu", "--dram", "-1GiB"], "dram", id="negative-dram"),
+    pytest.param(["--device", "cpu", "--device-memory", "100TiB"], "device_memory", id="cpu-budget-beyond-ram"),
+    pytest.param(["--device", "cpu", "--ssd-capacity", "100PiB"], "ssd_capacity", id="ssd-beyond-disk"),
+    pytest.param(["--device", "cpu", "--keep-alive", "soon"], "keep_alive", id="bad-duration"),
+]
+
+
+@pytest.mark.parametrize("args, names", BAD_SETTINGS)
+def test_every_bad_setting_is_one_line_and_exit_78(tmp_path, args, names):
+    if args[:2] == ["--device", "cuda:0"] and _cuda_is_usable():
+        pytest.skip("torch sees a GPU here: cuda:0 is a good setting")
+    store = [] if "--store" in args else ["--store", str(tmp_path / "store")]
+    run = sllmd("--socket", str(tmp_path / "s.sock"), *store, *args, home=tmp_path)
+    assert run.returncode == 78, (run.returncode, run.stderr)
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith(f"sllmd: {names}"), lines[0]
+    assert not (tmp_path / "s.sock").exists()            # refused before anything started
+
+
+def test_bad_sizes_are_refused_by_print_config_too(tmp_path):
+    run = sllmd("--device", "cpu", "--dram", "100TiB", "--print-config", home=tmp_path)
+    assert run.returncode == 78 and run.stdout == "" and "more than this host's memory" in run.stderr
+
+
+def test_values_may_start_with_a_dash(tmp_path):
+    import json
+    run = sllmd("--device", "cpu", "--keep-alive", "-1m", "--print-config", home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["keep_alive"] == -60.0
