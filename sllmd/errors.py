@@ -64,6 +64,7 @@ CODES: dict[str, int] = {
     "permission_denied": 37,
     "too_large": 38,
     "model_pinned": 39,
+    "unservable_model": 40,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -121,6 +122,12 @@ class UnsupportedTensorError(CheckpointError):
 
 class ConversionError(SllmError):
     code = "conversion"
+
+
+class UnservableModelError(CheckpointError):
+    """An import whose config, weights and tokenizer do not make a model sllmd can serve."""
+
+    code = "unservable_model"
 
 
 # --- loader and memory --------------------------------------------------------
