@@ -90,6 +90,7 @@ class Node:
             loading = list(self._loading.values())
         self._stop.set()
         self._wake.set()
+        self.ssd.cancel_imports()  # kills their converters and removes what they wrote
         grace = float(getattr(self.config, "shutdown_grace_s", 10.0))
         for fut in loading:
             try:
@@ -190,14 +191,28 @@ class Node:
         self._prepared.forget(name)
 
     # --- catalog ------------------------------------------------------------------------
-    def import_model(self, name: str, source: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    def import_model(self, name: str, source: str, progress: Callable[[int, int], None] | None = None,
+                     notify: Callable[[str, dict], None] | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> dict:
+        """Imports SOURCE as NAME (SsdStore.import_model); the reply lists under "evicted" every
+        model that --ssd-capacity made it remove, and notify hears each as it happens."""
         self._check_open()
-        self.ssd.import_model(name, source, progress)
+        evicted: list[dict] = []
+
+        def relay(event: str, data: dict) -> None:
+            if event == "evicted":
+                evicted.append(data)
+            if notify is not None:
+                notify(event, data)
+
+        self.ssd.import_model(name, source, progress, notify=relay, cancelled=cancelled)
         with self._lock:
             self._records[name] = StateMachine()
         self._prepared.forget(name)
         self._prepare([name])
-        return self._model_info(name)
+        info = self._model_info(name)
+        info["evicted"] = evicted
+        return info
 
     def _tiers_of(self, name: str) -> list[str]:
         tiers = [Tier.SSD.value] if name in self.ssd else []
@@ -227,6 +242,11 @@ class Node:
                 out.append(self._model_info(e.name))
             except SllmError:
                 continue  # removed meanwhile
+        for job in self.ssd.importing():
+            out.append({"name": job["name"], "size_bytes": None, "checkpoint_bytes": None, "tiers": [],
+                        "state": "importing", "state_since": job["started_at"], "device": None, "reason": None,
+                        "error": None, "pinned": False, "last_used": None, "imported_at": None,
+                        "source": job["source"], "import": job})
         return out
 
     def show(self, name: str) -> dict:
@@ -352,14 +372,20 @@ class Node:
         self._check_open()
         return [self._slot_info(s) for s in self.device.slots()]
 
-    def evict(self, name: str, tier: str = "device") -> dict:
+    def evict(self, name: str, tier: str = "device", force: bool = False) -> dict:
         """Evicts `name` from `tier`: device unloads the instance, dram drops the cached
-        copy, ssd removes the model from every tier (as rm). Reason `manual`."""
+        copy, ssd removes the model from every tier (as rm; a pinned one only with force,
+        an import in flight is cancelled). Reason `manual`."""
         self._check_open()
         try:
             which = Tier.parse(tier)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
+        if which == Tier.SSD and self.ssd.cancel_import(name) and name not in self.ssd:
+            return {"name": name, "tier": which.value, "evicted": [], "reason": EvictReason.MANUAL.value,
+                    "state": None, "tiers": [], "cancelled_import": True}
+        if which == Tier.SSD:
+            self.ssd.check_removable(name, force)  # before anything is evicted from the faster tiers
         self.ssd.get(name)
         evicted = []
         if which in (Tier.DEVICE, Tier.SSD) and self.device.evict(name, EvictReason.MANUAL):
@@ -367,7 +393,7 @@ class Node:
         if which in (Tier.DRAM, Tier.SSD) and self.dram is not None and self.dram.evict(name, EvictReason.MANUAL):
             evicted.append(Tier.DRAM.value)
         if which == Tier.SSD:
-            self.ssd.remove(name, EvictReason.MANUAL)
+            self.ssd.remove(name, EvictReason.MANUAL, force=force)
             evicted.append(Tier.SSD.value)
             return {"name": name, "tier": which.value, "evicted": evicted, "reason": EvictReason.MANUAL.value,
                     "state": None, "tiers": []}
@@ -375,11 +401,11 @@ class Node:
         return {"name": name, "tier": which.value, "evicted": evicted, "reason": EvictReason.MANUAL.value,
                 "state": info["state"], "tiers": info["tiers"]}
 
-    def remove(self, name: str) -> None:
-        self.evict(name, Tier.SSD.value)
+    def remove(self, name: str, force: bool = False) -> dict:
+        return self.evict(name, Tier.SSD.value, force=force)
 
     # --- inference ----------------------------------------------------------------------------
-    def infer(self, req: InferRequest | dict) -> Iterator[dict]:
+    def infer(self, req: InferRequest | dict, cancelled: threading.Event | None = None) -> Iterator[dict]:
         """Streams {"type": "token", ...} events and one {"type": "done", "stats": ...}.
         Loads the model from the fastest tier holding it if it has no instance. Closing
         the iterator cancels the request and frees its queue slot."""
@@ -387,9 +413,9 @@ class Node:
         request = InferRequest.from_dict(req) if isinstance(req, dict) else req.validate()
         self._check_open()
         self.ssd.get(request.model)  # an unknown model fails here, before any streaming
-        return self._infer(request, arrived)
+        return self._infer(request, arrived, cancelled)
 
-    def _infer(self, req: InferRequest, arrived: float) -> Iterator[dict]:
+    def _infer(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None) -> Iterator[dict]:
         ka = self._keep_alive(req.keep_alive)
         inst = None
         for _ in range(LOAD_ATTEMPTS):
@@ -401,7 +427,7 @@ class Node:
             raise LoadError(f"{req.model!r} was evicted each time it loaded; the device is under heavy pressure")
         handle = None
         try:
-            handle = inst.submit(req, arrived_at=arrived)
+            handle = inst.submit(req, arrived_at=arrived, cancelled=cancelled)  # `cancelled` stops even a prefill
             for event in handle:
                 if event.get("type") == "done":
                     event["stats"].update(load_s=load_s, load_tier=tier)

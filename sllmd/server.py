@@ -29,11 +29,11 @@ from sllmd.protocol import (LONG_RUNNING, PROTOCOL_VERSION, BadMessageError, Bus
                             Done, Error, Event, HandshakeRequiredError, Heartbeat, Hello, Message, Ping, Progress,
                             Result, ShuttingDownError, Token, VersionMismatchError, Welcome, decode_request, encode,
                             error_reply_fields)
-from sllmd.transport import SendResult, ServerEndpoint
+from sllmd.transport import Credentials, SendResult, ServerEndpoint, check_readable
 
 log = logging.getLogger(__name__)
 
-MAX_PEERS = 4096              # greeted connections remembered (least recently active forgotten first)
+MAX_CLIENTS = 4096            # greeted connections remembered (least recently active forgotten first)
 MAX_BACKLOG = 10_000          # replies held for a client that does not read before it counts as gone
 MAX_CONTROL_QUEUE = 1024      # quick requests waiting for a control worker before "busy"
 PROGRESS_INTERVAL_S = 0.1
@@ -48,22 +48,26 @@ def _daemon_version() -> str:
 
 
 class _Call:
-    """One in-flight request. `cancelled` is set by the I/O thread and read by the worker."""
+    """One in-flight request. `cancelled` is set by the I/O thread and read by the worker.
+    `credentials`: who the kernel says opened the connection it came on."""
 
-    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "started", "long")
+    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "started", "long", "credentials")
 
-    def __init__(self, peer: bytes, msg: Message, long: bool):
+    def __init__(self, peer: bytes, msg: Message, long: bool, credentials: Credentials | None):
         self.peer, self.id, self.type, self.long = peer, msg.id, msg.TYPE, long
+        self.credentials = credentials
         self.cancelled = threading.Event()
         self.gone = False
         self.started = self.last_sent = time.monotonic()
 
 
-class _Peer:
-    __slots__ = ("client", "backlog")
+class _Client:
+    """A greeted client connection (keyed by its ZeroMQ routing id)."""
 
-    def __init__(self, client: str):
-        self.client = client
+    __slots__ = ("name", "credentials", "backlog")
+
+    def __init__(self, name: str, credentials: Credentials | None):
+        self.name, self.credentials = name, credentials
         self.backlog: collections.deque[bytes] = collections.deque()
 
 
@@ -82,7 +86,7 @@ class Server:
         self._idle = threading.Condition(self._lock)
         self._calls: dict[tuple[bytes, int], _Call] = {}
         self._n_long = 0
-        self._peers: collections.OrderedDict[bytes, _Peer] = collections.OrderedDict()   # I/O thread only
+        self._clients: collections.OrderedDict[bytes, _Client] = collections.OrderedDict()   # I/O thread only
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
         self._control_threads = [threading.Thread(target=self._control_worker, name=f"sllmd-ctl-{i}", daemon=True)
@@ -154,7 +158,7 @@ class Server:
     def _io_loop(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_s / 2
         while True:
-            has_backlog = any(p.backlog for p in self._peers.values())
+            has_backlog = any(c.backlog for c in self._clients.values())
             wait = max(0.0, next_beat - time.monotonic())
             if has_backlog:
                 wait = min(wait, 0.005)
@@ -164,9 +168,9 @@ class Server:
                 log.exception("receiving failed; the server stops")
                 self.cancel_all()
                 return
-            for peer, frames in batch:
+            for peer, frames, credentials in batch:
                 try:
-                    self._on_frames(peer, frames)
+                    self._on_frames(peer, frames, credentials)
                 except Exception:
                     log.exception("unexpected failure handling a message; serving on")
             self._drain_outbox()
@@ -180,7 +184,7 @@ class Server:
                 self._flush_backlogs()
                 return
 
-    def _on_frames(self, peer: bytes, frames: list[bytes]) -> None:
+    def _on_frames(self, peer: bytes, frames: list[bytes], credentials: Credentials | None) -> None:
         if len(frames) != 1:
             self._send_error(peer, None, BadMessageError(f"expected one frame per message, got {len(frames)}"))
             return
@@ -191,13 +195,14 @@ class Server:
             self._send_error(peer, getattr(e, "request_id", None), e)
             return
         if isinstance(msg, Hello):
-            self._hello(peer, msg)
+            self._hello(peer, msg, credentials)
             return
-        state = self._peers.get(peer)
-        if state is None:
+        client = self._clients.get(peer)
+        if client is None or client.credentials != credentials:
+            # A routing id is chosen by the client: one greeted by another user is not this one's.
             self._send_error(peer, msg.id, HandshakeRequiredError("say hello first"))
             return
-        self._peers.move_to_end(peer)
+        self._clients.move_to_end(peer)
         if isinstance(msg, Cancel):
             with self._lock:
                 call = self._calls.get((peer, msg.id))
@@ -221,7 +226,7 @@ class Server:
                 problem = BusyError("too many requests are waiting; try again later")
             else:
                 problem = None
-                call = _Call(peer, msg, long)
+                call = _Call(peer, msg, long, credentials)
                 self._calls[(peer, msg.id)] = call
                 self._n_long += long
         if problem is not None:
@@ -233,7 +238,7 @@ class Server:
         else:
             self._control.put((call, msg))
 
-    def _hello(self, peer: bytes, msg: Hello) -> None:
+    def _hello(self, peer: bytes, msg: Hello, credentials: Credentials | None) -> None:
         if msg.version != PROTOCOL_VERSION:
             self._send_error(peer, msg.id, VersionMismatchError(
                 f"this daemon speaks protocol {PROTOCOL_VERSION}, the client speaks {msg.version}"))
@@ -241,54 +246,55 @@ class Server:
         if not self._accepting:
             self._send_error(peer, msg.id, ShuttingDownError("the daemon is shutting down"))
             return
-        if peer not in self._peers:
-            self._peers[peer] = _Peer(msg.client)
-            self._forget_idle_peers()
-        self._peers.move_to_end(peer)
+        known = self._clients.get(peer)
+        if known is None or known.credentials != credentials:
+            self._clients[peer] = _Client(msg.client, credentials)
+            self._forget_idle_clients()
+        self._clients.move_to_end(peer)
         self._send(peer, encode(Welcome(id=msg.id, version=PROTOCOL_VERSION, server=self._version,
                                         max_frame_bytes=self.max_frame_bytes, heartbeat_s=self.heartbeat_s)))
 
-    def _forget_idle_peers(self) -> None:
-        if len(self._peers) <= MAX_PEERS:
+    def _forget_idle_clients(self) -> None:
+        if len(self._clients) <= MAX_CLIENTS:
             return
         with self._lock:
             busy = {peer for peer, _ in self._calls}
-        for peer in list(self._peers):
-            if len(self._peers) <= MAX_PEERS:
+        for peer in list(self._clients):
+            if len(self._clients) <= MAX_CLIENTS:
                 break
             if peer not in busy:
-                del self._peers[peer]
+                del self._clients[peer]
 
     def _send(self, peer: bytes, frame: bytes) -> bool:
-        state = self._peers.get(peer)
-        if state is not None and state.backlog:
-            return self._queue_backlog(peer, state, frame)
+        client = self._clients.get(peer)
+        if client is not None and client.backlog:
+            return self._queue_backlog(peer, client, frame)
         result = self.endpoint.send(peer, frame)
         if result is SendResult.SENT:
             return True
         if result is SendResult.GONE:
             self._peer_gone(peer)
             return False
-        if state is None:   # an ungreeted peer that does not read: its error reply is dropped
-            log.debug("dropping a reply to unread peer %s", peer.hex())
+        if client is None:   # an ungreeted connection that does not read: its error reply is dropped
+            log.debug("dropping a reply to unread connection %s", peer.hex())
             return False
-        return self._queue_backlog(peer, state, frame)
+        return self._queue_backlog(peer, client, frame)
 
-    def _queue_backlog(self, peer: bytes, state: _Peer, frame: bytes) -> bool:
-        if len(state.backlog) >= MAX_BACKLOG:
+    def _queue_backlog(self, peer: bytes, client: _Client, frame: bytes) -> bool:
+        if len(client.backlog) >= MAX_BACKLOG:
             log.warning("client %s reads no replies (%d waiting); cancelling its requests", peer.hex(),
-                        len(state.backlog))
+                        len(client.backlog))
             self._peer_gone(peer)
             return False
-        state.backlog.append(frame)
+        client.backlog.append(frame)
         return True
 
     def _flush_backlogs(self) -> None:
-        for peer, state in list(self._peers.items()):
-            while state.backlog:
-                result = self.endpoint.send(peer, state.backlog[0])
+        for peer, client in list(self._clients.items()):
+            while client.backlog:
+                result = self.endpoint.send(peer, client.backlog[0])
                 if result is SendResult.SENT:
-                    state.backlog.popleft()
+                    client.backlog.popleft()
                 elif result is SendResult.GONE:
                     self._peer_gone(peer)
                     break
@@ -299,7 +305,7 @@ class Server:
         self._send(peer, encode(Error(id=request_id, **error_reply_fields(exc))))
 
     def _peer_gone(self, peer: bytes) -> None:
-        self._peers.pop(peer, None)
+        self._clients.pop(peer, None)
         with self._lock:
             calls = [c for (p, _), c in self._calls.items() if p == peer]
         for call in calls:
@@ -374,7 +380,7 @@ class Server:
         data["daemon"] = {"version": self._version, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                           "socket": self.endpoint.address, "started_at": self._started_at,
                           "uptime_s": time.time() - self._started_at, "requests_in_flight": in_flight,
-                          "clients": len(self._peers)}
+                          "clients": len(self._clients)}
         return Result(id=msg.id, data=data)
 
     def _models(self, msg, call) -> Message:
@@ -390,11 +396,10 @@ class Server:
         return Result(id=msg.id, data=self.node.load(msg.name, keep_alive=msg.keep_alive))
 
     def _evict(self, msg, call) -> Message:
-        return Result(id=msg.id, data=self.node.evict(msg.name, tier=msg.tier))
+        return Result(id=msg.id, data=self.node.evict(msg.name, tier=msg.tier, force=msg.force))
 
     def _remove(self, msg, call) -> Message:
-        self.node.remove(msg.name)
-        return Result(id=msg.id, data=None)
+        return Result(id=msg.id, data=self.node.remove(msg.name, force=msg.force))
 
     def _pin(self, msg, call) -> Message:
         self.node.pin(msg.name)
@@ -416,7 +421,16 @@ class Server:
             last[0] = now
             self._emit(call, Progress(id=msg.id, done=max(0, int(done)), total=max(0, int(total))))
 
-        return Result(id=msg.id, data=self.node.import_model(msg.name, msg.source, progress=progress))
+        source = msg.source
+        if not source.startswith(("http://", "https://")):   # a local read: only if the requesting user may
+            source = os.path.expanduser(source.removeprefix("file://"))
+            check_readable(source, call.credentials)
+
+        def notify(event: str, data: dict) -> None:   # a conversion's phases, capacity evictions
+            self._emit(call, Event(id=msg.id, event=event, data=data))
+
+        return Result(id=msg.id, data=self.node.import_model(msg.name, source, progress=progress, notify=notify,
+                                                             cancelled=call.cancelled.is_set))
 
     @staticmethod
     def _infer_request(msg) -> dict:
@@ -428,7 +442,7 @@ class Server:
         return {k: v for k, v in fields.items() if v is not None}
 
     def _infer(self, msg, call) -> Message:
-        events = self.node.infer(self._infer_request(msg))
+        events = self.node.infer(self._infer_request(msg), cancelled=call.cancelled)  # a cancel stops a prefill too
         done: Message | None = None
         try:
             for ev in events:

@@ -170,13 +170,14 @@ class ScriptedNode:
         time.sleep(self.load_delay)
         return {"name": name, "tiers": ["ssd", "device"], "state": "loaded", "keep_alive": keep_alive}
 
-    def evict(self, name, tier="device"):
+    def evict(self, name, tier="device", force=False):
         self._need(name)
         return {"name": name, "tier": tier, "evicted": [tier]}
 
-    def remove(self, name):
+    def remove(self, name, force=False):
         self._need(name)
         self.names.discard(name)
+        return {"name": name, "tier": "ssd", "evicted": ["ssd"]}
 
     def pin(self, name):
         self._need(name)
@@ -186,7 +187,7 @@ class ScriptedNode:
         self._need(name)
         self.pinned.discard(name)
 
-    def import_model(self, name, source, progress=None):
+    def import_model(self, name, source, progress=None, notify=None, cancelled=None):
         for done in range(0, 101, 10):
             if progress:
                 progress(done, 100)

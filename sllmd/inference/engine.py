@@ -2,9 +2,13 @@
 
 Requests queue per instance (bounded: a full queue raises BusyError at once,
 nothing is dropped silently) and run one at a time; each token is handed to
-the request's handle as soon as it is sampled. Whoever submitted the request
-iterates the handle; closing it cancels the request (queued: it never runs;
-running: it stops before the next token) and frees its slot.
+the request's handle as soon as it is sampled. The prompt is tokenized and
+checked against the context at submit, so a prompt that cannot fit fails there
+(InvalidRequestError) before anything streams. Whoever submitted the request
+iterates the handle; closing it, or setting the `cancelled` event given to
+submit (the server's: the client cancelled or went away), cancels the request
+(queued: it never runs; running: it stops before the next token or prefill
+chunk) and frees its slot.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from .decode import build_prompt_ids, stop_token_ids
+from .decode import PREFILL_CHUNK_TOKENS, build_prompt_ids, check_prompt_fits, context_limit, stop_token_ids
 from sllmd.errors import BusyError, InferenceError, InstanceClosedError, RequestCancelledError, SllmError
 from .generation import Generation
 from .request import InferRequest, RequestState
@@ -31,8 +35,11 @@ class RequestHandle:
     Yields {"type": "token", ...} events, then one {"type": "done", "stats": ...};
     a failure raises the SllmError it carried."""
 
-    def __init__(self, request: InferRequest, arrived_at: float):
+    def __init__(self, request: InferRequest, arrived_at: float, prompt_ids: list[int] | None = None,
+                 cancelled: threading.Event | None = None):
         self.request = request
+        self.prompt_ids = prompt_ids
+        self._external_cancel = cancelled  # set by whoever relays the client's cancel (the server)
         self.arrived_at = arrived_at  # perf_counter() when the request reached the daemon
         self.submitted_at = time.perf_counter()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -41,10 +48,12 @@ class RequestHandle:
         self.state: RequestState | None = None
         self.finish_reason: str | None = None
         self._withdraw: Callable[["RequestHandle"], None] | None = None  # frees a queued request's slot
+        self.prefill_chunks_done = 0  # progress of the prompt's prefill (chunks of the instance's prefill_chunk)
+        self.prefill_chunks_total = 0
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or (self._external_cancel is not None and self._external_cancel.is_set())
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -77,13 +86,18 @@ class Instance:
     """A model on a device, serving its request queue with one worker thread."""
 
     def __init__(self, name: str, model, tokenizer, *, device: str, nbytes: int, queue_depth: int = 16,
-                 on_finished: Callable[["Instance", RequestHandle], None] | None = None):
+                 on_finished: Callable[["Instance", RequestHandle], None] | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS):
         if queue_depth < 1:
             raise ValueError("queue_depth must be >= 1")
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.device, self.nbytes, self.queue_depth = device, nbytes, queue_depth
         self.on_finished = on_finished
+        self.prefill_chunk = prefill_chunk
         self.eos = stop_token_ids(model, tokenizer)
+        self.context = context_limit(model)
         self._lock = threading.Lock()
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition(self._lock)
@@ -94,9 +108,14 @@ class Instance:
         self._thread.start()
 
     # --- submitter side -------------------------------------------------------
-    def submit(self, request: InferRequest, arrived_at: float | None = None) -> RequestHandle:
-        """Queues a request; BusyError when the queue is full, InstanceClosedError once closing."""
-        handle = RequestHandle(request, time.perf_counter() if arrived_at is None else arrived_at)
+    def submit(self, request: InferRequest, arrived_at: float | None = None,
+               cancelled: threading.Event | None = None) -> RequestHandle:
+        """Queues a request; InvalidRequestError when its prompt is empty or does not fit the
+        context, BusyError when the queue is full, InstanceClosedError once closing."""
+        arrived_at = time.perf_counter() if arrived_at is None else arrived_at
+        prompt_ids = build_prompt_ids(self.tokenizer, request)
+        check_prompt_fits(len(prompt_ids), self.context, self.name)
+        handle = RequestHandle(request, arrived_at, prompt_ids, cancelled)
         with self._lock:
             if self._closing:
                 raise InstanceClosedError(f"model {self.name!r} is being unloaded; retry")
@@ -197,25 +216,37 @@ class Instance:
             handle.finish_reason = "cancelled"
             return RequestCancelledError(f"request {req.request_id} was cancelled")
         started = time.perf_counter()
-        state = RequestState(req.request_id, req.model, req.sampling, build_prompt_ids(self.tokenizer, req))
+        prompt_ids = handle.prompt_ids if handle.prompt_ids is not None else build_prompt_ids(self.tokenizer, req)
+        state = RequestState(req.request_id, req.model, req.sampling, prompt_ids)
         handle.state = state
-        gen = Generation(self.model, self.tokenizer, state, self.eos)
+        gen = Generation(self.model, self.tokenizer, state, self.eos, prefill_chunk=self.prefill_chunk)
+        handle.prefill_chunks_total = gen.prefill_chunks_total
+
+        def should_stop() -> bool:
+            handle.prefill_chunks_done = gen.prefill_chunks_done
+            return handle.cancelled
+
         first_at = last_at = None
         while True:
             if handle.cancelled:
                 state.finish_reason = "cancelled"
                 break
-            event = gen.step()
-            if event is None:
-                break
-            last_at = time.perf_counter()
-            if first_at is None:
-                first_at = last_at
-            handle._put(event)
-            if gen.finished:
+            sampled = len(state.output_ids)
+            event = gen.step(should_stop)
+            handle.prefill_chunks_done = gen.prefill_chunks_done
+            if len(state.output_ids) > sampled:  # a token was sampled (an end-of-sequence one has no event)
+                last_at = time.perf_counter()
+                if first_at is None:
+                    first_at = last_at
+            if event is not None:
+                handle._put(event)
+            if event is None or gen.finished:
                 break
         self.served += 1
-        n = len(state.output_ids)
+        if state.finish_reason == "cancelled" and gen.prefill_chunks_done < gen.prefill_chunks_total:
+            log.info("request %s on %s cancelled during its prefill, after %d of %d chunks", req.request_id,
+                     self.name, gen.prefill_chunks_done, gen.prefill_chunks_total)
+        n = gen.emitted_tokens
         decode_s = (last_at - first_at) if first_at is not None and last_at is not None else 0.0
         handle.finish_reason = state.finish_reason
         stats = {
@@ -223,8 +254,9 @@ class Instance:
             "ttft_s": (first_at - handle.arrived_at) if first_at is not None else None,
             "queue_s": started - handle.submitted_at,
             "prefill_s": (first_at - started) if first_at is not None else None,
+            "prefill_chunks": gen.prefill_chunks_done,
             # decode rate after the first token (the first one pays the prefill)
-            "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+            "tokens_per_s": (len(state.output_ids) - 1) / decode_s if n > 1 and decode_s > 0 else None,
             "total_s": time.perf_counter() - handle.arrived_at,
         }
         if state.finish_reason == "cancelled":

@@ -1,26 +1,32 @@
 """One request running on a model, a token per step.
 
 `Generation.step()` is the decode loop's body: the first step prefills every
-known token (the prompt, or a migrated request's prompt and output so far) and
-samples; later steps feed the last token through the KV cache and sample. The
-caller (an instance's worker) steps until the request finishes, checking for
-cancellation between tokens.
+known token (the prompt, or a migrated request's prompt and output so far), in
+chunks, and samples; later steps feed the last token through the KV cache and
+sample. The caller (an instance's worker) steps until the request finishes,
+checking for cancellation between tokens; `should_stop` is also asked between
+prefill chunks, so a cancel lands within one chunk of a long prompt.
+
+The end-of-sequence token ends the request without being emitted: it has no
+token event (unless it releases held-back text, then with token_id None) and
+does not count in `emitted_tokens`.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .decode import (context_limit, decode_one_token, finish_reason, generator_state, new_cache, new_generator,
-                     prefill, sample, stop_token_ids)
+from .decode import (PREFILL_CHUNK_TOKENS, context_limit, decode_one_token, finish_reason, generator_state,
+                     new_cache, new_generator, prefill, prefill_spans, sample, stop_token_ids)
 from .request import RequestState
 from .text import IncrementalDetokenizer, StopStrings
 
 
 class Generation:
-    def __init__(self, model, tokenizer, state: RequestState, eos: frozenset[int] | None = None):
+    def __init__(self, model, tokenizer, state: RequestState, eos: frozenset[int] | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS):
         if not state.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         self.model, self.tokenizer, self.state = model, tokenizer, state
@@ -33,13 +39,33 @@ class Generation:
         self.stops = StopStrings(state.sampling.stop)
         self.stops.pending = state.held_text
         self.started = False
+        self.prefill_chunk = prefill_chunk
+        self.prefill_chunks_total = len(prefill_spans(0, len(state.all_ids), prefill_chunk))
+        self.prefill_chunks_done = 0
 
     @property
     def finished(self) -> bool:
         return self.state.finished
 
-    def step(self) -> dict[str, Any] | None:
-        """Produces the next token event, or None once the request has finished."""
+    @property
+    def emitted_tokens(self) -> int:
+        """Output tokens, the end-of-sequence token that ended the request not counted."""
+        out = self.state.output_ids
+        return len(out) - 1 if out and self.state.finish_reason == "stop" and out[-1] in self.eos else len(out)
+
+    def _prefill(self, should_stop: Callable[[], bool] | None) -> torch.Tensor | None:
+        """Prefills every known token chunk by chunk; None when should_stop() said so between chunks."""
+        logits = None
+        for lo, hi in prefill_spans(0, len(self.state.all_ids), self.prefill_chunk):
+            if should_stop is not None and should_stop():
+                return None
+            logits = prefill(self.model, self.state.all_ids[lo:hi], self.cache)
+            self.prefill_chunks_done += 1
+        return logits
+
+    def step(self, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """Produces the next token event, or None once the request has finished
+        (finish_reason "cancelled" when should_stop() stopped the prefill)."""
         st = self.state
         if st.finished:
             return None
@@ -48,7 +74,10 @@ class Generation:
             return None
         with torch.inference_mode():
             if not self.started:
-                logits = prefill(self.model, st.all_ids, self.cache)
+                logits = self._prefill(should_stop)
+                if logits is None:
+                    st.finish_reason = "cancelled"
+                    return None
                 self.started = True
             else:
                 logits = decode_one_token(self.model, st.output_ids[-1], self.cache)
@@ -64,6 +93,8 @@ class Generation:
             text += self.stops.flush()
         st.emitted_text += text
         st.finish_reason = reason
+        if token in self.eos:
+            return {"type": "token", "text": text, "token_id": None} if text else None
         return {"type": "token", "text": text, "token_id": token}
 
     def snapshot(self) -> RequestState:
