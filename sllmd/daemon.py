@@ -8,8 +8,14 @@ record that a stop was asked for; the main thread notices and runs
 
   1. STOPPING=1 to systemd; new requests get `shutting_down`;
   2. in-flight requests get `shutdown_grace_s` to finish (a second signal cuts this short);
-  3. the node closes, which fails what is still running (those clients get an error reply);
-  4. the server flushes the last replies and closes its socket; then the ZeroMQ context ends.
+  3. the node closes, which fails what is still running (those clients get an error reply),
+     within NODE_CLOSE_S: a node that takes longer is left behind (its writes are atomic, so
+     this is as safe as a kill) and the process exits anyway;
+  4. the server flushes the last replies and closes its socket (SERVER_CLOSE_S); then the
+     ZeroMQ context ends.
+
+A stop therefore takes at most `stop_bound_s(config)` = shutdown_grace + NODE_CLOSE_S +
+SERVER_CLOSE_S; the systemd unit's TimeoutStopSec is above that for the default grace.
 
 READY=1 goes to systemd ($NOTIFY_SOCKET, no python-systemd needed) once the
 socket is bound and the node started, i.e. once requests are served.
@@ -31,6 +37,14 @@ from sllmd.server import Server
 from sllmd.transport import Transport, ZmqTransport
 
 log = logging.getLogger(__name__)
+
+NODE_CLOSE_S = 10.0      # closing the node: loads in flight, instances' threads, background builds
+SERVER_CLOSE_S = 5.0     # flushing the last replies
+
+
+def stop_bound_s(config: Config) -> float:
+    """The longest a stop takes, from the signal to the exit."""
+    return config.shutdown_grace_s + NODE_CLOSE_S + SERVER_CLOSE_S
 
 
 class State(enum.Enum):
@@ -151,12 +165,9 @@ class Daemon:
                 self.server.stop_accepting()
                 self._grace()
             if self.node is not None:
-                try:
-                    self.node.close()
-                except Exception:
-                    log.exception("closing the node failed")
+                self._close_node(NODE_CLOSE_S)
             if self.server is not None:
-                self.server.close(timeout=5.0)
+                self.server.close(timeout=SERVER_CLOSE_S)
             elif self._endpoint is not None:
                 self._endpoint.close()
         finally:
@@ -164,6 +175,18 @@ class Daemon:
                 self._transport.close()   # the context ends after every socket is closed
             self.state = State.STOPPED
             log.info("stopped")
+
+    def _close_node(self, timeout: float) -> None:
+        def close():
+            try:
+                self.node.close()
+            except Exception:
+                log.exception("closing the node failed")
+        closer = threading.Thread(target=close, name="sllm-node-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.warning("the node did not close within %.0f s; stopping without it", timeout)
 
     @staticmethod
     def stragglers() -> list[str]:

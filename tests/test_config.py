@@ -149,7 +149,7 @@ def test_the_example_config_is_valid():
 def test_the_systemd_unit():
     unit = (REPO / "systemd" / "sllmd.service").read_text()
     for line in ("Type=notify", "RuntimeDirectory=sllmd", "StateDirectory=sllmd", "Restart=on-failure",
-                 "NoNewPrivileges=yes", "ProtectSystem=strict"):
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "RestartPreventExitStatus=78"):
         assert line in unit.splitlines()
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
@@ -245,3 +245,12 @@ def test_values_may_start_with_a_dash(tmp_path):
     run = sllmd("--device", "cpu", "--keep-alive", "-1m", "--print-config", home=tmp_path)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["keep_alive"] == -60.0
+
+
+def test_the_units_stop_timeout_covers_the_daemons_stop():
+    from sllmd.daemon import stop_bound_s
+    unit = (REPO / "systemd" / "sllmd.service").read_text().splitlines()
+    (line,) = [ln for ln in unit if ln.startswith("TimeoutStopSec=")]
+    timeout = parse_duration(line.split("=", 1)[1])
+    bound = stop_bound_s(load_config(CPU, env=BASE_ENV))
+    assert bound < timeout <= bound + 30      # systemd never kills a stop the daemon bounds itself
