@@ -1,7 +1,7 @@
 """The Python client of sllmd: every daemon operation, synchronous, token streams as iterators.
 
     from sllmd.client import Client
-    with Client() as c:                       # socket: $SLLMD_SOCKET or the default path
+    with Client() as c:     # socket: $SLLMD_SOCKET, else the per-user path, else /run/sllmd/sllmd.sock
         c.import_model("smol", "/models/smollm2.gguf")
         for piece in c.infer("smol", "What is the capital of France?", max_tokens=32):
             print(piece, end="", flush=True)
@@ -27,13 +27,37 @@ from sllmd.config import default_socket_path, parse_duration
 from sllmd.protocol import (PROTOCOL_VERSION, BadMessageError, Cancel, DaemonTimeoutError, DaemonUnreachableError,
                             Done, Error, Event, Evict, HandshakeRequiredError, Heartbeat, Hello, Import, Infer,
                             InvalidArgumentError, Load,
-                            Message, Models, OversizedError, Pin, Ping, Progress, Ps, Remove, Result, Status, Token,
+                            Message, Models, OversizedError, Pin, Ping, Progress, Ps, Remove, Result, Show, Status,
+                            Token,
                             Unpin, Welcome, decode_reply, encode, exception_from_reply)
 from sllmd.transport import Transport, ZmqTransport, probe_ipc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
+SYSTEM_SOCKET = "/run/sllmd/sllmd.sock"   # where systemd/sllmd.service puts the daemon's socket
+
+
+def socket_candidates(env=os.environ) -> list[str]:
+    """Where a client looks for sllmd when neither `socket` nor $SLLMD_SOCKET says: the per-user
+    default path first, then the system daemon's (the systemd unit's RuntimeDirectory)."""
+    paths = [default_socket_path(env)]
+    if SYSTEM_SOCKET not in paths:
+        paths.append(SYSTEM_SOCKET)
+    return paths
+
+
+def find_socket(env=os.environ) -> str:
+    """The first candidate with a daemon listening, else the first that exists, else the first."""
+    paths = socket_candidates(env)
+
+    def listening(path: str) -> bool:
+        try:
+            return probe_ipc(path)
+        except OSError:   # e.g. permission denied: connecting says so with a hint
+            return False
+    live = next((p for p in paths if listening(p)), None)
+    return live or next((p for p in paths if os.path.exists(p)), paths[0])
 
 
 def _address(socket: str) -> str:
@@ -51,7 +75,8 @@ def _build(make: Callable[[int], Message], rid: int) -> Message:
 class Client:
     def __init__(self, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                  transport: Transport | None = None, client_name: str = "sllmd.client"):
-        self.socket = socket or os.environ.get("SLLMD_SOCKET") or default_socket_path(os.environ)
+        explicit = socket or os.environ.get("SLLMD_SOCKET")
+        self.socket = explicit or find_socket(os.environ)
         self.address = _address(self.socket)
         self.timeout = timeout
         self._client_name = client_name
@@ -69,6 +94,13 @@ class Client:
             except PermissionError:
                 raise DaemonUnreachableError(f"permission denied on {self.socket} "
                                              "(is this user in the daemon's group?)") from None
+            except DaemonUnreachableError:
+                if explicit or transport is not None:
+                    raise
+                tried = " or ".join(socket_candidates(os.environ))
+                raise DaemonUnreachableError(
+                    f"sllmd is not running (no daemon at {tried}); start it with `sllmd` or "
+                    "`systemctl start sllmd`, or point --socket / $SLLMD_SOCKET at its socket") from None
             self._handshake()
         except BaseException:
             self.close()
@@ -213,15 +245,22 @@ class Client:
     def ps(self) -> list[dict]:
         return self._call(lambda i: Ps(id=i))
 
+    def show(self, name: str) -> dict:
+        """`models`' entry for NAME plus architecture, parameters, context length, dtype, chat template, path."""
+        return self._call(lambda i: Show(id=i, name=name))
+
     def load(self, name: str, keep_alive: float | str | None = None) -> dict:
         ka = None if keep_alive is None else parse_duration(keep_alive)
         return self._call(lambda i: Load(id=i, name=name, keep_alive=ka))
 
-    def evict(self, name: str, tier: str = "device") -> dict:
-        return self._call(lambda i: Evict(id=i, name=name, tier=tier))
+    def evict(self, name: str, tier: str = "device", force: bool = False) -> dict:
+        """force: with tier "ssd", remove the model even if it is pinned."""
+        return self._call(lambda i: Evict(id=i, name=name, tier=tier, force=force))
 
-    def remove(self, name: str) -> None:
-        self._call(lambda i: Remove(id=i, name=name))
+    def remove(self, name: str, force: bool = False) -> dict:
+        """Removes NAME from every tier (a pinned one only with force; an import in flight is
+        cancelled: the reply then says "cancelled_import")."""
+        return self._call(lambda i: Remove(id=i, name=name, force=force))
 
     def pin(self, name: str) -> None:
         self._call(lambda i: Pin(id=i, name=name))
@@ -230,8 +269,13 @@ class Client:
         self._call(lambda i: Unpin(id=i, name=name))
 
     def import_model(self, name: str, source: str | os.PathLike,
-                     progress: Callable[[int, int], None] | None = None) -> dict:
+                     progress: Callable[[int, int], None] | None = None,
+                     on_event: Callable[[str, dict], None] | None = None) -> dict:
         """Imports SOURCE (our format, a HF model directory, .safetensors, .gguf) as NAME.
+
+        progress(bytes written, bytes total); on_event(name, data) hears "phase" (what the
+        import is doing: phase, done, total, unit, elapsed_s) and "evicted" (a model removed to
+        make room under --ssd-capacity; the reply's "evicted" lists them all too).
 
         A local path is made absolute here: the daemon runs in another directory.
         """
@@ -241,6 +285,8 @@ class Client:
         for msg in self._stream(lambda i: Import(id=i, name=name, source=source)):
             if isinstance(msg, Progress) and progress is not None:
                 progress(msg.done, msg.total)
+            elif isinstance(msg, Event) and on_event is not None:
+                on_event(msg.event, msg.data or {})
             elif isinstance(msg, Result):
                 return msg.data
         raise BadMessageError("import ended without a result")

@@ -79,7 +79,7 @@ def test_catalog_verbs(daemon, tiny_checkpoint):
     (tiny,) = [m for m in models if m["name"] == "tiny"]
     assert tiny["tiers"] == ["ssd"] and tiny["state"] == "on_ssd" and tiny["pinned"] is False
     table = sllmctl("models", socket_path=daemon.socket).stdout
-    assert table.splitlines()[0].split()[:4] == ["NAME", "SIZE", "TIERS", "STATE"] and "tiny" in table
+    assert table.splitlines()[0].split()[:5] == ["NAME", "DISK", "DRAM", "DEVICE", "STATE"] and "tiny" in table
 
     assert sllmctl("pin", "tiny", socket_path=daemon.socket).returncode == 0
     with Client(daemon.socket) as c:

@@ -1,8 +1,9 @@
-"""sllmctl verbs that talk to a running sllmd: import, models, load, ps, evict, rm, pin, unpin, infer, status.
+"""sllmctl verbs that talk to a running sllmd: import, models, show, load, ps, evict, rm, pin, unpin,
+infer, status.
 
-Every verb takes --socket (default $SLLMD_SOCKET, else the daemon's default
-path) and --timeout; read verbs take --json. Exit codes: 0 ok, 1 error,
-2 usage, 69 daemon not running, 75 busy or timed out.
+Every verb takes --socket (default $SLLMD_SOCKET, else the per-user path, else
+/run/sllmd/sllmd.sock), --timeout and --json (before or after the verb). Exit
+codes: 0 ok, 1 error, 2 usage, 69 daemon not running, 75 busy or timed out.
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
 
-from sllmd.client import DEFAULT_TIMEOUT, Client
+from sllmd.client import Client
 from sllmd.config import ConfigError, parse_duration
+from sllmd.errors import InvalidArgumentError
+
+from .output import Progress, fmt_ago, fmt_bytes, fmt_count, fmt_span, fmt_until, print_json, print_table, table
 
 
 def _duration(text: str) -> float:
@@ -27,93 +30,48 @@ def _client(args) -> Client:
     return Client(socket=args.socket, timeout=args.timeout, client_name=f"sllmctl {args.verb}")
 
 
-def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-# --- human formatting -------------------------------------------------------------------------------
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def fmt_span(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def fmt_ago(ts: float | None, now: float) -> str:
-    return "never" if not ts else f"{fmt_span(now - ts)} ago"
-
-
-def fmt_until(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "forever"
-    return "now" if ts <= now else f"in {fmt_span(ts - now)}"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+def tier_sizes(m: dict) -> tuple[int | None, int | None, int | None]:
+    """(bytes on disk, in DRAM, on the device) of a `models`/`ps` entry; None where it is not in that tier.
+    Uses the daemon's explicit per-tier fields (ssd_bytes, dram_bytes, device_bytes), else infers them
+    from an older daemon's size_bytes and tiers."""
+    tiers = m.get("tiers") or []
+    disk = m.get("ssd_bytes", m.get("size_bytes") if "ssd" in tiers else None)
+    dram = m.get("dram_bytes", m.get("checkpoint_bytes") if "dram" in tiers else None)
+    device = m.get("device_bytes")
+    return disk, dram, device
 
 
 # --- verbs ------------------------------------------------------------------------------------------
-class _Progress:
-    """Import progress on stderr: a live line on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, name: str):
-        self.name, self.tty, self.step, self.started = name, sys.stderr.isatty(), -1, time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        text = f"importing {self.name}: {pct:3d}% ({fmt_bytes(done)} of {fmt_bytes(total)})"
-        if self.tty:
-            sys.stderr.write("\r" + text)
-        elif pct // 10 != self.step:
-            self.step = pct // 10
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def end(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-        sys.stderr.write(f"imported {self.name} in {time.monotonic() - self.started:.1f}s\n")
-
-
 def cmd_import(args) -> int:
-    progress = _Progress(args.name)
+    progress = Progress(f"importing {args.name}")
     with _client(args) as c:
-        info = c.import_model(args.name, args.source, progress=progress)
-    progress.end()
+        try:
+            info = c.import_model(args.name, args.source, progress=progress)
+        finally:
+            progress.end()
+    sys.stderr.write(f"imported {args.name} in {progress.elapsed:.1f}s\n")
     if args.json:
-        _print_json(info)
+        print_json(info)
     return 0
 
 
 def cmd_models(args) -> int:
     with _client(args) as c:
         models = c.models()
+        on_device = {}
+        if not args.json and any("device" in (m.get("tiers") or []) and "device_bytes" not in m for m in models):
+            on_device = {i.get("name"): i.get("size_bytes") for i in c.ps()}   # an older daemon: ask ps
     if args.json:
-        _print_json(models)
+        print_json(models)
         return 0
     now = time.time()
-    rows = [[m.get("name", "?"), fmt_bytes(m.get("size_bytes")), ",".join(m.get("tiers") or []) or "-",
-             str(m.get("state", "?")), "yes" if m.get("pinned") else "", fmt_ago(m.get("last_used"), now)]
-            for m in models]
-    print(table(["NAME", "SIZE", "TIERS", "STATE", "PINNED", "LAST USED"], rows))
+    rows = []
+    for m in models:
+        disk, dram, device = tier_sizes(m)
+        device = device if device is not None else on_device.get(m.get("name"))
+        rows.append([m.get("name", "?"), fmt_bytes(disk), fmt_bytes(dram), fmt_bytes(device),
+                     str(m.get("state", "?")), "yes" if m.get("pinned") else "", fmt_ago(m.get("last_used"), now)])
+    print_table(["NAME", "DISK", "DRAM", "DEVICE", "STATE", "PINNED", "LAST USED"], rows)
     return 0
 
 
@@ -121,10 +79,15 @@ def cmd_load(args) -> int:
     with _client(args) as c:
         info = c.load(args.name, keep_alive=args.keep_alive)
     if args.json:
-        _print_json(info)
+        print_json(info)
+        return 0
+    until = fmt_until(info.get("expires_at"), time.time())
+    # An older daemon says nothing explicit: weights "from the device tier" means it was already there.
+    if info.get("already_loaded", info.get("load_tier") == "device"):
+        print(f"{args.name} is already loaded, until {until}")
     else:
         load = f" from {info['load_tier']} in {info['load_s']:.2f}s" if info.get("load_tier") else ""
-        print(f"{args.name} loaded{load}, until {fmt_until(info.get('expires_at'), time.time())}")
+        print(f"{args.name} loaded{load}, until {until}")
     return 0
 
 
@@ -132,13 +95,13 @@ def cmd_ps(args) -> int:
     with _client(args) as c:
         instances = c.ps()
     if args.json:
-        _print_json(instances)
+        print_json(instances)
         return 0
     now = time.time()
-    rows = [[i.get("name", "?"), fmt_bytes(i.get("size_bytes")), str(i.get("device", "-")),
-             ",".join(i.get("tiers") or []) or "-", str(i.get("state", "?")), str(i.get("active_requests", 0)),
-             str(i.get("queued", 0)), fmt_until(i.get("expires_at"), now)] for i in instances]
-    print(table(["NAME", "SIZE", "DEVICE", "TIERS", "STATE", "ACTIVE", "QUEUED", "UNTIL"], rows))
+    rows = [[i.get("name", "?"), fmt_bytes(i.get("device_bytes", i.get("size_bytes"))), str(i.get("device", "-")),
+             str(i.get("state", "?")), str(i.get("active_requests", 0)), str(i.get("queued", 0)),
+             fmt_until(i.get("expires_at"), now)] for i in instances]
+    print_table(["NAME", "DEVICE SIZE", "DEVICE", "STATE", "ACTIVE", "QUEUED", "UNTIL"], rows)
     return 0
 
 
@@ -146,7 +109,7 @@ def cmd_evict(args) -> int:
     with _client(args) as c:
         info = c.evict(args.name, tier=args.tier)
     if args.json:
-        _print_json(info)
+        print_json(info)
     else:
         gone = ", ".join(info.get("evicted") or []) if isinstance(info, dict) else ""
         print(f"evicted {args.name} from {gone or 'nothing (it was not there)'}")
@@ -156,22 +119,40 @@ def cmd_evict(args) -> int:
 def cmd_rm(args) -> int:
     with _client(args) as c:
         c.remove(args.name)
-    print(f"removed {args.name}")
+    if args.json:
+        print_json({"name": args.name, "removed": True})
+    else:
+        print(f"removed {args.name}")
     return 0
 
 
 def cmd_pin(args) -> int:
+    pinned = args.verb == "pin"
     with _client(args) as c:
-        (c.pin if args.verb == "pin" else c.unpin)(args.name)
-    print(f"{args.verb}ned {args.name}")
+        (c.pin if pinned else c.unpin)(args.name)
+    if args.json:
+        print_json({"name": args.name, "pinned": pinned})
+    else:
+        print(f"{args.verb}ned {args.name}")
     return 0
+
+
+def read_prompt(prompt: str) -> str:
+    """PROMPT as given, or all of stdin for "-"."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read()
+    if not text.strip():
+        raise InvalidArgumentError("the prompt read from stdin is empty")
+    return text
 
 
 def cmd_infer(args) -> int:
     out = sys.stdout
     last = ""
+    prompt = read_prompt(args.prompt)
     with _client(args) as c:
-        stream = c.infer(args.name, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+        stream = c.infer(args.name, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed, stop=args.stop or None, keep_alive=args.keep_alive,
                          chat=not args.raw)
         with stream:
@@ -189,11 +170,46 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    with _client(args) as c:
+        info = c.show(args.name)
+    if args.json:
+        print_json(info)
+        return 0
+    print(describe_model(info, template=args.template))
+    return 0
+
+
+def describe_model(info: dict, template: bool = False) -> str:
+    """`show`'s text: the model, where it sits and how big it is per tier, its chat template."""
+    disk, dram, device = tier_sizes(info)
+    shape = info.get("shape") or {}
+    lines = [["model", info.get("name", "?")],
+             ["architecture", f"{info.get('architecture') or '-'} ({info.get('model_type') or '?'})"],
+             ["parameters", fmt_count(info.get("parameters"))],
+             ["context length", str(info.get("context_length") or "-")],
+             ["dtype", str(info.get("dtype") or "-")]]
+    if shape:
+        lines.append(["shape", ", ".join(f"{k.replace('num_', '').replace('_', ' ')} {v}" for k, v in shape.items())])
+    lines += [["state", f"{info.get('state', '?')}" + (f" ({info['error']})" if info.get("error") else "")],
+              ["on disk", fmt_bytes(disk)], ["in DRAM", fmt_bytes(dram)], ["on device", fmt_bytes(device)],
+              ["pinned", "yes" if info.get("pinned") else "no"], ["path", str(info.get("path") or "-")]]
+    text = table(None, lines)
+    chat = info.get("chat_template")
+    if not chat:
+        return text + "\nchat template: none (prompts are sent as plain text)"
+    if template:
+        return text + "\nchat template:\n" + chat.rstrip("\n")
+    first = chat.strip().splitlines()[0] if chat.strip() else ""
+    return text + f"\nchat template: {len(chat)} characters ({first[:60]}{'...' if len(first) > 60 else ''}); " \
+                  "--template prints it"
+
+
 def cmd_status(args) -> int:
     with _client(args) as c:
         status = c.status()
     if args.json:
-        _print_json(status)
+        print_json(status)
         return 0
     daemon = status.get("daemon", {})
     print(f"sllmd {daemon.get('version', '?')} (protocol {daemon.get('protocol', '?')}), pid {daemon.get('pid', '?')}, "
@@ -206,7 +222,7 @@ def cmd_status(args) -> int:
         pct = f"{100 * used / cap:.0f}%" if cap else "-"
         count = tier.get("models", tier.get("instances", ""))
         rows.append([name, fmt_bytes(used), fmt_bytes(cap) if cap is not None else "unlimited", pct, str(count)])
-    print(table(["TIER", "USED", "CAPACITY", "USE", "MODELS"], rows))
+    print_table(["TIER", "USED", "CAPACITY", "USE", "MODELS"], rows)
     loader = status.get("loader") or {}
     parts = []
     # Reads: bytes over the loads' elapsed time (ns_read is busy time summed over reader threads).
@@ -221,48 +237,55 @@ def cmd_status(args) -> int:
 
 
 # --- registration ---------------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", metavar="PATH",
-                        help="the daemon's socket (default: $SLLMD_SOCKET or the daemon's default path)")
-    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
-                        help=f"give up after S seconds without a sign of life from the daemon ({DEFAULT_TIMEOUT:g})")
-    reads = argparse.ArgumentParser(add_help=False)
-    reads.add_argument("--json", action="store_true", help="print JSON")
+DEFAULT_MAX_TOKENS = 256   # the daemon's default (sllmd.inference.SamplingParams.max_tokens)
 
-    def verb(name, func, help, *, json_out=True):
-        p = subparsers.add_parser(name, parents=[common, reads] if json_out else [common], help=help,
-                                  description=help)
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The generation options of `infer` and `run`; None means the daemon's default, named in the help."""
+    p.add_argument("--max-tokens", type=int, metavar="N", help=f"generate at most N tokens (default: {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep tokens up to probability P "
+                                                            "(default: 1)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (default: a fresh one per request)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
+    p.add_argument("--keep-alive", type=_duration, metavar="DUR",
+                   help="keep the model loaded this long once idle: 5m, 30s, -1 = forever, 0 = unload after "
+                        "(default: the daemon's keep_alive, 5m unless configured)")
+
+
+def register(subparsers) -> None:
+    def verb(name, func, help):
+        p = subparsers.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p
 
     p = verb("import", cmd_import, "import SOURCE (our format, a HF directory, .safetensors, .gguf) as NAME")
     p.add_argument("name")
     p.add_argument("source")
-    verb("models", cmd_models, "list the models in the store, with their tiers and states")
+    verb("models", cmd_models, "list the models in the store: size on disk, in DRAM, on the device, state")
+    p = verb("show", cmd_show, "show NAME: architecture, parameters, context length, dtype, size per tier, "
+                               "chat template")
+    p.add_argument("name")
+    p.add_argument("--template", action="store_true", help="print the whole chat template")
     p = verb("load", cmd_load, "load NAME into the device tier")
     p.add_argument("name")
     p.add_argument("--keep-alive", type=_duration, metavar="DUR",
-                   help="stay loaded this long once idle (5m, 30s, -1 = forever, 0 = unload after)")
+                   help="stay loaded this long once idle: 5m, 30s, -1 = forever, 0 = unload after "
+                        "(default: the daemon's keep_alive, 5m unless configured)")
     verb("ps", cmd_ps, "list the running instances")
     p = verb("evict", cmd_evict, "evict NAME from a tier")
     p.add_argument("name")
     p.add_argument("--tier", choices=["device", "dram", "ssd"], default="device",
-                   help="device (default) unloads the instance, dram drops the cached copy, ssd removes the model")
-    p = verb("rm", cmd_rm, "remove NAME from every tier and the store", json_out=False)
+                   help="device unloads the instance, dram drops the cached copy, ssd removes the model")
+    p = verb("rm", cmd_rm, "remove NAME from every tier and the store")
     p.add_argument("name")
     for name, text in (("pin", "keep NAME in the store under capacity pressure"), ("unpin", "undo pin")):
-        p = verb(name, cmd_pin, text, json_out=False)
+        p = verb(name, cmd_pin, text)
         p.add_argument("name")
     p = verb("infer", cmd_infer, "generate from NAME, streaming the text to stdout")
     p.add_argument("name")
-    p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=int, metavar="N")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, metavar="P")
-    p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
-    p.add_argument("--keep-alive", type=_duration, metavar="DUR")
+    p.add_argument("prompt", help='the prompt; "-" reads it from stdin')
+    add_sampling_options(p)
     p.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     p.add_argument("--stats", action="store_true", help="print the request's stats as JSON on stderr")
     verb("status", cmd_status, "show the daemon's tiers, loader counters and uptime")

@@ -1,7 +1,7 @@
 """Verbs that work on checkpoints directly, without a daemon:
 
     sllmctl convert SOURCE... DEST [--dtype D] [--overwrite]
-    sllmctl inspect PATH [--json]
+    sllmctl inspect PATH|NAME [--json]
 
 Heavy imports (torch, transformers) happen inside the handlers, so that
 `sllmctl --help` stays fast.
@@ -9,13 +9,16 @@ Heavy imports (torch, transformers) happen inside the handlers, so that
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .output import Progress, fmt_bytes, fmt_count, print_json, print_table
+
+SYSTEM_STORE = Path("/var/lib/sllmd/store")   # systemd/sllmd.service's StateDirectory
 DTYPE_CHOICES = ["bfloat16", "float16", "float32", "float64", "bf16", "fp16", "fp32"]
 
 
@@ -34,57 +37,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("inspect", help="show a checkpoint's manifest and tensors",
                               description="Show a checkpoint's format, model, execution files, partitions "
-                                          "and tensors (reads no tensor data).")
-    p.add_argument("path", metavar="PATH", help="a checkpoint directory")
-    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+                                          "and tensors (reads no tensor data). A model name is looked up in "
+                                          "the running daemon (or, without one, in the default store).")
+    p.add_argument("path", metavar="PATH|NAME",
+                   help="a checkpoint directory, or the name of a model in the daemon's store")
     p.set_defaults(func=cmd_inspect)
-
-
-# --- formatting ---------------------------------------------------------------
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return str(n)
-
-
-class _ProgressLine:
-    """Writing progress on stderr: one updating line on a terminal, a line per quarter otherwise."""
-
-    def __init__(self, stream: TextIO, label: str):
-        self.stream, self.label = stream, label
-        self.tty = stream.isatty()
-        self.last_t, self.last_q, self.shown = 0.0, -1, False
-
-    def __call__(self, done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        if self.tty:
-            now = time.monotonic()
-            if now - self.last_t < 0.1 and done < total:
-                return
-            self.last_t = now
-            self.stream.write(f"\r{self.label}: {human_bytes(done)} / {human_bytes(total)} ({frac:4.0%})")
-            self.shown = True
-        else:
-            quarter = int(frac * 4)
-            if quarter == self.last_q:
-                return
-            self.last_q = quarter
-            self.stream.write(f"{self.label}: {human_bytes(done)} / {human_bytes(total)} ({frac:.0%})\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # --- convert --------------------------------------------------------------------
@@ -93,20 +50,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from sllmd.store.convert import convert
     from sllmd.store.format import open_checkpoint
 
+    from sllmd.errors import ConversionError
+
+    if Path(dest).exists() and not args.overwrite:
+        raise ConversionError(f"{dest} already exists (use --overwrite to replace it)")
     source = sources[0] if len(sources) == 1 else sources
     print(f"sllmctl: converting {', '.join(sources)} -> {dest}", file=sys.stderr)
-    progress = _ProgressLine(sys.stderr, "writing")
+    progress = Progress("writing", steps=4)
     t0 = time.perf_counter()
     try:
         convert(source, dest, dtype=args.dtype, progress=progress, overwrite=args.overwrite)
     finally:
-        progress.close()
+        progress.end()
     elapsed = time.perf_counter() - t0
     ckpt = open_checkpoint(dest)
     model = ckpt.manifest.model
+    if args.json:
+        print_json({"path": str(Path(dest).resolve()), "model": model, "tensors": len(ckpt.tensors),
+                    "file_bytes": ckpt.manifest.total_bytes, "seconds": elapsed})
+        return 0
     what = model.get("architecture") or "tensors"
     dtype = f", {model['dtype']}" if model.get("dtype") else ""
-    print(f"converted {what}{dtype}: {len(ckpt.tensors)} tensors, {human_bytes(ckpt.manifest.total_bytes)} "
+    print(f"converted {what}{dtype}: {len(ckpt.tensors)} tensors, {fmt_bytes(ckpt.manifest.total_bytes)} "
           f"in {elapsed:.1f} s -> {dest}")
     return 0
 
@@ -156,46 +121,68 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _table(rows: list[list[str]], out: TextIO, indent: str = "  ") -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    print_table(None, rows, out, indent="  ")
 
 
 def print_description(d: dict[str, Any], out: TextIO) -> None:
     model, totals, ck = d["model"], d["totals"], d["checksum"]
     out.write(f"checkpoint  {d['path']}\n")
-    checks = f"{ck['scheme']} per {human_bytes(ck['block_size'])} block" if ck["scheme"] else "none"
+    checks = f"{ck['scheme']} per {fmt_bytes(ck['block_size'])} block" if ck["scheme"] else "none"
     out.write(f"format      {d['magic']} {d['format_version']}    checksums: {checks}\n")
     if model:
-        params = f", {human_count(model['parameters'])} parameters" if model.get("parameters") else ""
+        params = f", {fmt_count(model['parameters'])} parameters" if model.get("parameters") else ""
         kind = f" ({model['model_type']})" if model.get("model_type") else ""
         out.write(f"model       {model.get('architecture') or '-'}{kind}, {model.get('dtype') or '-'}{params}\n")
         src = model.get("source")
         if isinstance(src, dict):
             out.write(f"source      {src.get('format')}: {', '.join(src.get('files') or [])}\n")
     out.write(f"files       {', '.join(d['files']) or '(none: tensors only)'}\n")
-    out.write(f"partitions  {totals['partitions']}, {human_bytes(totals['file_bytes'])}\n")
+    out.write(f"partitions  {totals['partitions']}, {fmt_bytes(totals['file_bytes'])}\n")
     _table([["#", "file", "size", "device", "blocks"]]
-           + [[str(p["index"]), p["file"], human_bytes(p["nbytes"]), p["device"] or "-", str(p["blocks"])]
+           + [[str(p["index"]), p["file"], fmt_bytes(p["nbytes"]), p["device"] or "-", str(p["blocks"])]
               for p in d["partitions"]], out)
     shared = totals["tensors"] - totals["stored_tensors"]
     out.write(f"tensors     {totals['tensors']}" + (f" ({shared} sharing storage)" if shared else "") + "\n")
     rows = [["name", "dtype", "shape", "size", "part", "offset", ""]]
     for name, t in d["tensors"].items():
         rows.append([name, t["dtype"], "x".join(map(str, t["shape"])) or "()",
-                     human_bytes(t["nbytes"]) if t["nbytes"] is not None else "?", str(t["partition"]),
+                     fmt_bytes(t["nbytes"]) if t["nbytes"] is not None else "?", str(t["partition"]),
                      str(t["offset"]), f"= {t['shares_storage_with']}" if t["shares_storage_with"] else ""])
     _table(rows, out)
-    out.write(f"total       {totals['tensors']} tensors, {human_count(totals['elements'])} elements, "
-              f"{human_bytes(totals['stored_bytes'])} stored in {human_bytes(totals['file_bytes'])} of files\n")
+    out.write(f"total       {totals['tensors']} tensors, {fmt_count(totals['elements'])} elements, "
+              f"{fmt_bytes(totals['stored_bytes'])} stored in {fmt_bytes(totals['file_bytes'])} of files\n")
+
+
+def checkpoint_path(what: str, socket: str | None, timeout: float) -> Path:
+    """`inspect`'s argument as a checkpoint directory: a path as is; a model name (one that is no
+    path here) asks the daemon where its checkpoint is, or, with no daemon running, looks in the
+    default stores (the per-user one, then the system daemon's)."""
+    path = Path(what)
+    if path.exists() or "/" in what:
+        return path
+    from sllmd.client import Client
+    from sllmd.config import default_store_dir
+    from sllmd.errors import DaemonUnreachableError, ModelNotFoundError
+
+    try:
+        with Client(socket=socket, timeout=timeout, client_name="sllmctl inspect") as c:
+            return Path(c.show(what)["path"])
+    except DaemonUnreachableError:
+        if socket:
+            raise
+    stores = [default_store_dir(os.environ), SYSTEM_STORE]
+    for store in stores:
+        if (store / "models" / what).is_dir():
+            return store / "models" / what
+    raise ModelNotFoundError(f"{what} is no checkpoint directory, and no model named {what!r} is in "
+                             f"{' or '.join(map(str, stores))} (sllmd is not running to ask)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    d = describe(args.path)
+    d = describe(checkpoint_path(args.path, args.socket, args.timeout))
     if args.json:
-        json.dump(d, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(d)
     else:
         print_description(d, sys.stdout)
     return 0
