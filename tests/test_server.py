@@ -504,3 +504,258 @@ def test_a_real_sllmd_survives_bad_input():
             assert daemon.stop() == 0
     finally:
         remove_tree(root)
+
+
+# --- who may connect, and what a request may make the daemon read ------------------------------------
+def test_tcp_sockets_are_refused_until_peer_traffic_has_curve_keys():
+    from sllmd.config import ConfigError, load_config
+    transport = ZmqTransport()
+    try:
+        with pytest.raises(ConfigError, match="CurveZMQ") as info:
+            transport.bind("tcp://127.0.0.1:0", max_frame_bytes=MAX_FRAME)
+        assert info.value.exit_code == 78
+    finally:
+        transport.close()
+    with pytest.raises(ConfigError, match="CurveZMQ"):
+        load_config({"socket": "tcp://0.0.0.0:7000"}, env={}, config_file="/dev/null")
+
+
+def test_sllmd_with_a_tcp_socket_exits_78_with_one_line():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "sllmd", "--config", "/dev/null", "--socket", "tcp://127.0.0.1:7999",
+                           "--store", "/nonexistent-sllm-store"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 78
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CurveZMQ" in lines[0], proc.stderr
+
+
+def test_peer_address_credentials_are_parsed():
+    from sllmd.transport.credentials import parse_peer_address
+    c = parse_peer_address("localhost:1000:100:4242")
+    assert (c.uid, c.gid, c.pid) == (1000, 100, 4242)
+    for address in (None, "", "127.0.0.1", "tcp://1.2.3.4:5", "h:a:b:c"):
+        assert parse_peer_address(address) is None
+
+
+@pytest.mark.parametrize("mode, owner, group, uid, gids, want, allowed", [
+    (0o600, 1, 1, 1, {1}, 4, True),       # the owner reads its own file
+    (0o600, 1, 1, 2, {1}, 4, False),      # the group has no bits
+    (0o640, 1, 1, 2, {1}, 4, True),       # ... now it has
+    (0o640, 1, 1, 2, {7}, 4, False),      # another group: the "other" bits
+    (0o604, 1, 1, 2, {7}, 4, True),
+    (0o064, 1, 1, 1, {1}, 4, False),      # the owner gets the owner bits only, even when others may read
+    (0o604, 1, 1, 2, {1}, 4, False),      # a group member gets the group bits only
+    (0o700, 1, 1, 0, {0}, 4, True),       # root reads anything
+    (0o000, 1, 1, 0, {0}, 4, True),
+    (0o040700, 1, 1, 2, {1}, 1, False),   # a directory the group may not search
+    (0o040710, 1, 1, 2, {1}, 1, True),
+    (0o040750, 1, 1, 2, {1}, 5, True),    # list + search
+    (0o040711, 1, 1, 2, {9}, 5, False),   # others may search but not list
+])
+def test_unix_permission_table(mode, owner, group, uid, gids, want, allowed):
+    from sllmd.transport.credentials import may_access
+    assert may_access(mode, owner, group, uid, frozenset(gids), want) is allowed
+
+
+@pytest.mark.parametrize("acl, uid, gids, allowed", [
+    ([(1, 6, 0), (2, 4, 5), (4, 0, 0), (0x10, 4, 0), (0x20, 0, 0)], 5, {9}, True),    # a named user may read
+    ([(1, 6, 0), (2, 4, 5), (4, 0, 0), (0x10, 0, 0), (0x20, 0, 0)], 5, {9}, False),   # ... unless the mask says no
+    ([(1, 6, 0), (2, 0, 5), (4, 4, 0), (0x10, 4, 0), (0x20, 4, 0)], 5, {1}, False),   # a named entry wins over groups
+    ([(1, 6, 0), (4, 0, 0), (8, 4, 9), (0x10, 4, 0), (0x20, 0, 0)], 5, {9}, True),    # a named group
+    ([(1, 6, 0), (4, 0, 0), (8, 0, 9), (0x10, 4, 0), (0x20, 4, 0)], 5, {9}, False),   # a matched group denies "other"
+    ([(1, 6, 0), (4, 0, 0), (8, 4, 9), (0x10, 4, 0), (0x20, 0, 0)], 5, {3}, False),   # no group matches: other
+])
+def test_posix_acl_table(acl, uid, gids, allowed):
+    from sllmd.transport.credentials import may_access
+    assert may_access(0o100640, 1, 1, uid, frozenset(gids), 4, acl) is allowed
+
+
+def test_check_readable_walks_every_component_and_every_file(tmp_path):
+    from sllmd.errors import PermissionDeniedError
+    from sllmd.transport import Credentials, check_readable
+    me = os.stat(tmp_path).st_uid
+    stranger = Credentials(uid=me + 4242, gid=me + 4242, groups=frozenset())
+    tmp_path = _searchable_tempdir(tmp_path)
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "weights.bin").write_bytes(b"x")
+    for p in (model, model / "sub"):
+        p.chmod(0o755)
+    for p in (model / "config.json", model / "sub" / "weights.bin"):
+        p.chmod(0o644)
+    check_readable(model, stranger)                               # everything is world-readable
+    check_readable(model / "absent", stranger)                    # missing: the reader reports it
+    (model / "sub" / "weights.bin").chmod(0o600)
+    with pytest.raises(PermissionDeniedError, match="may not read .*weights.bin"):
+        check_readable(model, stranger)
+    check_readable(model, Credentials(uid=me, gid=me + 1, groups=frozenset()))   # its owner may
+    (model / "sub" / "weights.bin").chmod(0o644)
+    (model / "sub").chmod(0o700)
+    with pytest.raises(PermissionDeniedError):
+        check_readable(model / "sub" / "weights.bin", stranger)   # the file is readable, its directory is not
+    (model / "sub").chmod(0o755)
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    secret.chmod(0o600)
+    (model / "link").symlink_to(secret)                           # a link is judged by what it points to
+    with pytest.raises(PermissionDeniedError, match="secret"):
+        check_readable(model, stranger)
+    with pytest.raises(PermissionDeniedError, match="cannot tell which user"):
+        check_readable(model, None)
+
+
+def test_import_checks_the_requesters_credentials(tmp_path):
+    """Over the memory transport the server is told who connected: a stranger's import of a file
+    only the daemon's user may read is refused before the node sees it."""
+    from sllmd.errors import PermissionDeniedError
+    from sllmd.transport import Credentials
+    tmp_path = _searchable_tempdir(tmp_path)
+    secret = tmp_path / "secret.gguf"
+    secret.write_bytes(b"x")
+    secret.chmod(0o600)
+    me = os.stat(secret).st_uid
+    net = MemoryTransport()
+    node = ScriptedNode()
+    imported = []
+    node.import_model = lambda name, source, **kw: imported.append(source) or {"name": name}
+    server = Server(node, net.bind("mem://d", max_frame_bytes=MAX_FRAME), max_frame_bytes=MAX_FRAME, heartbeat_s=0.2)
+    server.start()
+    try:
+        stranger = Credentials(uid=me + 4242, gid=me + 4242, groups=frozenset())
+        with Client("mem://d", transport=_ConnectAs(net, stranger)) as c:
+            with pytest.raises(PermissionDeniedError, match="may not read"):
+                c.import_model("m", secret)
+            with pytest.raises(PermissionDeniedError):
+                c.import_model("m", f"file://{secret}")
+        assert imported == []
+        with Client("mem://d", transport=net) as c:                # the file's owner may
+            c.import_model("m", f"file://{secret}")
+        assert imported == [str(secret)]
+    finally:
+        server.close(timeout=2)
+
+
+def _searchable_tempdir(tmp_path):
+    """pytest's tmp_path sits in a 0700 directory; a fresh one under /tmp that others may search."""
+    root = short_tempdir()
+    root.chmod(0o711)
+    _cleanup.append(root)
+    if stat.S_IMODE(os.stat("/tmp").st_mode) & 0o001 == 0:
+        pytest.skip("/tmp is not searchable by others")
+    return root
+
+
+_cleanup: list = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_searchable_tempdirs():
+    yield
+    while _cleanup:
+        remove_tree(_cleanup.pop())
+
+
+class _ConnectAs:
+    """A MemoryTransport whose connections present `credentials`."""
+
+    def __init__(self, net, credentials):
+        self.net, self.credentials = net, credentials
+
+    def connect(self, address):
+        return self.net.connect(address, credentials=self.credentials)
+
+    def close(self):
+        pass
+
+
+def _as_user(uid: int, fn) -> object:
+    """Runs fn() in a forked child that became `uid` (no exec: the venv may be unreadable to it);
+    returns what it returned, or raises what it raised, as a string."""
+    import pickle
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                out = ("ok", fn())
+            except BaseException as e:   # noqa: BLE001 - reported to the parent
+                out = ("raised", f"{type(e).__name__}: {getattr(e, 'code', '')}: {e}")
+            os.write(w, pickle.dumps(out))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: files of another owner and a client of another uid")
+def test_a_real_sllmd_reads_an_import_only_if_the_requesting_user_may():
+    nobody = 65534
+    root = short_tempdir()
+    try:
+        root.chmod(0o711)
+        with DaemonProcess(root) as daemon:
+            os.chmod(daemon.socket, 0o666)                  # let the other uid connect (sllmd itself refuses o+rw)
+            src = root / "src"
+            src.mkdir(mode=0o755)
+            src.chmod(0o755)
+            secret = src / "secret.gguf"
+            secret.write_bytes(b"GGUF not really")
+            os.chown(secret, 4242, 4242)
+            secret.chmod(0o600)                             # only uid 4242 (and the root daemon) may read it
+            public = src / "public.gguf"
+            public.write_bytes(b"GGUF not really")
+            public.chmod(0o644)
+
+            def import_(path):
+                def go():
+                    with Client(daemon.socket, timeout=60) as c:
+                        return c.import_model("m", path)
+                return go
+
+            kind, text = _as_user(nobody, import_(str(secret)))
+            assert kind == "raised" and "permission_denied" in text and "may not read" in text, text
+            kind, text = _as_user(nobody, import_(str(public)))
+            assert kind == "raised" and "permission_denied" not in text, text   # readable: converting fails
+            with Client(daemon.socket) as c:                # root may; the bytes are not a model
+                with pytest.raises(SllmError) as info:
+                    c.import_model("m", secret)
+                assert info.value.code != "permission_denied"
+
+            # A routing id greeted by root's connection is not a greeting for another user's.
+            peer = zmq.Context()
+            greeted = make_socket(peer, zmq.DEALER, connect="ipc://" + daemon.socket)
+            greeted.setsockopt(zmq.ROUTING_ID, b"same-id")
+            greeted.close(linger=0)
+            greeted = peer.socket(zmq.DEALER)
+            greeted.setsockopt(zmq.ROUTING_ID, b"same-id")
+            greeted.connect("ipc://" + daemon.socket)
+            greeted.send(encode(Hello(id=1, version=PROTOCOL_VERSION)))
+            assert greeted.poll(5000) and decode_reply(greeted.recv()).TYPE == "welcome"
+            greeted.close(linger=0)
+            peer.term()
+            time.sleep(0.3)                                  # the daemon's ROUTER notices the disconnect
+
+            def status_without_hello():
+                ctx = zmq.Context()
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.ROUTING_ID, b"same-id")
+                s.connect("ipc://" + daemon.socket)
+                s.send(encode(Status(id=2)))
+                got = decode_reply(s.recv()) if s.poll(5000) else None
+                s.close()
+                ctx.term()
+                return getattr(got, "code", None) or getattr(got, "TYPE", None)
+            assert _as_user(nobody, status_without_hello) == ("ok", "handshake_required")
+            assert daemon.stop() == 0
+    finally:
+        remove_tree(root)

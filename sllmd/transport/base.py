@@ -1,7 +1,7 @@
 """The transport interface: how the daemon and its clients move frames.
 
-A server endpoint receives (peer, frames) pairs from many clients and sends
-frames back to a named peer; a client endpoint talks to one server. Two
+A server endpoint receives (peer, frames, credentials) from many clients and
+sends frames back to a named peer; a client endpoint talks to one server. Two
 implementations: `ZmqTransport` (ROUTER/DEALER over ipc:// or tcp://) and
 `MemoryTransport` (in-process, so several daemons can be tested in one
 process). Only I/O code touches an endpoint; `wake()` is the one method any
@@ -12,6 +12,10 @@ from __future__ import annotations
 import abc
 import enum
 
+from sllmd.errors import ConfigError
+
+from .credentials import Credentials
+
 
 class SendResult(enum.Enum):
     SENT = "sent"
@@ -19,14 +23,26 @@ class SendResult(enum.Enum):
     FULL = "full"   # the peer's queue is at its high-water mark: try again later
 
 
+Received = tuple[bytes, list[bytes], "Credentials | None"]
+
+
+def check_listen_address(address: str) -> None:
+    """Refuses what the daemon must not listen on yet: only local (ipc) sockets, whose file mode
+    and the kernel's peer credentials say who may connect. A network socket waits for CurveZMQ."""
+    if "://" in address and not address.startswith("ipc://"):
+        raise ConfigError(f"socket: {address.split('://', 1)[0]}:// is refused: peer traffic needs "
+                          "CurveZMQ keys (they come with the cluster); use a Unix socket path")
+
+
 class ServerEndpoint(abc.ABC):
     address: str
 
     @abc.abstractmethod
-    def recv(self, timeout: float | None) -> list[tuple[bytes, list[bytes]]]:
+    def recv(self, timeout: float | None) -> list[Received]:
         """Waits up to `timeout` seconds (None: forever) for frames.
 
-        Returns every (peer, frames) pair available, or [] on timeout or `wake()`.
+        Returns every (peer, frames, credentials) available, or [] on timeout or `wake()`.
+        `credentials` is who the kernel says opened the connection (None where unknown).
         """
 
     @abc.abstractmethod

@@ -16,6 +16,7 @@ import time
 from sllmd.errors import AddressInUseError, DaemonUnreachableError
 
 from .base import ClientEndpoint, SendResult, ServerEndpoint, Transport
+from .credentials import Credentials
 
 HARD_CAP_FACTOR = 4   # like ZmqTransport: frames up to 4x max_frame_bytes reach the server to be answered
 
@@ -86,10 +87,11 @@ class MemoryServerEndpoint(ServerEndpoint):
 
 
 class MemoryClientEndpoint(ClientEndpoint):
-    def __init__(self, server: MemoryServerEndpoint, peer: bytes, hwm: int):
+    def __init__(self, server: MemoryServerEndpoint, peer: bytes, hwm: int, credentials: Credentials | None):
         self.address = server.address
         self.server = server
         self.peer = peer
+        self.credentials = credentials
         self.inbox = _Inbox(limit=hwm)
         self.closed = False
 
@@ -101,7 +103,7 @@ class MemoryClientEndpoint(ClientEndpoint):
         if len(frame) > self.server.hard_cap:
             return True    # ZeroMQ drops the connection; the sender learns nothing
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.server.inbox.put((self.peer, [bytes(frame)])):
+        while not self.server.inbox.put((self.peer, [bytes(frame)], self.credentials)):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
@@ -130,13 +132,14 @@ class MemoryTransport(Transport):
             self._servers[address] = server
             return server
 
-    def connect(self, address):
+    def connect(self, address, credentials: Credentials | None = None):
+        """`credentials`: who the server is told connected (default: this process)."""
         with self._lock:
             server = self._servers.get(address)
             if server is None:
                 raise DaemonUnreachableError(f"no daemon listens on {address}")
             peer = b"mem-%d" % next(self._ids)
-            client = MemoryClientEndpoint(server, peer, self._hwm)
+            client = MemoryClientEndpoint(server, peer, self._hwm, credentials or Credentials.of_this_process())
             server.clients[peer] = client
             return client
 

@@ -1,11 +1,13 @@
-"""The ZeroMQ transport: a ROUTER for the daemon, a DEALER per client, over ipc:// (and tcp:// later).
+"""The ZeroMQ transport: a ROUTER for the daemon, a DEALER per client, over ipc:// (tcp:// waits for CurveZMQ).
 
 Every ZeroMQ socket in sllm is made by `make_socket`, which sets linger,
 high-water marks and the message-size cap, and binds or connects. An ipc
 socket file is created with permission `mode` (0600 by default): the bind
 happens under a umask that leaves nobody else any access, then the file is
 chmod'ed to `mode`. Binding refuses to take over a socket file that a live
-daemon still answers on, and removes a stale one.
+daemon still answers on, and removes a stale one. Each received message
+carries the kernel's credentials of the process that opened its connection
+(SO_PEERCRED, which libzmq appends to the "Peer-Address" metadata).
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ import zmq
 
 from sllmd.errors import AddressInUseError, DaemonUnreachableError
 
-from .base import ClientEndpoint, SendResult, ServerEndpoint, Transport
+from .base import ClientEndpoint, SendResult, ServerEndpoint, Transport, check_listen_address
+from .credentials import Credentials, parse_peer_address
 
 log = logging.getLogger(__name__)
 
 HARD_CAP_FACTOR = 4       # frames up to 4x max_frame_bytes are received (and answered "oversized");
                           # larger ones make ZeroMQ drop the connection before they use memory
 DEFAULT_HWM = 10_000
+MAX_KNOWN_ADDRESSES = 4096   # parsed Peer-Address strings kept (one per connection)
 MAX_IPC_PATH = 107        # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
@@ -105,7 +109,9 @@ def make_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect
 
 class ZmqServerEndpoint(ServerEndpoint):
     def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int, mode: int):
+        check_listen_address(address)
         self.address = address
+        self._credentials: dict[str, Credentials | None] = {}
         self._sock = make_socket(ctx, zmq.ROUTER, bind=address, linger_ms=1000, router_mandatory=True,
                                  max_msg_size=max_frame_bytes * HARD_CAP_FACTOR, mode=mode)
         path = ipc_path(address)
@@ -130,11 +136,23 @@ class ZmqServerEndpoint(ServerEndpoint):
         if self._sock in events:
             for _ in range(256):
                 try:
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                out.append((frames[0], frames[1:]))
+                cred = self._credentials_of(frames[-1]) if len(frames) > 1 else None
+                out.append((frames[0].bytes, [f.bytes for f in frames[1:]], cred))
         return out
+
+    def _credentials_of(self, frame: zmq.Frame) -> Credentials | None:
+        try:
+            address = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            return None
+        if address not in self._credentials:
+            if len(self._credentials) >= MAX_KNOWN_ADDRESSES:
+                self._credentials.clear()
+            self._credentials[address] = parse_peer_address(address) if self.address.startswith("ipc://") else None
+        return self._credentials[address]
 
     def send(self, peer, frame):
         try:
