@@ -457,8 +457,6 @@ def validate(config: Config) -> None:
     need(len(os.fsencode(config.socket)) <= 107, f"socket: path longer than 107 bytes: {config.socket}")
     from sllmd.transport.base import check_listen_address
     check_listen_address(config.socket)   # tcp:// waits for CurveZMQ
-    from sllmd.transport.base import check_listen_address
-    check_listen_address(config.socket)   # tcp:// waits for CurveZMQ
     need(config.chunk_size >= 1 * MiB and config.chunk_size % (4 * KiB) == 0,
          "chunk_size: must be at least 1MiB and a multiple of 4KiB")
     need(config.dram_bytes >= config.chunk_size, "dram: smaller than one chunk")
