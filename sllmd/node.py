@@ -232,7 +232,8 @@ class Node:
                 "tiers": self._tiers_of(name), "state": rec["state"], "state_since": rec["since"],
                 "device": self.config.device if slot and slot.instance else None,
                 "reason": rec["reason"], "error": rec["error"] or e.error, "pinned": e.pinned,
-                "last_used": last_used, "imported_at": e.imported_at, "source": e.source}
+                "last_used": last_used, "imported_at": e.imported_at, "source": e.source,
+                "prepared": self._prepared.is_prepared(name)}   # the next load only moves and binds bytes
 
     def models(self) -> list[dict]:
         self._check_open()

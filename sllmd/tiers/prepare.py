@@ -51,6 +51,12 @@ class Preparer:
         with self._lock:
             return self._skeletons.pop(name, None)
 
+    def is_prepared(self, name: str) -> bool:
+        """Whether the next load of `name` finds its model built and its tokenizer loaded."""
+        with self._lock:
+            fut = self._skeletons.get(name)
+            return fut is not None and fut.done() and fut.exception() is None and name in self._tokenizers
+
     def tokenizer(self, name: str) -> Any:
         with self._lock:
             return self._tokenizers.get(name)
