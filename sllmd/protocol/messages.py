@@ -10,7 +10,7 @@ A conversation:
 
     hello -> welcome                    (first, on every connection; carries PROTOCOL_VERSION)
     status | models | ps | show | load | evict | remove | pin | unpin | ping -> result | error
-    import -> progress* -> result | error
+    import -> (progress | event)* -> result | error     (events: "phase", "evicted")
     infer  -> (token | event)* -> done | error
     cancel                              (no reply of its own: the cancelled request ends with an error)
 
@@ -110,12 +110,14 @@ class Load(Envelope):
 class Evict(Envelope):
     name: str = checked(model_name)
     tier: Literal["device", "dram", "ssd"] = "device"
+    force: bool = False                 # tier ssd: remove the model even if it is pinned
 
 
 @request("remove")
 @dataclass(frozen=True, kw_only=True)
 class Remove(Envelope):
     name: str = checked(model_name)
+    force: bool = False                 # remove the model even if it is pinned
 
 
 @request("pin")

@@ -27,8 +27,13 @@ from .writer import save_state_dict
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+Phase = Callable[..., None]  # (phase, done=0, total=0, unit=""): what a conversion is doing now
 
 GGUF_DEFAULT_DTYPE = torch.bfloat16
+
+
+def _no_phase(*_args, **_kw) -> None:
+    pass
 
 
 def _check_destination(src: Source, dest: Path, overwrite: bool) -> None:
@@ -84,7 +89,8 @@ def _source_info(src: Source) -> dict[str, Any]:
 
 
 def _convert_tensors(src: Source, dest: Path, dtype: torch.dtype | None, progress: Progress | None,
-                     overwrite: bool) -> Path:
+                     overwrite: bool, on_phase: Phase) -> Path:
+    on_phase("reading tensors")
     tensors = cast_floating(_read_all(src), dtype)
     config = _read_config(src)
     archs = config.get("architectures") or []
@@ -99,12 +105,12 @@ def _convert_tensors(src: Source, dest: Path, dtype: torch.dtype | None, progres
 
 
 def _convert_gguf(src: Source, dest: Path, dtype: torch.dtype | None, progress: Progress | None,
-                  overwrite: bool) -> Path:
+                  overwrite: bool, on_phase: Phase) -> Path:
     from .sources.gguf_file import load_gguf
 
     gguf = src.weights[0]
     t0 = time.perf_counter()
-    model, tokenizer = load_gguf(gguf, dtype or GGUF_DEFAULT_DTYPE)
+    model, tokenizer = load_gguf(gguf, dtype or GGUF_DEFAULT_DTYPE, on_phase=on_phase)
     log.info("dequantized %s in %.1f s", gguf, time.perf_counter() - t0)
     return save_model(model, dest, tokenizer=tokenizer, model={"source": _source_info(src)},
                       overwrite=overwrite, progress=progress)
@@ -112,7 +118,7 @@ def _convert_gguf(src: Source, dest: Path, dtype: torch.dtype | None, progress: 
 
 def convert(source: str | os.PathLike | Sequence[str | os.PathLike], path: str | os.PathLike, *,
             dtype: str | torch.dtype | None = None, progress: Progress | None = None,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, on_phase: Phase | None = None) -> Path:
     """Converts `source` into a checkpoint at `path` (written atomically).
 
     source: a Hugging Face model directory, a .safetensors file or a list of
@@ -120,6 +126,8 @@ def convert(source: str | os.PathLike | Sequence[str | os.PathLike], path: str |
         or a .gguf file.
     dtype: cast floating-point weights (default: keep them; bfloat16 for GGUF).
     progress: called with (bytes written, bytes total) while writing.
+    on_phase: called with (phase, done, total, unit) before writing, e.g.
+        ("dequantizing", 12, 272, "tensors") for each GGUF tensor.
     """
     dest = Path(path)
     try:
@@ -132,9 +140,9 @@ def convert(source: str | os.PathLike | Sequence[str | os.PathLike], path: str |
     log.info("converting %s into %s", src.describe(), dest)
     try:
         if src.format == GGUF:
-            out = _convert_gguf(src, dest, dtype, progress, overwrite)
+            out = _convert_gguf(src, dest, dtype, progress, overwrite, on_phase or _no_phase)
         elif src.format in (SAFETENSORS, PYTORCH):
-            out = _convert_tensors(src, dest, dtype, progress, overwrite)
+            out = _convert_tensors(src, dest, dtype, progress, overwrite, on_phase or _no_phase)
         else:  # pragma: no cover - open_source only yields the formats above
             raise ConversionError(f"unknown source format {src.format!r}")
     except CheckpointError as e:

@@ -32,8 +32,10 @@ from ..errors import CheckpointError, SllmError
 from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
 from ..store.writer import fsync_dir
 from . import policy
-from sllmd.errors import (ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
+from sllmd.errors import (CancelledError, ModelPinnedError,
+                          ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
                      StoreLockedError)
+from .importer import ImportJob, Notify, convert_in_child
 from .states import EvictReason
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,10 @@ def is_our_checkpoint(source: Path) -> bool:
         return False
 
 
-def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None) -> None:
-    """Copies a checkpoint directory file by file (fsync'd), manifest last."""
+def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> None:
+    """Copies a checkpoint directory file by file (fsync'd), manifest last; stops with
+    CancelledError between blocks once cancelled() is true."""
     files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_FILE)
     total = sum(p.stat().st_size for p in files)
     done = 0
@@ -94,6 +98,8 @@ def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None) 
         dst.parent.mkdir(parents=True, exist_ok=True)
         with open(src, "rb") as fi, open(dst, "wb") as fo:
             while True:
+                if cancelled is not None and cancelled():
+                    raise CancelledError("the import was cancelled")
                 block = fi.read(16 << 20)
                 if not block:
                     break
@@ -139,7 +145,7 @@ class SsdStore:
         self._lock = threading.RLock()
         self._entries: dict[str, SsdEntry] = {}
         self._refs: dict[str, int] = {}  # readers (loads) per model
-        self._importing: set[str] = set()
+        self._imports: dict[str, ImportJob] = {}  # imports in flight
         self._lock_fd: int | None = None
         self._dirty = False  # last-use times changed since catalog.json was written
         self.is_busy: Callable[[str], bool] = lambda name: False  # the node adds: in DRAM, on device, loading
@@ -180,6 +186,8 @@ class SsdStore:
                  f" of {self.capacity}" if self.capacity else "")
 
     def close(self) -> None:
+        """Cancels imports in flight (each removes what it wrote), then releases the store."""
+        self.cancel_imports()
         with self._lock:
             if self._lock_fd is not None:
                 self._write_catalog()
@@ -246,6 +254,10 @@ class SsdStore:
             try:
                 return self._entries[name]
             except KeyError:
+                job = self._imports.get(name)
+                if job is not None:
+                    raise ModelNotFoundError(f"model {name!r} is being imported ({job.describe()}); "
+                                             f"it can be used once the import finishes") from None
                 raise ModelNotFoundError(f"no model named {name!r} (see `sllmctl models`)") from None
 
     def __contains__(self, name: str) -> bool:
@@ -293,31 +305,53 @@ class SsdStore:
 
     # --- import ---------------------------------------------------------------
     def import_model(self, name: str, source: str | os.PathLike, progress: Progress | None = None,
-                     convert: Callable | None = None) -> SsdEntry:
-        """Copies our checkpoint format, or converts anything else with `convert(source, dest)`
-        (default sllmd.store.convert), into the store under `name`, atomically."""
+                     convert: Callable | None = None, notify: Notify | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> SsdEntry:
+        """Copies our checkpoint format, or converts anything else, into the store under `name`,
+        atomically. Conversions run in a child process (sllmd.tiers.importer), outside this
+        process's locks, unless `convert(source, dest)` is given (it then runs here).
+
+        notify(event, data) hears "phase" reports (what the import is doing, with elapsed
+        times) and one "evicted" per model removed to make room. The import stops with
+        CancelledError, leaving nothing behind, once cancelled() is true, cancel_import(name)
+        is called, or the store closes."""
         check_name(name)
         src = Path(source).expanduser()
         if not src.exists():
             raise CheckpointError(f"{src}: no such file or directory")
+        job = ImportJob(name, os.fspath(src))
         with self._lock:
-            if name in self._entries or name in self._importing:
-                raise ModelExistsError(f"a model named {name!r} already exists (remove it first)")
-            self._importing.add(name)
+            if name in self._entries:
+                raise ModelExistsError(f"a model named {name!r} already exists (remove it first: sllmctl rm {name})")
+            if name in self._imports:
+                raise ModelExistsError(f"a model named {name!r} is being imported ({self._imports[name].describe()}); "
+                                       f"wait for it, or cancel it with `sllmctl rm {name}`")
+            self._imports[name] = job
+
+        def stop() -> bool:
+            return job.cancel.is_set() or (cancelled is not None and cancelled())
+
+        def copied(done: int, total: int) -> None:
+            job.clock.update("copying", done, total, "bytes")
+            if progress is not None:
+                progress(done, total)
+
         work = self.staging_dir / f"import-{uuid.uuid4().hex[:12]}"
         staged = work / "checkpoint"
         try:
             work.mkdir(parents=True)
             if is_our_checkpoint(src):
-                copy_checkpoint(src, staged, progress)
-            else:
-                if convert is None:
-                    from ..store.convert import convert  # (sllmd.store.convert, once imported, is the module)
+                copy_checkpoint(src, staged, copied, cancelled=stop)
+            elif convert is not None:
                 convert(src, staged, **({"progress": progress} if progress is not None else {}))
+            else:
+                convert_in_child(src, staged, progress=progress, notify=notify, cancelled=stop, clock=job.clock)
             open_checkpoint(staged)  # whatever it came from, it must now be a valid checkpoint
             nbytes = dir_bytes(staged)
             with self._lock:
-                self._make_room(nbytes, exclude={name})
+                if stop():  # checked under the lock: nothing is evicted for a cancelled import
+                    raise CancelledError("the import was cancelled")
+                evicted = self._make_room(nbytes, exclude={name}, reason=f"to make room for {name}")
                 dest = self.models_dir / name
                 os.rename(staged, dest)
                 fsync_dir(self.models_dir)
@@ -326,8 +360,11 @@ class SsdStore:
                 entry.imported_at = entry.last_used = now
                 entry.source = os.fspath(src)
                 self._entries[name] = entry
+                self._imports.pop(name, None)
                 self._write_catalog()
             log.info("imported %s from %s (%d bytes)", name, src, nbytes)
+            for victim in evicted:
+                self._tell(notify, "evicted", victim)
             return entry
         except OSError as e:
             if e.errno == 28:  # ENOSPC
@@ -336,10 +373,50 @@ class SsdStore:
         finally:
             shutil.rmtree(work, ignore_errors=True)
             with self._lock:
-                self._importing.discard(name)
+                self._imports.pop(name, None)
+            job.finished.set()
 
-    def _make_room(self, nbytes: int, exclude: set[str]) -> list[str]:
-        """Evicts least recently used, unpinned, idle models until nbytes fit (caller holds the lock)."""
+    @staticmethod
+    def _tell(notify: Notify | None, event: str, data: dict) -> None:
+        """Tells the importer what happened; its going away must not undo a published import."""
+        if notify is None:
+            return
+        try:
+            notify(event, data)
+        except Exception as e:
+            log.debug("could not report %s %s: %s", event, data.get("name"), e)
+
+    def importing(self) -> list[dict]:
+        """The imports in flight: name, source, started_at, phase, done/total/unit, elapsed_s."""
+        with self._lock:
+            jobs = list(self._imports.values())
+        return [j.to_dict() for j in sorted(jobs, key=lambda j: j.name)]
+
+    def cancel_import(self, name: str, timeout: float = 30.0) -> bool:
+        """Cancels the import of `name` and waits (up to timeout) until it has removed what it
+        wrote; False when no import of that name is running."""
+        with self._lock:
+            job = self._imports.get(name)
+        if job is None:
+            return False
+        job.cancel.set()
+        if not job.finished.wait(timeout):
+            log.warning("the import of %s did not stop within %.0f s", name, timeout)
+        return True
+
+    def cancel_imports(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            jobs = list(self._imports.values())
+        for job in jobs:
+            job.cancel.set()
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            if not job.finished.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("the import of %s did not stop in time", job.name)
+
+    def _make_room(self, nbytes: int, exclude: set[str], reason: str = "") -> list[dict]:
+        """Evicts least recently used, unpinned, idle models until nbytes fit (caller holds the
+        lock); returns what it evicted (name, size_bytes, last_used, reason, why)."""
         if self.capacity is None:
             return []
         if nbytes > self.capacity:
@@ -350,14 +427,33 @@ class SsdStore:
         if victims is None:
             raise StoreFullError(f"the store has {self.capacity - self.used_bytes} of {self.capacity} bytes free "
                                  f"and {nbytes} are needed; the other models are pinned or in use")
+        evicted = []
         for v in victims:
+            e = self._entries[v]
+            evicted.append({"name": v, "size_bytes": e.nbytes, "last_used": e.last_used, "pinned": False,
+                            "tier": "ssd", "reason": EvictReason.LRU.value, "why": reason or "to make room",
+                            "at": time.time()})
+            log.warning("evicting %s from the ssd store %s (least recently used; %d bytes, --ssd-capacity %d)",
+                        v, reason or "to make room", e.nbytes, self.capacity)
             self._remove_locked(v, EvictReason.LRU)
-        return victims
+        return evicted
 
     # --- removal --------------------------------------------------------------
-    def remove(self, name: str, reason: EvictReason = EvictReason.MANUAL) -> None:
+    def check_removable(self, name: str, force: bool = False) -> SsdEntry:
+        """The entry, unless removing it needs `force` (it is pinned): then ModelPinnedError."""
+        entry = self.get(name)
+        if entry.pinned and not force:
+            raise ModelPinnedError(f"model {name!r} is pinned; unpin it first (sllmctl unpin {name}) "
+                                   f"or pass --force to remove it anyway")
+        return entry
+
+    def remove(self, name: str, reason: EvictReason = EvictReason.MANUAL, force: bool = False) -> None:
+        """Removes the model (a pinned one only with force); an import in flight is cancelled."""
+        cancelled = self.cancel_import(name)
         with self._lock:
-            self.get(name)
+            if cancelled and name not in self._entries:
+                return
+            self.check_removable(name, force)
             if self._busy(name):
                 raise ModelInUseError(f"model {name!r} is in use; evict it from the faster tiers first")
             self._remove_locked(name, reason)

@@ -8,8 +8,11 @@ model that the checkpoint holds.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,8 +30,42 @@ def _dequantizing_config():
     return GgufConfig(dequantize=True)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype):
-    """Returns (model, tokenizer or None) for a .gguf file; weights dense in `dtype`."""
+@contextlib.contextmanager
+def _tensor_reports(on_phase: Callable[..., None] | None):
+    """Reports each tensor transformers dequantizes, by wrapping the progress bar of its GGUF
+    loader (module-global: the caller holds MODEL_CONSTRUCTION_LOCK). Without that hook (another
+    transformers version) the phase is still reported, only not per tensor."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if on_phase is None or original is None:
+        yield
+        return
+
+    def reporting(iterable=None, *args, **kwargs):
+        items = list(iterable) if iterable is not None else []
+        last = 0.0
+        for i, item in enumerate(items):
+            now = time.monotonic()
+            if now - last >= 0.1:
+                last = now
+                on_phase("dequantizing", i, len(items), "tensors")
+            yield item
+        on_phase("dequantizing", len(items), len(items), "tensors")
+        on_phase("building the model")
+
+    gguf_utils.tqdm = reporting
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype, on_phase: Callable[..., None] | None = None):
+    """Returns (model, tokenizer or None) for a .gguf file; weights dense in `dtype`.
+    on_phase(phase, done, total, unit) hears what it is doing (per tensor while dequantizing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -37,7 +74,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype):
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        with MODEL_CONSTRUCTION_LOCK:
+        with MODEL_CONSTRUCTION_LOCK, _tensor_reports(on_phase):
+            if on_phase is not None:
+                on_phase("reading the GGUF file")
             model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
     except Exception as e:  # a file transformers cannot read fails in many ways; all mean "cannot convert"
         raise ConversionError(f"{path}: transformers cannot load this GGUF file: {type(e).__name__}: {e}") from e
@@ -46,6 +85,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype):
     if packed:
         raise ConversionError(f"{path}: weights stayed quantized after loading ({packed[:3]}); "
                               f"this transformers version cannot dequantize this file")
+    if on_phase is not None:
+        on_phase("reading the tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (KeyboardInterrupt, SystemExit):
