@@ -3,6 +3,10 @@ seeded sampling, stop tokens and strings, incremental detokenization, chat
 templates, bounded queues, cancellation, and resuming a request from its state."""
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,6 +14,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from daemon_helpers import DaemonProcess, remove_tree, short_tempdir, sllmctl
+from sllmd.client import Client
 from sllmd.inference import InferRequest, RequestState, SamplingParams
 from sllmd.inference.decode import build_prompt_ids, sample, stop_token_ids
 from sllmd.inference.engine import Instance
@@ -483,3 +489,42 @@ def test_the_end_of_sequence_token_is_not_emitted_or_counted(tok):
         assert all(e["text"] for e in tokens if e["token_id"] is None)  # only text held back until the end
     finally:
         inst.close(timeout=10)
+
+
+# --- the same through a real sllmd ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sllmd_refuses_a_prompt_beyond_the_context_and_ctrl_c_stops_a_prefill(smollm2_checkpoint):
+    root = short_tempdir()
+    try:
+        with DaemonProcess(root, "--keep-alive", "-1", dram="1GiB", device_memory="1GiB") as daemon:
+            assert sllmctl("import", "smol", str(smollm2_checkpoint), socket_path=daemon.socket).returncode == 0
+            too_long = "word " * 20_000  # 100,000 characters
+            refused = r"the prompt is [\d,]+ tokens; smol's context is 8,192"
+            with Client(daemon.socket) as c:
+                with pytest.raises(InvalidRequestError, match=refused):
+                    list(c.infer("smol", too_long, max_tokens=4))
+            run = sllmctl("infer", "smol", too_long, socket_path=daemon.socket)
+            assert run.returncode == 1 and re.search(refused, run.stderr) and run.stdout.strip() == "", run
+
+            # Ctrl-C during a long prefill: the daemon stops it at the next chunk boundary.
+            cmd = [sys.executable, "-m", "sllmctl", "infer", "smol", "word " * 7000, "--max-tokens", "4",
+                   "--socket", daemon.socket]
+            client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                with Client(daemon.socket) as probe:
+                    while not any(i["active_requests"] for i in probe.ps()):  # the prefill is running
+                        assert client.poll() is None, client.communicate()
+                        time.sleep(0.05)
+                client.send_signal(signal.SIGINT)
+                client.communicate(timeout=60)
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
+            answer = sllmctl("infer", "smol", "What is the capital of France?", "--max-tokens", "12",
+                             socket_path=daemon.socket)
+            assert answer.returncode == 0 and "Paris" in answer.stdout, answer
+            (line,) = re.findall(r"cancelled during its prefill, after (\d+) of (\d+) chunks", daemon.log())
+            assert int(line[0]) < int(line[1])
+    finally:
+        remove_tree(root)
