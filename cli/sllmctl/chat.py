@@ -127,7 +127,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help=text, description=text)
     p.add_argument("name")
     p.add_argument("prompt", nargs="?", help='answer this one prompt and exit ("-" reads it from stdin)')
-    p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
+    p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation (default: none; the chat template's own, if any)")
     add_sampling_options(p)
     p.add_argument("--stats", action="store_true", help="print each answer's stats as JSON on stderr")
     p.set_defaults(func=cmd_run)
