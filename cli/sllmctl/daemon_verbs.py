@@ -42,11 +42,36 @@ def tier_sizes(m: dict) -> tuple[int | None, int | None, int | None]:
 
 
 # --- verbs ------------------------------------------------------------------------------------------
+def import_note(event: str, data: dict, last: dict) -> str | None:
+    """The line an import event deserves on stderr, if any: every model evicted to make room;
+    each new phase (with the elapsed time), and each quarter of a counted one (GGUF tensors
+    being dequantized). `last` remembers what was shown."""
+    if event == "evicted":
+        return (f"evicted {data.get('name')} from the store to make room ({data.get('reason')}, "
+                f"{fmt_bytes(data.get('size_bytes'))}, last used {fmt_ago(data.get('last_used'), time.time())})")
+    if event != "phase" or data.get("unit") == "bytes":  # bytes written have the live progress line
+        return None
+    done, total = data.get("done", 0), data.get("total", 0)
+    key = (data.get("phase"), 4 * done // total if total else 0)
+    if key == last.get("key"):
+        return None
+    last["key"] = key
+    counted = f" {done}/{total} {data.get('unit')}" if total else ""
+    return f"{data.get('phase')}{counted} ({data.get('elapsed_s', 0):.1f}s)"
+
+
 def cmd_import(args) -> int:
     progress = Progress(f"importing {args.name}")
+    shown: dict = {}
+
+    def on_event(event: str, data: dict) -> None:
+        line = import_note(event, data, shown)
+        if line is not None:
+            progress.note(line)
+
     with _client(args) as c:
         try:
-            info = c.import_model(args.name, args.source, progress=progress)
+            info = c.import_model(args.name, args.source, progress=progress, on_event=on_event)
         finally:
             progress.end()
     sys.stderr.write(f"imported {args.name} in {progress.elapsed:.1f}s\n")
@@ -107,7 +132,7 @@ def cmd_ps(args) -> int:
 
 def cmd_evict(args) -> int:
     with _client(args) as c:
-        info = c.evict(args.name, tier=args.tier)
+        info = c.evict(args.name, tier=args.tier, force=args.force)
     if args.json:
         print_json(info)
     else:
@@ -118,11 +143,12 @@ def cmd_evict(args) -> int:
 
 def cmd_rm(args) -> int:
     with _client(args) as c:
-        c.remove(args.name)
+        info = c.remove(args.name, force=args.force) or {}
+    cancelled = bool(info.get("cancelled_import"))
     if args.json:
-        print_json({"name": args.name, "removed": True})
+        print_json({"name": args.name, "removed": True, "cancelled_import": cancelled})
     else:
-        print(f"removed {args.name}")
+        print(f"cancelled the import of {args.name}" if cancelled else f"removed {args.name}")
     return 0
 
 
@@ -277,8 +303,10 @@ def register(subparsers) -> None:
     p.add_argument("name")
     p.add_argument("--tier", choices=["device", "dram", "ssd"], default="device",
                    help="device unloads the instance, dram drops the cached copy, ssd removes the model")
-    p = verb("rm", cmd_rm, "remove NAME from every tier and the store")
+    p.add_argument("--force", action="store_true", help="with --tier ssd: remove the model even if it is pinned")
+    p = verb("rm", cmd_rm, "remove NAME from every tier and the store (an import in flight is cancelled)")
     p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="remove the model even if it is pinned")
     for name, text in (("pin", "keep NAME in the store under capacity pressure"), ("unpin", "undo pin")):
         p = verb(name, cmd_pin, text)
         p.add_argument("name")
