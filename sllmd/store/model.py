@@ -181,7 +181,7 @@ def build_empty_model(path: str | os.PathLike, *, dtype: torch.dtype | None = No
     return model
 
 
-def _match_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def match_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adds or strips the base-model prefix ("transformer.", "model.") when the checkpoint's names lack or have it."""
     prefix = getattr(model, "base_model_prefix", "")
     if not prefix:
@@ -226,19 +226,26 @@ def bind_state_dict(model, state_dict: Mapping[str, torch.Tensor], device="cpu",
         return _bind(model, state_dict, device, dtype)
 
 
-def _bind(model, state_dict, device, dtype):
-    sd = _match_prefix(model, cast_floating(state_dict, dtype))
-    result = model.load_state_dict(sd, strict=False, assign=True)
+def key_mismatch(model, missing: set[str], unexpected: set[str]) -> tuple[list[str], list[str]]:
+    """(unexpected, missing) tensor names that matter: unexpected ones the model does not
+    declare ignorable (nor are legacy buffers), missing ones not tied to a present tensor."""
     tied = _tied_keys(model)
     partners = {**tied, **{v: k for k, v in tied.items() if v}}
-    missing = set(result.missing_keys)
     ignorable = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     ignorable += [re.compile(p) for p in _LEGACY_UNEXPECTED]
-    unexpected = [k for k in result.unexpected_keys if not any(p.search(k) for p in ignorable)]
+    extra = sorted(k for k in unexpected if not any(p.search(k) for p in ignorable))
+    untied = sorted(k for k in missing if partners.get(k) in (None, "") or partners[k] in missing)
+    return extra, untied
+
+
+def _bind(model, state_dict, device, dtype):
+    sd = match_prefix(model, cast_floating(state_dict, dtype))
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    missing = set(result.missing_keys)
+    unexpected, untied = key_mismatch(model, missing, set(result.unexpected_keys))
     if unexpected:
         raise LoadError(f"the checkpoint holds {len(unexpected)} tensors this {type(model).__name__} does not have: "
-                        f"{sorted(unexpected)[:5]} (config and weights do not match)")
-    untied = sorted(k for k in missing if partners.get(k) in (None, "") or partners[k] in missing)
+                        f"{unexpected[:5]} (config and weights do not match)")
     if untied:
         raise LoadError(f"the checkpoint lacks {len(untied)} tensors of this {type(model).__name__}: {untied[:5]}")
     _tie(model, missing)
