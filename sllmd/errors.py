@@ -65,6 +65,7 @@ CODES: dict[str, int] = {
     "too_large": 38,
     "model_pinned": 39,
     "unservable_model": 40,
+    "load_timeout": 41,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -150,6 +151,13 @@ class OutOfMemoryError(LoadError):
     """Not enough room now (the budget is held by busy instances); try again."""
 
     code = "out_of_memory"
+    exit_code = Exit.TEMPFAIL
+
+
+class LoadTimeoutError(LoadError):
+    """A request waited longer than the node's load wait for its model's load; try again."""
+
+    code = "load_timeout"
     exit_code = Exit.TEMPFAIL
 
 
