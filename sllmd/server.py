@@ -29,6 +29,7 @@ from sllmd.protocol import (LONG_RUNNING, PROTOCOL_VERSION, BadMessageError, Bus
                             Done, Error, Event, HandshakeRequiredError, Heartbeat, Hello, Message, Ping, Progress,
                             Result, ShuttingDownError, Token, VersionMismatchError, Welcome, decode_request, encode,
                             error_reply_fields)
+from sllmd.snapshot import READ_ONLY, Snapshots
 from sllmd.transport import Credentials, SendResult, ServerEndpoint, check_readable
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ MAX_CLIENTS = 4096            # greeted connections remembered (least recently a
 MAX_BACKLOG = 10_000          # replies held for a client that does not read before it counts as gone
 MAX_CONTROL_QUEUE = 1024      # quick requests waiting for a control worker before "busy"
 PROGRESS_INTERVAL_S = 0.1
+READ_INTEREST_S = 5.0         # after a read, retake a stale snapshot in the background for this long
+# Requests after which the next read must see their effect: the snapshot is retaken before their reply.
+MUTATING = frozenset({"load", "evict", "remove", "pin", "unpin", "import", "infer"})
+_RETAKE = object()            # a control-queue item: retake the snapshot
 
 
 def _daemon_version() -> str:
@@ -89,14 +94,17 @@ class Server:
         self._clients: collections.OrderedDict[bytes, _Client] = collections.OrderedDict()   # I/O thread only
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
+        self._snapshots = Snapshots(node)
+        self._last_read = 0.0            # I/O thread only
+        self._retake_queued = False
         self._control_threads = [threading.Thread(target=self._control_worker, name=f"sllmd-ctl-{i}", daemon=True)
                                  for i in range(control_workers)]
         self._io_thread = threading.Thread(target=self._io_loop, name="sllmd-io", daemon=True)
         self._accepting = True
         self._stop = False
         self._closed = False
-        self._handlers: dict[str, Callable[[Message, _Call], Message]] = {
-            "status": self._status, "models": self._models, "ps": self._ps, "load": self._load,
+        self._handlers: dict[str, Callable[[Message, _Call], Message | bytes]] = {
+            "status": self._read, "models": self._read, "ps": self._read, "load": self._load,
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
             "import": self._import, "infer": self._infer, "show": self._show,
         }
@@ -176,6 +184,9 @@ class Server:
             self._drain_outbox()
             self._flush_backlogs()
             now = time.monotonic()
+            if not self._retake_queued and now - self._last_read < READ_INTEREST_S and self._snapshots.stale():
+                self._retake_queued = True   # someone reads: have the next read find a fresh snapshot
+                self._control.put(_RETAKE)
             if now >= next_beat:
                 self._heartbeats(now)
                 next_beat = now + self.heartbeat_s / 2
@@ -216,6 +227,8 @@ class Server:
         if isinstance(msg, Ping):
             self._send(peer, encode(Result(id=msg.id, data={"time": time.time()})))
             return
+        if msg.TYPE in READ_ONLY and self._answer_from_snapshot(peer, msg):
+            return
         long = msg.TYPE in LONG_RUNNING
         with self._lock:
             if (peer, msg.id) in self._calls:
@@ -237,6 +250,23 @@ class Server:
                              daemon=True).start()
         else:
             self._control.put((call, msg))
+
+    def _answer_from_snapshot(self, peer: bytes, msg: Message) -> bool:
+        """Answers a read-only request on the I/O thread if the snapshot is fresh; False: a worker must."""
+        self._last_read = time.monotonic()
+        snap = self._snapshots.fresh()
+        if snap is None:
+            return False
+        with self._lock:
+            if (peer, msg.id) in self._calls:
+                return False   # the worker path answers "already in flight"
+            in_flight = len(self._calls)
+        try:
+            frame = snap.reply(msg.TYPE, msg.id, lambda: self._daemon_info(in_flight))
+        except Exception:   # the node failed that part: the worker path answers as the handler would
+            return False
+        self._send(peer, frame)
+        return True
 
     def _hello(self, peer: bytes, msg: Hello, credentials: Credentials | None) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -342,6 +372,13 @@ class Server:
             item = self._control.get()
             if item is None:
                 return
+            if item is _RETAKE:
+                self._retake_queued = False
+                try:
+                    self._snapshots.take()
+                except Exception:
+                    log.exception("taking a snapshot of the node failed")
+                continue
             self._run(*item)
 
     def _post(self, call: _Call, msg: Message, final: bool = False) -> None:
@@ -360,7 +397,7 @@ class Server:
             if call.cancelled.is_set():
                 raise CancelledError("request cancelled")
             final = self._handlers[msg.TYPE](msg, call)
-            frame = encode(final)
+            frame = final if isinstance(final, bytes) else encode(final)
         except SllmError as e:
             level = logging.DEBUG if isinstance(e, CancelledError) else logging.INFO
             log.log(level, "%s#%d failed: %s: %s", call.type, call.id, e.code, e)
@@ -368,26 +405,28 @@ class Server:
         except Exception as e:
             log.exception("%s#%d failed unexpectedly", call.type, call.id)
             frame = encode(Error(id=call.id, **error_reply_fields(e)))
+        if call.type in MUTATING and self._snapshots.node_version() is not None:
+            try:   # the client's next read sees what this request did
+                self._snapshots.take(force=True)
+            except Exception:
+                log.exception("taking a snapshot of the node failed")
         log.debug("%s#%d finished in %.1f ms", call.type, call.id, (time.monotonic() - started) * 1e3)
         self._outbox.put((call, frame, True))
         self.endpoint.wake()
 
     # --- handlers: one protocol request -> one Node call ----------------------------------------------------
-    def _status(self, msg, call) -> Message:
-        data = dict(self.node.status())
+    def _read(self, msg, call) -> bytes:
+        """status, models, ps when the snapshot was stale: retaken here, then answered from."""
+        snap = self._snapshots.take()
         with self._lock:
-            in_flight = len(self._calls) - 1   # not counting this status request
-        data["daemon"] = {"version": self._version, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
-                          "socket": self.endpoint.address, "started_at": self._started_at,
-                          "uptime_s": time.time() - self._started_at, "requests_in_flight": in_flight,
-                          "clients": len(self._clients)}
-        return Result(id=msg.id, data=data)
+            in_flight = len(self._calls) - 1   # not counting this request
+        return snap.reply(msg.TYPE, msg.id, lambda: self._daemon_info(in_flight))
 
-    def _models(self, msg, call) -> Message:
-        return Result(id=msg.id, data=list(self.node.models()))
-
-    def _ps(self, msg, call) -> Message:
-        return Result(id=msg.id, data=list(self.node.ps()))
+    def _daemon_info(self, in_flight: int) -> dict:
+        return {"version": self._version, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                "socket": self.endpoint.address, "started_at": self._started_at,
+                "uptime_s": time.time() - self._started_at, "requests_in_flight": in_flight,
+                "clients": len(self._clients)}
 
     def _show(self, msg, call) -> Message:
         return Result(id=msg.id, data=self.node.show(msg.name))
@@ -430,7 +469,8 @@ class Server:
             self._emit(call, Event(id=msg.id, event=event, data=data))
 
         return Result(id=msg.id, data=self.node.import_model(msg.name, source, progress=progress, notify=notify,
-                                                             cancelled=call.cancelled.is_set))
+                                                             cancelled=call.cancelled.is_set,
+                                                             no_tokenizer=msg.no_tokenizer))
 
     @staticmethod
     def _infer_request(msg) -> dict:

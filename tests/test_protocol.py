@@ -182,3 +182,15 @@ def test_unknown_codes_and_plain_exceptions():
     assert fields["code"] == InternalError.code and "boom" in fields["message"]
     err = Error(id=None, **fields)
     assert decode_reply(encode(err)) == err
+
+
+def test_a_prepacked_result_is_byte_for_byte_an_encoded_result():
+    from sllmd.protocol import Result
+    from sllmd.protocol.codec import encode_packed_result, pack
+    from sllmd.snapshot import map_header
+    for data in ([], {"a": [1, 2.5, {"b": None}]}, "x" * 100):   # (None data is left out of a result)
+        assert encode_packed_result(7, pack(data)) == encode(Result(id=7, data=data))
+    for n in (0, 15, 16, 70_000):
+        items = {f"k{i}": i for i in range(n)}
+        body = map_header(n) + b"".join(pack(k) + pack(v) for k, v in items.items())
+        assert msgpack.unpackb(body) == items

@@ -759,3 +759,79 @@ def test_a_real_sllmd_reads_an_import_only_if_the_requesting_user_may():
             assert daemon.stop() == 0
     finally:
         remove_tree(root)
+
+
+# --- read-only requests from a snapshot ---------------------------------------------------------------
+class VersionedNode(ScriptedNode):
+    """A ScriptedNode with `version` (bumped by the test, as Node bumps it on every state change)
+    that counts how often its read methods run and can hold `pin` on an event."""
+
+    def __init__(self):
+        super().__init__()
+        self.version = 1
+        self.reads = 0
+        self.pin_gate: threading.Event | None = None
+
+    def status(self):
+        self.reads += 1
+        return {**super().status(), "started_at": time.time() - 5.0}
+
+    def pin(self, name):
+        if self.pin_gate is not None:
+            self.pin_gate.wait(10)
+        super().pin(name)   # no version bump: the forced retake before the reply must catch it
+
+
+def test_reads_come_from_a_snapshot_until_the_node_changes(serve):
+    s = serve(VersionedNode())
+    with s.client() as c:
+        first = c.status()
+        assert first["uptime_s"] >= 5.0 and first["daemon"]["protocol"] == PROTOCOL_VERSION
+        for _ in range(20):
+            c.status(), c.models(), c.ps()
+        assert s.node.reads == 1                     # one snapshot served them all
+        assert c.status()["uptime_s"] > first["uptime_s"]   # uptime is live, not frozen in the snapshot
+        s.node.names.add("new")
+        assert [m["name"] for m in c.models()] == ["echo"]   # same version: the snapshot stands
+        s.node.version += 1
+        assert [m["name"] for m in c.models()] == ["echo", "new"]
+        assert s.node.reads == 2
+
+
+def test_the_next_read_sees_a_finished_mutation(serve):
+    s = serve(VersionedNode())
+    with s.client() as c:
+        assert c.models()[0]["pinned"] is False
+        c.pin("echo")
+        assert c.models()[0]["pinned"] is True
+
+
+def test_a_read_is_answered_while_every_control_worker_is_busy(serve):
+    s = serve(VersionedNode(), control_workers=1)
+    with s.client() as c, s.client() as other:
+        c.status()                                   # the snapshot exists
+        s.node.pin_gate = threading.Event()
+        pinning = threading.Thread(target=other.pin, args=("echo",))
+        pinning.start()
+        try:
+            deadline = time.monotonic() + 5
+            while not s.server.in_flight() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert c.status()["daemon"]["requests_in_flight"] == 1   # the only worker is stuck in pin
+            assert [m["name"] for m in c.models()] == ["echo"]
+        finally:
+            s.node.pin_gate.set()
+            pinning.join(10)
+        assert c.models()[0]["pinned"] is True
+
+
+def test_a_read_of_a_failing_node_part_is_an_error_and_the_rest_still_served(serve):
+    s = serve(VersionedNode())
+    s.node.status_error = RuntimeError("disk on fire")
+    with s.client() as c:
+        with pytest.raises(InternalError, match="disk on fire"):
+            c.status()
+        assert [m["name"] for m in c.models()] == ["echo"]
+        s.node.status_error = None
+        s.node.version += 1
+        assert c.status()["tiers"]["ssd"]["models"] == 1

@@ -39,6 +39,22 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(msg.to_fields(), use_bin_type=True, default=_to_plain, datetime=False)
 
 
+def pack(value: Any) -> bytes:
+    """One value as `encode` writes it inside a message."""
+    return msgpack.packb(value, use_bin_type=True, default=_to_plain, datetime=False)
+
+
+_RESULT_HEAD = b"\x83" + pack("type") + pack("result") + pack("id")
+_DATA_KEY = pack("data")
+
+
+def encode_packed_result(request_id: int, packed_data: bytes) -> bytes:
+    """The bytes of `encode(Result(id=request_id, data=...))` around data (not None) that is already packed."""
+    if not (isinstance(request_id, int) and 0 <= request_id <= MAX_ID):
+        raise BadMessageError(f"request id {request_id!r} is out of range")
+    return _RESULT_HEAD + pack(request_id) + _DATA_KEY + packed_data
+
+
 def _depth(obj: Any, level: int = 0) -> int:
     if level > _MAX_DEPTH:
         return level
