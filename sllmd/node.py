@@ -193,9 +193,10 @@ class Node:
     # --- catalog ------------------------------------------------------------------------
     def import_model(self, name: str, source: str, progress: Callable[[int, int], None] | None = None,
                      notify: Callable[[str, dict], None] | None = None,
-                     cancelled: Callable[[], bool] | None = None) -> dict:
+                     cancelled: Callable[[], bool] | None = None, no_tokenizer: bool = False) -> dict:
         """Imports SOURCE as NAME (SsdStore.import_model); the reply lists under "evicted" every
-        model that --ssd-capacity made it remove, and notify hears each as it happens."""
+        model that --ssd-capacity made it remove, and notify hears each as it happens. Only a
+        model that can be served is imported (no_tokenizer: one without a tokenizer is)."""
         self._check_open()
         evicted: list[dict] = []
 
@@ -205,7 +206,8 @@ class Node:
             if notify is not None:
                 notify(event, data)
 
-        self.ssd.import_model(name, source, progress, notify=relay, cancelled=cancelled)
+        self.ssd.import_model(name, source, progress, notify=relay, cancelled=cancelled, servable=True,
+                              tokenizer=not no_tokenizer)
         with self._lock:
             self._records[name] = StateMachine()
         self._prepared.forget(name)

@@ -71,7 +71,8 @@ def cmd_import(args) -> int:
 
     with _client(args) as c:
         try:
-            info = c.import_model(args.name, args.source, progress=progress, on_event=on_event)
+            info = c.import_model(args.name, args.source, progress=progress, on_event=on_event,
+                                  no_tokenizer=args.no_tokenizer)
         finally:
             progress.end()
     sys.stderr.write(f"imported {args.name} in {progress.elapsed:.1f}s\n")
@@ -288,6 +289,8 @@ def register(subparsers) -> None:
     p = verb("import", cmd_import, "import SOURCE (our format, a HF directory, .safetensors, .gguf) as NAME")
     p.add_argument("name")
     p.add_argument("source")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="accept a model that has no tokenizer (default: refused, as it could not serve text)")
     verb("models", cmd_models, "list the models in the store: size on disk, in DRAM, on the device, state")
     p = verb("show", cmd_show, "show NAME: architecture, parameters, context length, dtype, size per tier, "
                                "chat template")
