@@ -70,7 +70,8 @@ class DramStageTimer(StageTimer):
 
     @contextmanager
     def active(self):
-        from sllmd.pool import buffers, cached
+        from sllmd.pool import buffers
+        from sllmd.tiers import pooled as cached
         saved = [
             self._wrap(buffers, "allocate", "allocate"),
             self._wrap(cached.PooledCheckpoint, "load_partitions", "allocate+copy"),
@@ -118,7 +119,8 @@ class DramTier:
     """A checkpoint held in a pre-faulted ChunkPool, loaded into CPU tensors on demand."""
 
     def __init__(self, path: Path):
-        from sllmd.pool import ChunkPool, PooledCheckpoint  # noqa: F401
+        from sllmd.pool import ChunkPool  # noqa: F401
+        from sllmd.tiers.pooled import PooledCheckpoint  # noqa: F401
         from sllmd.store import open_checkpoint
         self.ckpt = open_checkpoint(path)
         self.nbytes = self.ckpt.manifest.total_bytes
@@ -130,7 +132,7 @@ class DramTier:
 
     def fill(self, verify: bool = True) -> float:
         """SSD -> DRAM tier (whatever the page cache holds); returns seconds."""
-        from sllmd.pool import PooledCheckpoint
+        from sllmd.tiers.pooled import PooledCheckpoint
         t0 = time.perf_counter()
         self.cached = PooledCheckpoint.read(self.ckpt, self.pool, verify=verify)
         return time.perf_counter() - t0

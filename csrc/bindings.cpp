@@ -1,5 +1,5 @@
 // Python bindings for the loader core (module sllmd._native). Every call that
-// waits or moves bytes releases the GIL. The typed wrapper is sllmd/pool/native.py.
+// waits or moves bytes releases the GIL. The typed wrappers are in sllmd/pool/.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -38,6 +38,7 @@ py::dict load_stats(const LoadTask& t) {
   d["ns_verify"] = s.ns_verify;
   d["ns_copy"] = s.ns_copy;
   d["ns_wall"] = s.ns_wall;
+  d["files_direct_refused"] = s.files_direct_refused;
   d["used_direct"] = s.used_direct;
   return d;
 }
@@ -88,19 +89,46 @@ PYBIND11_MODULE(_native, m) {
         parallel_copy(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n, threads);
       },
       py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("threads") = 2);
-  m.def("counters", [] {
-    GlobalCounters& c = global_counters();
-    py::dict d;
-    d["bytes_read"] = c.bytes_read.load();
-    d["bytes_copied"] = c.bytes_copied.load();
-    d["bytes_verified"] = c.bytes_verified.load();
-    d["loads"] = c.loads.load();
-    d["failures"] = c.failures.load();
-    d["ns_read"] = c.ns_read.load();
-    d["ns_copy"] = c.ns_copy.load();
-    d["ns_load_wall"] = c.ns_load_wall.load();
-    return d;
-  });
+  m.def(
+      "counters",
+      [] {
+        GlobalCounters& c = global_counters();
+        py::dict d;
+        d["bytes_direct"] = c.bytes_direct.load();
+        d["bytes_cached"] = c.bytes_cached.load();
+        d["bytes_read"] = c.bytes_direct.load() + c.bytes_cached.load();
+        d["bytes_copied"] = c.bytes_copied.load();
+        d["bytes_verified"] = c.bytes_verified.load();
+        d["loads"] = c.loads.load();
+        d["failures"] = c.failures.load();
+        d["ns_load_wall"] = c.load_clock.ns();
+        d["ns_load_sum"] = c.ns_load_sum.load();
+        d["ns_read"] = c.read_clock.ns();
+        d["ns_read_direct"] = c.direct_clock.ns();
+        d["ns_read_cached"] = c.cached_clock.ns();
+        d["ns_copy"] = c.copy_clock.ns();
+        d["dram_hits"] = c.dram_hits.load();
+        d["bytes_dram"] = c.bytes_dram.load();
+        d["bytes_h2d"] = c.bytes_h2d.load();
+        d["ns_h2d"] = c.ns_h2d.load();
+        return d;
+      },
+      "Process-wide loader counters; every ns_* is elapsed time (overlapping activity counted once).");
+  m.def(
+      "record_dram_hit",
+      [](uint64_t nbytes) {
+        global_counters().dram_hits++;
+        global_counters().bytes_dram += nbytes;
+      },
+      py::arg("nbytes"), "Counts one load served from the DRAM chunk pool.");
+  m.def(
+      "record_h2d",
+      [](uint64_t nbytes, uint64_t ns) {
+        global_counters().bytes_h2d += nbytes;
+        global_counters().ns_h2d += ns;
+      },
+      py::arg("nbytes"), py::arg("ns"),
+      "Counts one load's host -> device copies: bytes, and the time any of them was running on the GPU.");
 
   py::class_<HostArena, std::shared_ptr<HostArena>>(m, "HostArena")
       .def(py::init<size_t>(), py::arg("capacity_bytes"))
@@ -142,6 +170,7 @@ PYBIND11_MODULE(_native, m) {
       .def("stats", &pool_stats)
       .def("start_prefault", &ChunkPool::start_prefault, py::arg("threads") = 1)
       .def("wait_prefault", &ChunkPool::wait_prefault, py::call_guard<py::gil_scoped_release>())
+      .def("stop_prefault", &ChunkPool::stop_prefault, py::call_guard<py::gil_scoped_release>())
       .def(
           "copy_out",
           [](const ChunkPool& p, const std::vector<int64_t>& chunks, size_t nbytes, uintptr_t dst, int threads) {
@@ -167,27 +196,31 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("io_size", &LoadOptions::io_size)
       .def_readwrite("direct", &LoadOptions::direct)
       .def_readwrite("notify", &LoadOptions::notify)
-      .def_readwrite("prefault_dest", &LoadOptions::prefault_dest);
+      .def_readwrite("prefault_dest", &LoadOptions::prefault_dest)
+      .def_readwrite("debug_throw", &LoadOptions::debug_throw)
+      .def_readwrite("debug_throw_foreign", &LoadOptions::debug_throw_foreign)
+      .def_readwrite("debug_refuse_direct_job", &LoadOptions::debug_refuse_direct_job);
 
   // keep_alive<1, 3>: the task holds the pool alive while it runs.
   py::class_<LoadTask>(m, "LoadTask")
-      .def(py::init<std::vector<FileJob>, ChunkPool*, LoadOptions>(), py::arg("jobs"), py::arg("pool"),
-           py::arg("options"), py::keep_alive<1, 3>())
+      .def(py::init<std::vector<FileJob>, ChunkPool*, LoadOptions, std::vector<int64_t>>(), py::arg("jobs"),
+           py::arg("pool"), py::arg("options"), py::arg("ring") = std::vector<int64_t>{}, py::keep_alive<1, 3>())
       .def("cancel", &LoadTask::cancel)
       .def("wait", &LoadTask::wait, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("done", &LoadTask::done)
       .def(
           "next_completed",
           [](LoadTask& t, double timeout_s) -> py::object {
-            std::optional<std::pair<int, int64_t>> item;
+            std::optional<Completed> item;
             {
               py::gil_scoped_release nogil;
               item = t.next_completed(std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
             }
             if (!item) return py::none();
-            return py::make_tuple(item->first, item->second);
+            return py::make_tuple(item->job, item->index, item->chunk);
           },
-          py::arg("timeout_s") = 1.0)
+          py::arg("timeout_s") = 1.0, "(job, unit, chunk) of the next finished unit; (-1, -1, -1) at the end.")
+      .def("recycle", &LoadTask::recycle, py::arg("chunk"), "Ring mode: the chunk's contents were consumed.")
       .def_property_readonly("error_kind", &LoadTask::error_kind)
       .def_property_readonly("error_message", &LoadTask::error_message)
       .def("stats", &load_stats);

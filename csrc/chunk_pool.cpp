@@ -20,7 +20,7 @@ ChunkPool::ChunkPool(size_t chunk_size, size_t capacity_bytes) : chunk_size_(chu
 }
 
 ChunkPool::~ChunkPool() {
-  wait_prefault();
+  stop_prefault();
   unmap_host(base_, std::max<size_t>(capacity_, 1) * chunk_size_);
 }
 
@@ -63,12 +63,20 @@ void ChunkPool::start_prefault(int threads) {
   prefault_thread_ = std::thread([this, threads] {
     // Step through in 64 MiB slices so progress is visible in stats().
     const size_t total = capacity_ * chunk_size_, step = 64u << 20;
-    for (size_t off = 0; off < total; off += step) {
-      size_t len = std::min(step, total - off);
-      prefault_host(base_ + off, len, threads);
-      prefaulted_ += len;
+    try {
+      for (size_t off = 0; off < total && !stop_prefault_; off += step) {
+        size_t len = std::min(step, total - off);
+        prefault_host(base_ + off, len, threads);
+        prefaulted_ += len;
+      }
+    } catch (...) {  // an optimisation only: unfaulted pages fault in on first use
     }
   });
+}
+
+void ChunkPool::stop_prefault() {
+  stop_prefault_ = true;
+  wait_prefault();
 }
 
 void ChunkPool::wait_prefault() {

@@ -38,6 +38,8 @@ class ChunkPool {
   // Touches the whole pool in a background thread (returns at once).
   void start_prefault(int threads);
   void wait_prefault();
+  // Stops a prefault in progress after its current 64 MiB slice (shutdown).
+  void stop_prefault();
 
  private:
   size_t chunk_size_, capacity_;
@@ -48,6 +50,7 @@ class ChunkPool {
   size_t high_water_ = 0;
   uint64_t allocations_ = 0, releases_ = 0;
   std::atomic<size_t> prefaulted_{0};
+  std::atomic<bool> stop_prefault_{false};
   std::thread prefault_thread_;
 };
 

@@ -9,7 +9,13 @@ namespace sllm {
 
 class PrefaultThread {
  public:
-  PrefaultThread(char* p, size_t n, int threads) : t_([=] { prefault_host(p, n, threads); }) {}
+  PrefaultThread(char* p, size_t n, int threads)
+      : t_([=] {
+          try {
+            prefault_host(p, n, threads);
+          } catch (...) {  // an optimisation only: unfaulted pages fault in on first use
+          }
+        }) {}
   ~PrefaultThread() { t_.join(); }
 
  private:

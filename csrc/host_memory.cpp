@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <new>
+#include <system_error>
 #include <algorithm>
 #include <thread>
 #include <vector>
@@ -38,17 +39,22 @@ void prefault_host(void* p, size_t nbytes, int threads) {
   if (threads < 1) threads = 1;
   auto* base = static_cast<volatile char*>(p);
   size_t per = round_up((nbytes + threads - 1) / threads, 4096);
+  auto touch = [base](size_t lo, size_t hi) {
+    // MADV_POPULATE_WRITE faults pages in without touching their contents, so
+    // it is safe on memory that another thread is already filling.
+    if (madvise(const_cast<char*>(base) + lo, hi - lo, kPopulateWrite) == 0) return;
+    for (size_t off = lo; off < hi; off += 4096) __atomic_fetch_or(const_cast<char*>(base) + off, 0, __ATOMIC_RELAXED);
+  };
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; t++) {
     size_t lo = t * per, hi = std::min(nbytes, lo + per);
     if (lo >= hi) break;
-    pool.emplace_back([=] {
-      // MADV_POPULATE_WRITE faults pages in without touching their contents, so
-      // it is safe on memory that another thread is already filling.
-      if (madvise(const_cast<char*>(base) + lo, hi - lo, kPopulateWrite) == 0) return;
-      for (size_t off = lo; off < hi; off += 4096)
-        __atomic_fetch_or(const_cast<char*>(base) + off, 0, __ATOMIC_RELAXED);
-    });
+    try {
+      pool.emplace_back(touch, lo, hi);
+    } catch (const std::system_error&) {  // no thread to spare: this one does the rest
+      touch(lo, nbytes);
+      break;
+    }
   }
   for (auto& th : pool) th.join();
 }

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from sllmd import store
-from sllmd.pool import ChunkPool, PooledCheckpoint
+from sllmd.pool import ChunkPool
+from sllmd.tiers.pooled import PooledCheckpoint
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -13,7 +13,8 @@ import torch
 from sllmd import store
 from sllmd.errors import (CheckpointError, CorruptCheckpointError, NotACheckpointError,
                           TruncatedCheckpointError, UnsupportedTensorError, UnsupportedVersionError)
-from sllmd.pool import ChunkPool, PooledCheckpoint
+from sllmd.pool import ChunkPool
+from sllmd.tiers.pooled import PooledCheckpoint
 from sllmd.store.format import BLOCK_SIZE, manifest_sha256
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from sllmd import store
-from sllmd.pool import ChunkPool, HostArena, LoadOptions, PooledCheckpoint
+from sllmd.pool import ChunkPool, HostArena, LoadOptions
+from sllmd.tiers.pooled import PooledCheckpoint
 from sllmd.store.format import FILE_ALIGN, TENSOR_ALIGN
 
 

@@ -6,6 +6,7 @@ The mechanics are native (csrc/chunk_pool.cpp); this is the typed face.
 from __future__ import annotations
 
 import logging
+import threading
 
 from .. import _native
 from ..errors import PoolExhaustedError
@@ -13,12 +14,17 @@ from ..errors import PoolExhaustedError
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 16 << 20
+CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
 
 
 class ChunkPool:
     def __init__(self, capacity_bytes: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
         self._native = _native.ChunkPool(chunk_size, capacity_bytes)
-        self._pinned_for: str | None = None
+        self._pin_lock = threading.Lock()
+        self._pinned = False
+        self._pin_error: str | None = None
+        self._pin_thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def native(self) -> "_native.ChunkPool":
@@ -63,21 +69,71 @@ class ChunkPool:
         """Faults the pool's pages in, in the background (safe while chunks are in use)."""
         self._native.start_prefault(threads)
 
-    def pin(self) -> None:
-        """Registers the pool with CUDA as pinned memory (once), for async copies."""
-        if self._pinned_for is not None:
-            return
-        import torch
-        rc = torch.cuda.cudart().cudaHostRegister(self._native.base_address, self._native.mapped_bytes, 0)
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister of the chunk pool failed: {rc}")
-        self._pinned_for = "cuda"
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    def pin(self) -> bool:
+        """Registers the whole pool with CUDA as pinned, portable memory, once (later
+        calls wait for the first); asynchronous copies need it. False when CUDA refused
+        (logged once; copies then still work, staged by the driver) or the pool is closed."""
+        with self._pin_lock:
+            if self._pinned or self._pin_error is not None or self._closed:
+                return self._pinned
+            import torch
+            if not self._native.mapped_bytes or not torch.cuda.is_available():
+                return False
+            rc = torch.cuda.cudart().cudaHostRegister(self._native.base_address, self._native.mapped_bytes,
+                                                      CUDA_HOST_REGISTER_PORTABLE)
+            if int(rc) != 0:
+                self._pin_error = str(rc)
+                log.warning("cudaHostRegister of the %d MiB chunk pool failed (%s): host->device copies "
+                            "will not overlap", self._native.mapped_bytes >> 20, rc)
+                return False
+            self._pinned = True
         log.info("pinned %d MiB of chunk pool for CUDA", self._native.mapped_bytes >> 20)
+        return True
+
+    def pin_in_background(self) -> threading.Thread:
+        """Starts pin() on a thread (pinning a large pool takes seconds); loads that
+        need the pool pinned wait for it in pin()."""
+        with self._pin_lock:
+            if self._pin_thread is None:
+                self._pin_thread = threading.Thread(target=self._pin_quietly, name="sllm-pin", daemon=True)
+                self._pin_thread.start()
+            return self._pin_thread
+
+    def _pin_quietly(self) -> None:
+        try:
+            self.pin()
+        except Exception:  # e.g. no usable CUDA runtime: loads then copy unpinned
+            log.exception("pinning the chunk pool failed")
 
     def unpin(self) -> None:
         """Undoes pin(); required before the pool's memory is unmapped."""
-        if self._pinned_for is None:
-            return
-        import torch
-        torch.cuda.cudart().cudaHostUnregister(self._native.base_address)
-        self._pinned_for = None
+        with self._pin_lock:
+            if not self._pinned:
+                return
+            import torch
+            rc = torch.cuda.cudart().cudaHostUnregister(self._native.base_address)
+            if int(rc) != 0:
+                log.warning("cudaHostUnregister of the chunk pool failed: %s", rc)
+            self._pinned = False
+
+    def close(self) -> None:
+        """Stops background work and unpins (idempotent). Call it once nothing uses
+        the pool; its memory is unmapped when the last reference goes."""
+        thread = self._pin_thread
+        if thread is not None:
+            thread.join()
+        with self._pin_lock:
+            self._closed = True
+        self.unpin()
+        self._native.stop_prefault()
+
+    def __del__(self):
+        try:
+            if self._pinned:
+                self.unpin()  # never unmap memory that CUDA still has registered
+        except Exception:
+            pass

@@ -76,20 +76,10 @@ def fill_partitions(ckpt: Checkpoint, bufs: list[torch.Tensor], *, verify: bool 
 
 
 def _load_to_cuda(ckpt: Checkpoint, indices: list[int], bufs, job, options: LoadOptions) -> None:
-    """Disk -> pinned staging chunks -> device, overlapping (a private pool sized to the partitions)."""
-    from ..pool.chunk_pool import ChunkPool
+    """Disk -> a bounded pinned staging ring -> device, overlapping (never a host copy of the whole model)."""
     parts = [ckpt.manifest.partitions[i] for i in indices if ckpt.manifest.partitions[i].nbytes]
-    if not parts:
-        return
-    pool = ChunkPool(sum(-(-p.nbytes // (16 << 20)) for p in parts) * (16 << 20))
-    chunks = [pool.allocate(pool.chunks_for(p.nbytes)) for p in parts]
-    try:
-        pipeline.run_to_cuda([job(p, chunks=c) for p, c in zip(parts, chunks)], pool,
-                             [bufs[p.index] for p in parts], options)
-    finally:
-        for c in chunks:
-            pool.release(c)
-        pool.unpin()
+    if parts:
+        pipeline.run_to_cuda_staged([job(p) for p in parts], [bufs[p.index] for p in parts], options)
 
 
 def load_state_dict(path: str | os.PathLike, device: DeviceSpec = "cpu", *, verify: bool = True,

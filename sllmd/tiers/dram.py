@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from ..errors import PoolExhaustedError
-from ..pool import ChunkPool, LoadOptions, PooledCheckpoint
+from ..pool import ChunkPool, LoadOptions
+from .pooled import PooledCheckpoint
 from ..store.format import Checkpoint
 from . import policy
 from sllmd.errors import ModelInUseError

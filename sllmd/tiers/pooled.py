@@ -12,11 +12,10 @@ import threading
 
 import torch
 
+from .. import _native
+from ..pool import ChunkPool, LoadOptions, buffers, pipeline
 from ..store.format import Checkpoint
 from ..store.reader import partition_devices, tensor_views
-from . import buffers, pipeline
-from .chunk_pool import ChunkPool
-from .pipeline import LoadOptions
 
 log = logging.getLogger(__name__)
 
@@ -80,32 +79,37 @@ class PooledCheckpoint:
         return bufs
 
     def load_into(self, bufs: list[torch.Tensor], *, threads: int = 2) -> None:
-        """DRAM -> the given device buffers, one per partition."""
+        """DRAM -> the given device buffers, one per partition (a DRAM-tier hit in the counters)."""
         with self._lock:
             if self._chunks is None:
                 raise RuntimeError("this pooled checkpoint was released")
-            for p, buf, c in zip(self.checkpoint.manifest.partitions, bufs, self._chunks):
-                if not p.nbytes:
-                    continue
-                if buf.device.type == "cpu":
+            parts = self.checkpoint.manifest.partitions
+            cuda = [i for i, b in enumerate(bufs) if b.device.type == "cuda" and parts[i].nbytes]
+            for p, buf, c in zip(parts, bufs, self._chunks):
+                if p.nbytes and buf.device.type == "cpu":
                     self.pool.native.copy_out(c, p.nbytes, buf.data_ptr(), threads)
-                else:
-                    self._copy_to_cuda(c, p.nbytes, buf)
+            if cuda:
+                self._copy_to_cuda([(self._chunks[i], parts[i].nbytes, bufs[i]) for i in cuda])
+            _native.record_dram_hit(sum(p.nbytes for p in parts))
 
     def load_state_dict(self, device="cpu", *, arena: buffers.HostArena | None = None) -> dict[str, torch.Tensor]:
         return tensor_views(self.checkpoint, self.load_partitions(device, arena=arena))
 
-    def _copy_to_cuda(self, chunks: list[int], nbytes: int, buf: torch.Tensor, streams: int = 4) -> None:
+    def _copy_to_cuda(self, work: list[tuple[list[int], int, torch.Tensor]], streams: int = 4) -> None:
+        """(chunks, nbytes, buffer) triples: pinned chunks -> CUDA buffers, asynchronously."""
         self.pool.pin()
-        cuda_streams = [torch.cuda.Stream(device=buf.device) for _ in range(streams)]
+        copies = pipeline.CudaCopies([buf for _, _, buf in work], streams)
         cs = self.pool.chunk_size
-        for i, chunk in enumerate(chunks):
-            off = i * cs
-            n = min(cs, nbytes - off)
-            with torch.cuda.stream(cuda_streams[i % streams]):
-                buf[off:off + n].copy_(pipeline.chunk_tensor(self.pool, chunk)[:n], non_blocking=True)
-        for s in cuda_streams:
-            s.synchronize()
+        ok = False
+        try:
+            for chunks, nbytes, buf in work:
+                for i, chunk in enumerate(chunks):
+                    off = i * cs
+                    n = min(cs, nbytes - off)
+                    copies.copy(buf, off, pipeline.chunk_tensor(self.pool, chunk), n)
+            ok = True
+        finally:
+            copies.finish(count=ok)
 
     def release(self) -> None:
         """Gives the chunks back to the pool (idempotent)."""
