@@ -270,8 +270,9 @@ class Client:
 
     def import_model(self, name: str, source: str | os.PathLike,
                      progress: Callable[[int, int], None] | None = None,
-                     on_event: Callable[[str, dict], None] | None = None) -> dict:
+                     on_event: Callable[[str, dict], None] | None = None, no_tokenizer: bool = False) -> dict:
         """Imports SOURCE (our format, a HF model directory, .safetensors, .gguf) as NAME.
+        The daemon refuses a model it could not serve; no_tokenizer accepts one without a tokenizer.
 
         progress(bytes written, bytes total); on_event(name, data) hears "phase" (what the
         import is doing: phase, done, total, unit, elapsed_s) and "evicted" (a model removed to
@@ -282,7 +283,7 @@ class Client:
         source = os.fspath(source)
         if os.path.exists(source):
             source = os.path.abspath(source)
-        for msg in self._stream(lambda i: Import(id=i, name=name, source=source)):
+        for msg in self._stream(lambda i: Import(id=i, name=name, source=source, no_tokenizer=no_tokenizer)):
             if isinstance(msg, Progress) and progress is not None:
                 progress(msg.done, msg.total)
             elif isinstance(msg, Event) and on_event is not None:

@@ -187,7 +187,7 @@ class ScriptedNode:
         self._need(name)
         self.pinned.discard(name)
 
-    def import_model(self, name, source, progress=None, notify=None, cancelled=None):
+    def import_model(self, name, source, progress=None, notify=None, cancelled=None, no_tokenizer=False):
         for done in range(0, 101, 10):
             if progress:
                 progress(done, 100)

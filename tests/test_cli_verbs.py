@@ -18,8 +18,10 @@ from sllmctl.__main__ import build_parser, main
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny_models):
     from sllmd import store
+    from test_inference import tiny_tokenizer
     path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    store.save_model(tiny_models("llama"), path)
+    tok = tiny_tokenizer()  # the daemon imports only what it can serve: a tokenizer comes with it
+    store.save_model(tiny_models("llama", vocab_size=len(tok)), path, tokenizer=tok)
     return path
 
 

@@ -80,3 +80,59 @@ def test_the_good_model_is_served_and_a_broken_one_refused_in_one_line(broken_st
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "block_size" in lines[0], bad.stderr
     assert broken_store.proc.poll() is None  # still running
+
+
+# --- imports: only a model that can be served ---------------------------------------------
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory):
+    """Checkpoints a user might try to import, each broken in one way."""
+    from conftest import tiny_config
+    root = tmp_path_factory.mktemp("imports")
+    tok = tiny_tokenizer()
+    out = {}
+
+    def saved(name, tokenizer=tok, config=None, **overrides):
+        path = store.save_model(model_for(tok, **overrides), root / name, tokenizer=tokenizer)
+        if config is not None:
+            (path / "model" / "config.json").write_text(config)
+        out[name] = path
+
+    saved("no_model_type", config=json.dumps({k: v for k, v in tiny_config("llama", vocab_size=len(tok))
+                                              .to_dict().items() if k != "model_type"}))
+    saved("wrong_hidden", config=tiny_config("llama", vocab_size=len(tok), hidden_size=32).to_json_string())
+    saved("wrong_intermediate", config=tiny_config("llama", vocab_size=len(tok),
+                                                   intermediate_size=96).to_json_string())
+    saved("extra_layers", num_hidden_layers=3, config=tiny_config("llama", vocab_size=len(tok)).to_json_string())
+    saved("no_tokenizer", tokenizer=None)
+    return out
+
+
+REFUSALS = {"no_model_type": "config.json has no model_type",
+            "wrong_hidden": "has shape [300, 64] but the LlamaForCausalLM that config.json describes needs [300, 32]",
+            "wrong_intermediate": "needs [96, 64]",
+            "extra_layers": "the weights have 3 layers, config.json says num_hidden_layers=2",
+            "no_tokenizer": "no tokenizer"}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_import_refuses_what_cannot_be_served_in_one_line(broken_store, mismatched, case):
+    run = sllmctl("import", f"try-{case}", str(mismatched[case]), socket_path=broken_store.socket)
+    assert run.returncode == 1, run.stderr
+    errors = [ln for ln in run.stderr.splitlines() if "importing" not in ln]
+    assert len(errors) == 1 and REFUSALS[case] in errors[0], run.stderr
+    assert f"cannot import 'try-{case}'" in errors[0] and str(broken_store.store) not in errors[0]
+    models = json.loads(sllmctl("models", "--json", socket_path=broken_store.socket).stdout)
+    assert f"try-{case}" not in {m["name"] for m in models}
+    assert list((broken_store.store / "staging").iterdir()) == []
+
+
+def test_no_tokenizer_import_is_accepted_when_asked(broken_store, mismatched):
+    run = sllmctl("import", "tokenless", str(mismatched["no_tokenizer"]), "--no-tokenizer",
+                  socket_path=broken_store.socket)
+    assert run.returncode == 0, run.stderr
+    models = json.loads(sllmctl("models", "--json", socket_path=broken_store.socket).stdout)
+    assert {m["name"]: m["state"] for m in models}["tokenless"] == "on_ssd"
+    # --no-tokenizer waives only the tokenizer: mismatched weights are still refused
+    run = sllmctl("import", "still-bad", str(mismatched["wrong_hidden"]), "--no-tokenizer",
+                  socket_path=broken_store.socket)
+    assert run.returncode == 1 and "do not fit its config.json" in run.stderr

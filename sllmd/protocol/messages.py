@@ -96,6 +96,7 @@ class Ps(Envelope):
 class Import(Envelope):
     name: str = checked(model_name)
     source: str = checked(non_empty, max_len(4096))
+    no_tokenizer: bool = False  # accept a model without a tokenizer (else refused at import)
 
 
 @request("load")

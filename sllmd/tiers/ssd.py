@@ -30,6 +30,7 @@ from typing import Callable
 from .. import names
 from ..errors import CheckpointError, SllmError
 from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
+from ..store.validate import check_servable
 from ..store.writer import fsync_dir
 from . import policy
 from sllmd.errors import (CancelledError, ModelPinnedError,
@@ -306,7 +307,8 @@ class SsdStore:
     # --- import ---------------------------------------------------------------
     def import_model(self, name: str, source: str | os.PathLike, progress: Progress | None = None,
                      convert: Callable | None = None, notify: Notify | None = None,
-                     cancelled: Callable[[], bool] | None = None) -> SsdEntry:
+                     cancelled: Callable[[], bool] | None = None, *, servable: bool = False,
+                     tokenizer: bool = True) -> SsdEntry:
         """Copies our checkpoint format, or converts anything else, into the store under `name`,
         atomically. Conversions run in a child process (sllmd.tiers.importer), outside this
         process's locks, unless `convert(source, dest)` is given (it then runs here).
@@ -314,7 +316,8 @@ class SsdStore:
         notify(event, data) hears "phase" reports (what the import is doing, with elapsed
         times) and one "evicted" per model removed to make room. The import stops with
         CancelledError, leaving nothing behind, once cancelled() is true, cancel_import(name)
-        is called, or the store closes."""
+        is called, or the store closes. servable=True refuses (UnservableModelError) what
+        could not be served; tokenizer=False accepts one without a tokenizer."""
         check_name(name)
         src = Path(source).expanduser()
         if not src.exists():
@@ -347,6 +350,8 @@ class SsdStore:
             else:
                 convert_in_child(src, staged, progress=progress, notify=notify, cancelled=stop, clock=job.clock)
             open_checkpoint(staged)  # whatever it came from, it must now be a valid checkpoint
+            if servable:  # the daemon's imports: refused now, not at the first request (sllmd.store.validate)
+                check_servable(staged, tokenizer=tokenizer, name=name)
             nbytes = dir_bytes(staged)
             with self._lock:
                 if stop():  # checked under the lock: nothing is evicted for a cancelled import
