@@ -417,7 +417,7 @@ class Server:
     # --- handlers: one protocol request -> one Node call ----------------------------------------------------
     def _read(self, msg, call) -> bytes:
         """status, models, ps when the snapshot was stale: retaken here, then answered from."""
-        snap = self._snapshots.take()
+        snap = self._snapshots.take(kind=msg.TYPE)
         with self._lock:
             in_flight = len(self._calls) - 1   # not counting this request
         return snap.reply(msg.TYPE, msg.id, lambda: self._daemon_info(in_flight))

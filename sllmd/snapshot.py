@@ -36,26 +36,34 @@ class Snapshot:
 
     __slots__ = ("version", "taken_at", "_started_at", "_status_items", "_n_status_items", "_lists")
 
-    def __init__(self, node: Any, version: int | None):
+    def __init__(self, node: Any, version: int | None, parts: tuple[str, ...] = READ_ONLY):
         self.version = version
         self.taken_at = time.monotonic()
         self._lists: dict[str, bytes | BaseException] = {}
         self._started_at: float | None = None
+        self._status_items: bytes | BaseException = KeyError("status")
+        self._n_status_items = 0
+        if "status" in parts:
+            self._take_status(node)
+        for kind, read in (("models", node.models), ("ps", node.ps)):
+            if kind not in parts:
+                continue
+            try:
+                self._lists[kind] = pack(list(read()))
+            except Exception as e:   # noqa: BLE001 - answered to the reader, as the handler would have raised it
+                self._lists[kind] = e
+
+    def _take_status(self, node: Any) -> None:
         try:
             status = dict(node.status())
             started_at = status.get("started_at")
             if isinstance(started_at, int | float) and "uptime_s" in status:   # uptime is computed when served
                 self._started_at = started_at
                 del status["uptime_s"]
-            self._status_items: bytes | BaseException = b"".join(pack(k) + pack(v) for k, v in status.items())
+            self._status_items = b"".join(pack(k) + pack(v) for k, v in status.items())
             self._n_status_items = len(status)
         except Exception as e:   # noqa: BLE001 - answered to the reader, as the handler would have raised it
-            self._status_items, self._n_status_items = e, 0
-        for kind, read in (("models", node.models), ("ps", node.ps)):
-            try:
-                self._lists[kind] = pack(list(read()))
-            except Exception as e:   # noqa: BLE001 - see above
-                self._lists[kind] = e
+            self._status_items = e
 
     def reply(self, kind: str, request_id: int, daemon: Callable[[], dict]) -> bytes:
         """The `result` frame for a `kind` request; raises what the node raised for that part.
@@ -98,9 +106,12 @@ class Snapshots:
             return None
         return snap
 
-    def take(self, force: bool = False) -> Snapshot:
+    def take(self, force: bool = False, kind: str | None = None) -> Snapshot:
         """A fresh snapshot, retaken unless the current one is still fresh (or always, with force).
-        Runs the node's read methods: call it on a worker, never on the I/O thread."""
+        Runs the node's read methods: call it on a worker, never on the I/O thread. A node without
+        a version is read afresh every time, only the part `kind` if given."""
+        if self.node_version() is None:
+            return Snapshot(self.node, None, (kind,) if kind else READ_ONLY)
         with self._lock:
             if not force:
                 snap = self.fresh()

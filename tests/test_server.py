@@ -771,12 +771,14 @@ class VersionedNode(ScriptedNode):
         self.version = 1
         self.reads = 0
         self.pin_gate: threading.Event | None = None
+        self.pinning = threading.Event()
 
     def status(self):
         self.reads += 1
         return {**super().status(), "started_at": time.time() - 5.0}
 
     def pin(self, name):
+        self.pinning.set()
         if self.pin_gate is not None:
             self.pin_gate.wait(10)
         super().pin(name)   # no version bump: the forced retake before the reply must catch it
@@ -814,9 +816,7 @@ def test_a_read_is_answered_while_every_control_worker_is_busy(serve):
         pinning = threading.Thread(target=other.pin, args=("echo",))
         pinning.start()
         try:
-            deadline = time.monotonic() + 5
-            while not s.server.in_flight() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            assert s.node.pinning.wait(5)
             assert c.status()["daemon"]["requests_in_flight"] == 1   # the only worker is stuck in pin
             assert [m["name"] for m in c.models()] == ["echo"]
         finally:
