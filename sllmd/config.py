@@ -192,6 +192,7 @@ class Config:
     max_streams: int = 64               # concurrent long-running requests (infer, import, load...) before "busy"
     shutdown_grace_s: float = 10.0      # how long a stop waits for in-flight requests before failing them
     heartbeat_s: float = 1.0            # silence after which the daemon tells a client it is still working
+    prefault: bool = False              # fault the whole DRAM pool in at start (background) instead of on use
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,9 @@ SETTINGS: list[Setting] = [
     Setting("max_streams", "max_streams", parse_int, "concurrent long requests before answering busy", "N"),
     Setting("shutdown_grace", "shutdown_grace_s", parse_duration, "how long a stop waits for requests", "DUR"),
     Setting("heartbeat", "heartbeat_s", parse_duration, "heartbeat interval to clients", "DUR"),
+    Setting("prefault", "prefault", parse_bool, "fault the whole DRAM pool in after start, in the background: "
+            "first loads skip page faults, but the pool's memory is held from the start", "BOOL",
+            "off, pages fault in as models are cached"),
 ]
 _BY_KEY = {s.key: s for s in SETTINGS}
 
