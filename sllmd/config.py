@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sllmd.errors import ConfigError, Exit
+from sllmd.inference.compute_dtype import parse_compute_dtype
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 EX_CONFIG = Exit.CONFIG   # systemd shows it as "CONFIG" and the unit does not restart on it
@@ -183,6 +184,7 @@ class Config:
     chunk_size: int = 16 * MiB
     device: str = "cpu"
     device_memory_bytes: int = 4 * GiB
+    compute_dtype: str = "auto"         # the dtype models compute in (sllmd.inference.compute_dtype)
     keep_alive_s: float = 300.0
     queue_depth: int = 16
     max_frame_bytes: int = 16 * MiB
@@ -229,6 +231,10 @@ SETTINGS: list[Setting] = [
             "auto, i.e. cuda:0 when torch sees a GPU, else cpu"),
     Setting("device_memory", "device_memory_bytes", parse_size, "device tier: memory budget for instances", "SIZE",
             "90% of the GPU's memory on cuda; min(4GiB, RAM/8) on cpu, {cpu_device} here"),
+    Setting("compute_dtype", "compute_dtype", parse_compute_dtype,
+            "dtype models compute in: auto, bf16, fp16 or fp32 (cast when loaded; the store keeps the stored "
+            "dtype; the device budget counts the cast size)", "DTYPE",
+            "auto: bf16 on GPUs that support it, fp32 on CPUs without AMX"),
     Setting("keep_alive", "keep_alive_s", parse_duration,
             "default keep_alive: 5m, 30s, -1 = forever, 0 = unload after the request", "DUR", "5m"),
     Setting("queue_depth", "queue_depth", parse_int, "per-instance request queue length", "N"),

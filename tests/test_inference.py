@@ -528,3 +528,58 @@ def test_sllmd_refuses_a_prompt_beyond_the_context_and_ctrl_c_stops_a_prefill(sm
             assert int(line[0]) < int(line[1])
     finally:
         remove_tree(root)
+
+
+# --- compute dtype ---------------------------------------------------------------------------------------
+def test_compute_dtype_auto_follows_the_host():
+    from sllmd.errors import ConfigError
+    from sllmd.inference import compute_dtype as cdt
+    with open("/proc/cpuinfo") as f:
+        amx = "amx_bf16" in f.read().split()
+    assert cdt.resolve("auto", "cpu", torch.bfloat16) == (torch.bfloat16 if amx else torch.float32)
+    assert cdt.resolve("auto", "cpu", "float16") == torch.float32
+    assert cdt.resolve("auto", "cpu", torch.float32) == torch.float32
+    assert cdt.resolve("bf16", "cpu", torch.float32) == torch.bfloat16
+    assert cdt.resolve("float16", "cpu", None) == torch.float16
+    with pytest.raises(ConfigError, match="compute dtype"):
+        cdt.parse_compute_dtype("int8")
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory, tok):
+    from sllmd.store import save_model
+    model = model_for(tok, seed=5, tie_word_embeddings=True).to(torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model, save_model(model, tmp_path_factory.mktemp("bf16") / "m", tokenizer=tok)
+
+
+@pytest.mark.parametrize("arena", [True, False])
+def test_a_bf16_checkpoint_served_in_fp32_computes_in_fp32_from_a_cast_buffer(bf16_checkpoint, tok, arena):
+    from sllmd.pool import HostArena
+    from sllmd.store.format import open_checkpoint
+    from sllmd.tiers.loader import device_bytes, load_instance
+
+    reference, path = bf16_checkpoint
+    files = sorted(p.relative_to(path) for p in path.rglob("*"))
+    ckpt = open_checkpoint(path)
+    host = HostArena(64 << 20, prefault=False) if arena else None
+    stored = device_bytes(ckpt, "cpu", host)
+    cast = device_bytes(ckpt, "cpu", host, "fp32")
+    assert device_bytes(ckpt, "cpu", host, "bf16") == stored  # no cast, no change
+    loaded = load_instance("m", ckpt, "cpu", arena=host, compute_dtype="fp32")
+    params = dict(loaded.model.named_parameters())
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied
+    raw = sum(p.numel() * 2 for p in reference.parameters())  # bf16 bytes, the tied matrix once
+    assert 2 * raw <= cast < 2 * raw + (4 << 20 if arena else 64 * 1024)  # the budget counts the fp32 size
+    if arena:
+        assert host.used == cast  # the cast buffer lives in the arena; the bf16 staging went back
+    # The same answer as the model built in fp32 with its weights rounded through bf16 (buffers
+    # such as rotary frequencies stay fp32, as the fresh skeleton builds them).
+    expected = model_for(tok, seed=5, tie_word_embeddings=True)
+    for p in expected.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
+    ids = torch.tensor([build_prompt_ids(tok, InferRequest("m", prompt="héllo wörld", raw=True))])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, expected(ids).logits)
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == files  # no second copy on disk

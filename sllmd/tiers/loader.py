@@ -8,6 +8,8 @@
 While the bytes move (native threads, GIL released), this thread builds the
 transformers model on `meta` and the tokenizer, so the ~1 s of Python work
 overlaps the I/O; then the tensors are bound into the model (assign=True).
+A compute dtype other than the stored one (sllmd.inference.compute_dtype) casts
+the bound tensors into one new buffer once the bytes are in.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..inference import compute_dtype as cdt
 from ..pool import HostArena, LoadOptions
 from ..pool import buffers as pool_buffers
 from ..store.format import Checkpoint
@@ -32,10 +35,12 @@ log = logging.getLogger(__name__)
 
 
 
-def device_bytes(ckpt: Checkpoint, device: str, arena: HostArena | None) -> int:
-    """What an instance of `ckpt` takes from the device budget: its partition buffers
-    (rounded as the arena rounds them on a CPU host)."""
-    parts = [p.nbytes for p in ckpt.manifest.partitions if p.nbytes]
+def device_bytes(ckpt: Checkpoint, device: str, arena: HostArena | None, compute_dtype: str | None = None) -> int:
+    """What an instance of `ckpt` takes from the device budget: its partition buffers, or
+    its cast buffer when `compute_dtype` casts it (rounded as the arena rounds them on a CPU host)."""
+    target = cdt.target_for(ckpt, compute_dtype, device)
+    parts = [cdt.cast_nbytes(ckpt, target)] if target is not None else [p.nbytes for p in ckpt.manifest.partitions
+                                                                           if p.nbytes]
     if torch.device(device).type == "cpu" and arena is not None:
         return sum(-(-n // pool_buffers.ARENA_GRANULE) * pool_buffers.ARENA_GRANULE for n in parts)
     return sum(parts)
@@ -95,15 +100,18 @@ def build_skeleton(ckpt: Checkpoint):
 
 def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | None = None,
                   arena: HostArena | None = None, verify: bool = True, options: LoadOptions | None = None,
-                  tokenizer: Any = None, skeleton: Any = None) -> Loaded:
+                  tokenizer: Any = None, skeleton: Any = None, compute_dtype: str | None = None) -> Loaded:
     """A ready-to-generate model (and its tokenizer) for checkpoint `ckpt` on `device`;
     `skeleton` (from build_skeleton, or a Future of one; used once) saves building the
-    model here."""
+    model here. `compute_dtype` (auto, bf16, fp16, fp32; None: as stored) casts the
+    weights after loading; the arena then holds the cast buffer, the staging is freed."""
     t0 = time.perf_counter()
     dev = torch.device(device)
+    target = cdt.target_for(ckpt, compute_dtype, device)
+    host_arena = arena if dev.type == "cpu" else None
     # The tensors are views of buffers allocated up front, so the model is built
     # and bound while the bytes are still arriving; only the first forward needs them.
-    bufs = [pool_buffers.allocate(p.nbytes, dev, arena if dev.type == "cpu" else None)
+    bufs = [pool_buffers.allocate(p.nbytes, dev, host_arena if target is None else None)
             for p in ckpt.manifest.partitions]
     io = _in_thread(lambda: _fill(name, ckpt, bufs, dram, verify, options))
     try:
@@ -126,10 +134,14 @@ def load_instance(name: str, ckpt: Checkpoint, device: str, *, dram: DramTier | 
     finally:
         tier = io.result()  # always wait: no load outlives this call (and a failed read fails the load)
     t_io = time.perf_counter()
+    if target is not None:
+        cdt.cast_bound(model, target, bufs, lambda n: pool_buffers.allocate(n, dev, host_arena))
+        del bufs  # the stored bytes are no longer referenced: the staging goes back
+    t_cast = time.perf_counter()
     apply_generation_config(model, ckpt.exec_dir())
     t_end = time.perf_counter()
     timings = {"build_s": t_build - t0, "bind_s": t_bind - t_build, "tokenizer_s": t_tok - t_bind,
-               "io_wait_s": t_io - t_tok}
+               "io_wait_s": t_io - t_tok, "cast_s": t_cast - t_io}
     log.info("loaded %s on %s from %s in %.3f s (%s)", name, device, tier, t_end - t0,
              ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
     return Loaded(model, tokenizer, tier, t_end - t0, timings)
