@@ -41,6 +41,13 @@ def tier_sizes(m: dict) -> tuple[int | None, int | None, int | None]:
     return disk, dram, device
 
 
+def fmt_eviction(last: dict | None, now: float) -> str:
+    """{"tier", "reason", "at"} -> 'device (idle) 2m00s ago'; '-' when never evicted."""
+    if not last:
+        return "-"
+    return f"{last.get('tier', '?')} ({last.get('reason', '?')}) {fmt_ago(last.get('at'), now)}"
+
+
 # --- verbs ------------------------------------------------------------------------------------------
 def import_note(event: str, data: dict, last: dict) -> str | None:
     """The line an import event deserves on stderr, if any: every model evicted to make room;
@@ -96,8 +103,9 @@ def cmd_models(args) -> int:
         disk, dram, device = tier_sizes(m)
         device = device if device is not None else on_device.get(m.get("name"))
         rows.append([m.get("name", "?"), fmt_bytes(disk), fmt_bytes(dram), fmt_bytes(device),
-                     str(m.get("state", "?")), "yes" if m.get("pinned") else "", fmt_ago(m.get("last_used"), now)])
-    print_table(["NAME", "DISK", "DRAM", "DEVICE", "STATE", "PINNED", "LAST USED"], rows)
+                     str(m.get("state", "?")), "yes" if m.get("pinned") else "", fmt_ago(m.get("last_used"), now),
+                     fmt_eviction(m.get("last_evicted"), now)])
+    print_table(["NAME", "DISK", "DRAM", "DEVICE", "STATE", "PINNED", "LAST USED", "LAST EVICTED"], rows)
     return 0
 
 
@@ -165,10 +173,11 @@ def cmd_pin(args) -> int:
 
 
 def read_prompt(prompt: str) -> str:
-    """PROMPT as given, or all of stdin for "-"."""
+    """PROMPT as given, or all of stdin for "-" (trailing newlines dropped, as the shell's $(...) does:
+    `echo QUESTION | sllmctl infer NAME -` asks what `sllmctl infer NAME QUESTION` asks)."""
     if prompt != "-":
         return prompt
-    text = sys.stdin.read()
+    text = sys.stdin.read().rstrip("\n")
     if not text.strip():
         raise InvalidArgumentError("the prompt read from stdin is empty")
     return text
@@ -220,7 +229,9 @@ def describe_model(info: dict, template: bool = False) -> str:
         lines.append(["shape", ", ".join(f"{k.replace('num_', '').replace('_', ' ')} {v}" for k, v in shape.items())])
     lines += [["state", f"{info.get('state', '?')}" + (f" ({info['error']})" if info.get("error") else "")],
               ["on disk", fmt_bytes(disk)], ["in DRAM", fmt_bytes(dram)], ["on device", fmt_bytes(device)],
-              ["pinned", "yes" if info.get("pinned") else "no"], ["path", str(info.get("path") or "-")]]
+              ["pinned", "yes" if info.get("pinned") else "no"],
+              ["last evicted", fmt_eviction(info.get("last_evicted"), time.time())],
+              ["path", str(info.get("path") or "-")]]
     text = table(None, lines)
     chat = info.get("chat_template")
     if not chat:
@@ -315,7 +326,7 @@ def register(subparsers) -> None:
         p.add_argument("name")
     p = verb("infer", cmd_infer, "generate from NAME, streaming the text to stdout")
     p.add_argument("name")
-    p.add_argument("prompt", help='the prompt; "-" reads it from stdin')
+    p.add_argument("prompt", help='the prompt; "-" reads it from stdin (trailing newlines dropped)')
     add_sampling_options(p)
     p.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     p.add_argument("--stats", action="store_true", help="print the request's stats as JSON on stderr")
