@@ -323,7 +323,7 @@ class Node:
                 raise ModelFailedError(f"model {name!r} is unusable: {entry.error}")
             ckpt = open_checkpoint(entry.path)
             t0 = time.perf_counter()
-            nbytes = device_bytes(ckpt, self.config.device, self.arena)
+            nbytes = device_bytes(ckpt, self.config.device, self.arena, self.config.compute_dtype)  # the cast size
             self._transition(name, ModelState.LOADING)
             try:
                 self.device.reserve(name, nbytes)
@@ -331,7 +331,8 @@ class Node:
                     loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
                                            verify=self.config.verify_checksums,
                                            tokenizer=self._prepared.tokenizer(name),
-                                           skeleton=self._prepared.take_skeleton(name))
+                                           skeleton=self._prepared.take_skeleton(name),
+                                           compute_dtype=self.config.compute_dtype)
                     inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
                                     nbytes=nbytes, queue_depth=self.config.queue_depth)
                     load_s = time.perf_counter() - t0
