@@ -255,3 +255,21 @@ def test_pool_close_is_idempotent_and_pinning_needs_cuda():
     assert pool.pin() is False  # closed: never pinned again
     ids = pool.allocate(2)  # the memory itself stays usable until the pool goes away
     pool.release(ids)
+
+
+# --- the device budget on CUDA ----------------------------------------------------------------------
+def test_the_cuda_budget_counts_the_kv_cache_and_activations(tmp_path):
+    from conftest import make_tiny_model
+    from sllmd.tiers import footprint
+    from sllmd.tiers.loader import device_bytes
+    model = make_tiny_model("llama", seed=0, max_position_embeddings=4096)
+    store.save_model(model, tmp_path / "m")
+    ckpt = store.open_checkpoint(tmp_path / "m")
+    weights = sum(p.nbytes for p in ckpt.manifest.partitions)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4096 * model.dtype.itemsize
+    extra = device_bytes(ckpt, "cuda:0", None) - weights
+    assert extra == footprint.runtime_bytes_of(ckpt) and extra > kv  # KV plus a prefill chunk's activations
+    assert device_bytes(ckpt, "cpu", None) == weights  # on a CPU host that memory is the heap's, not the arena's
+    assert footprint.runtime_bytes({"vocab_size": 10}, 2) == 0  # no shape: nothing known to reserve

@@ -2,8 +2,8 @@
 
     DRAM tier hit:  pool chunks -> device buffers (no disk)
     SSD, DRAM room: disk -> pool chunks -> device buffers in one pipelined pass
-                    (CPU host); on CUDA disk -> pool, then pool -> device
-    SSD, no room:   disk -> device buffers
+                    (on CUDA, each chunk copied as soon as it is read and verified)
+    SSD, no room:   disk -> device buffers (on CUDA through a small pinned staging ring)
 
 While the bytes move (native threads, GIL released), this thread builds the
 transformers model on `meta` and the tokenizer, so the ~1 s of Python work
@@ -28,22 +28,24 @@ from ..pool import buffers as pool_buffers
 from ..store.format import Checkpoint
 from ..store.model import apply_generation_config, as_dtype, bind_state_dict, build_empty_model, load_tokenizer
 from ..store.reader import fill_partitions, tensor_views
+from . import footprint
 from .dram import DramTier
 
 log = logging.getLogger(__name__)
 
 
-
-
 def device_bytes(ckpt: Checkpoint, device: str, arena: HostArena | None, compute_dtype: str | None = None) -> int:
     """What an instance of `ckpt` takes from the device budget: its partition buffers, or
-    its cast buffer when `compute_dtype` casts it (rounded as the arena rounds them on a CPU host)."""
+    its cast buffer when `compute_dtype` casts it (rounded as the arena rounds them on a CPU host);
+    on CUDA also its KV cache and a prefill's activations (tiers/footprint.py)."""
     target = cdt.target_for(ckpt, compute_dtype, device)
     parts = [cdt.cast_nbytes(ckpt, target)] if target is not None else [p.nbytes for p in ckpt.manifest.partitions
                                                                            if p.nbytes]
-    if torch.device(device).type == "cpu" and arena is not None:
-        return sum(-(-n // pool_buffers.ARENA_GRANULE) * pool_buffers.ARENA_GRANULE for n in parts)
-    return sum(parts)
+    if torch.device(device).type == "cpu":
+        if arena is not None:
+            return sum(-(-n // pool_buffers.ARENA_GRANULE) * pool_buffers.ARENA_GRANULE for n in parts)
+        return sum(parts)
+    return sum(parts) + footprint.runtime_bytes_of(ckpt, dtype=target)
 
 
 @dataclass
