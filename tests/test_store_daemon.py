@@ -109,7 +109,7 @@ def mismatched(tmp_path_factory):
 
 REFUSALS = {"no_model_type": "config.json has no model_type",
             "wrong_hidden": "has shape [300, 64] but the LlamaForCausalLM that config.json describes needs [300, 32]",
-            "wrong_intermediate": "needs [96, 64]",
+            "wrong_intermediate": "mlp.down_proj.weight has shape [64, 128] but the LlamaForCausalLM that config.json describes needs [64, 96]",
             "extra_layers": "the weights have 3 layers, config.json says num_hidden_layers=2",
             "no_tokenizer": "no tokenizer"}
 
