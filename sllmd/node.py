@@ -1,10 +1,16 @@
-"""The node: this host's tiers, model states and instances, behind the calls the
-server makes (DESIGN.md sections 4 and 5). Thread-safe: server handlers call it
-from worker threads.
+"""The node: this host's tiers and model instances, behind the calls the server
+makes (DESIGN.md sections 4 and 5). Thread-safe: server handlers call it from
+worker threads.
 
-Locks: `Node._lock` is a leaf (it guards the node's own maps and is never held
-while calling into a tier), so tier callbacks may take it. Tiers lock
-themselves; their order is ssd -> dram/device -> instance.
+One source of truth: a model's state is derived from what the tiers hold
+(states.derive_state) plus the loads in flight and the last failure, so
+`models` and `ps` can never contradict the tiers. `version` goes up on every
+change of that state (loads, evictions, imports, pins, requests starting and
+ending), so a reader can tell a cached snapshot is stale.
+
+Locks, in order: ssd -> the load lock (`_loads_lock`: loads in flight and
+their waiters) -> device -> dram -> `_lock` (a leaf: the node's own maps, never
+held while calling into a tier) and the version lock (a leaf).
 """
 from __future__ import annotations
 
@@ -12,44 +18,57 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from typing import Callable, Iterator
 
 from . import pool as pool_mod
-from .errors import LoadError, OutOfMemoryError, SllmError
+from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError, LoadError,
+                     LoadTimeoutError, ModelFailedError, ModelInUseError, OutOfMemoryError, PoolExhaustedError,
+                     ShuttingDownError, SllmError)
 from .inference.engine import Instance
-from .errors import InvalidRequestError
 from .inference.request import InferRequest
 from .model_card import model_card
 from .store.format import open_checkpoint
 from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
-from .errors import ModelFailedError, ShuttingDownError
+from .tiers.inflight import Acquired, PendingLoad
 from .tiers.loader import device_bytes, load_instance
+from .tiers.prefault import BackgroundPrefault
 from .tiers.prepare import Preparer
 from .tiers.ssd import SsdStore
-from .tiers.states import EvictReason, InvalidTransition, ModelState, StateMachine, Tier
+from .tiers.states import EvictReason, Tier, derive_state
 
 log = logging.getLogger(__name__)
 
 TIMER_CEILING_S = 1.0
-LOAD_ATTEMPTS = 3
+LOAD_WAIT_S = 300.0  # the longest a request waits for its model's load (config: load_wait)
+ROOM_WAIT_S = 30.0  # the longest a load waits for busy instances to leave room (config: room_wait)
+TRANSIENT = (OutOfMemoryError, PoolExhaustedError, LoadCancelledError, ShuttingDownError, CancelledError)
 
 
 class Node:
     def __init__(self, config):
         self.config = config
         self._lock = threading.Lock()
+        self._loads_lock = threading.Lock()
+        self._version_lock = threading.Lock()
+        self._version = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._records: dict[str, StateMachine] = {}
-        self._loading: dict[str, Future] = {}
+        self._loads: dict[str, PendingLoad] = {}
+        self._load_threads: list[threading.Thread] = []
+        self._failures: dict[str, dict] = {}  # name -> the last load's error, until a newer load or import
+        self._last_eviction: dict[str, dict] = {}  # name -> {"tier", "reason", "at"}
+        self._since: dict[str, float] = {}  # name -> when its state last changed
+        self._load_counts = {"ok": 0, "failed": 0, "busy": 0, "cancelled": 0}
         self._prepared = Preparer(self._stop.is_set)
         self._evictions: collections.deque[dict] = collections.deque(maxlen=64)
         self._closed = False
         self._started_at: float | None = None
         self._timer: threading.Thread | None = None
+        self._prefault: BackgroundPrefault | None = None
+        self._load_wait_s = float(getattr(config, "load_wait_s", LOAD_WAIT_S))
+        self._room_wait_s = float(getattr(config, "room_wait_s", ROOM_WAIT_S))
         self.ssd = SsdStore(config.store_dir, config.ssd_capacity_bytes, on_evict=self._on_ssd_evict)
         self.pool: pool_mod.ChunkPool | None = None
         self.dram: DramTier | None = None
@@ -59,52 +78,78 @@ class Node:
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
-        """Rebuilds the catalog from disk, starts pre-faulting the pool and the idle-eviction timer."""
+        """Rebuilds the catalog from disk and starts the idle-eviction timer. Ready at once:
+        the DRAM pool faults in on a throttled background thread, the CPU device arena
+        on first use (a load faults its destination ahead of its reads)."""
         if self._started_at is not None or self._closed:
             raise RuntimeError("a node starts once")
         self.ssd.open()
-        for e in self.ssd.entries():
-            self._records[e.name] = self._fresh_record(e.error)
         if self.config.dram_bytes >= self.config.chunk_size:
             self.pool = pool_mod.ChunkPool(self.config.dram_bytes, self.config.chunk_size)
-            self.pool.prefault()
             self.dram = DramTier(self.pool, on_evict=self._on_dram_evict)
+            if self.config.device.startswith("cuda") and hasattr(self.pool, "pin_in_background"):
+                self.pool.pin_in_background()  # pinning faults the pages in as well
+            elif getattr(self.config, "prefault", True):
+                self._prefault = BackgroundPrefault(self.pool.native.base_address, self.pool.native.mapped_bytes)
+                self._prefault.start()
         if self.config.device.startswith("cpu") and self.config.device_memory_bytes > 0:
-            self.arena = pool_mod.HostArena(self.config.device_memory_bytes, prefault=True)
+            self.arena = pool_mod.HostArena(self.config.device_memory_bytes, prefault=False)
         self.ssd.is_busy = self._held_above_ssd
         self._started_at = time.time()
         self._timer = threading.Thread(target=self._expiry_loop, name="sllm-keepalive", daemon=True)
         self._timer.start()
         self._prepared.warm_up()
         self._prepare(None)
-        log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self._records),
+        self._bump()
+        log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self.ssd.entries()),
                  self.config.dram_bytes, self.config.device, self.config.device_memory_bytes)
 
     def close(self) -> None:
         """Idempotent. Queued requests get an error; running ones finish (within the
-        shutdown grace); loads in flight are waited for; nothing is left half written."""
-        with self._lock:
+        shutdown grace); loads in flight are cancelled and waited for; nothing is left
+        half written."""
+        with self._loads_lock:
             if self._closed:
                 return
             self._closed = True
-            loading = list(self._loading.values())
+            for load in self._loads.values():
+                load.cancelled.set()
+            threads = list(self._load_threads)
         self._stop.set()
         self._wake.set()
+        if self._prefault is not None:
+            self._prefault.stop()
         self.ssd.cancel_imports()  # kills their converters and removes what they wrote
         grace = float(getattr(self.config, "shutdown_grace_s", 10.0))
-        for fut in loading:
-            try:
-                fut.result(timeout=grace)
-            except Exception:
-                pass
+        for t in threads:
+            t.join(timeout=grace)
         self.device.close_all(timeout=grace, drain=True)
         if self._timer is not None:
             self._timer.join(timeout=5)
         self._prepared.join(timeout=30)
         if self.dram is not None:
             self.dram.clear()
+        if self.pool is not None and hasattr(self.pool, "close"):
+            try:
+                self.pool.close()
+            except Exception:
+                log.exception("closing the chunk pool failed")
         self.ssd.close()
+        self._bump()
         log.info("node closed")
+
+    @property
+    def version(self) -> int:
+        """Goes up on every change of what models/ps/status report about models and tiers
+        (not on counters and clocks, which change all the time)."""
+        return self._version
+
+    def _bump(self, name: str | None = None) -> None:
+        """A change: the version goes up; with a name, that model's state changed now."""
+        with self._version_lock:
+            self._version += 1
+            if name is not None:
+                self._since[name] = time.time()
 
     def _prepare(self, names: list[str] | None) -> None:
         """Prepares skeletons and tokenizers of these models (all when None) in the background."""
@@ -129,65 +174,44 @@ class Node:
             self._wake.wait(timeout=max(delay, 0.01))
             self._wake.clear()
 
-    # --- states -----------------------------------------------------------------------
-    @staticmethod
-    def _fresh_record(error: str | None) -> StateMachine:
-        sm = StateMachine()
-        if error:  # found broken in the store: failed before any load (force: no on_ssd -> failed edge)
-            sm.transition(ModelState.FAILED, tier=Tier.SSD, error=error, force=True)
-        return sm
-
-    def _record(self, name: str) -> StateMachine:
-        sm = self._records.get(name)
-        if sm is None:
-            sm = self._records[name] = StateMachine()
-        return sm
-
-    def _transition(self, name: str, state: ModelState, **kw) -> None:
-        with self._lock:
-            sm = self._record(name)
-            try:
-                sm.transition(state, **kw)
-            except InvalidTransition as e:  # a bug, but the tiers are the truth: say so and go on
-                log.error("model %s: %s (history: %s)", name, e, [r.state.value for r in sm.history])
-                sm.transition(state, force=True, **kw)
-
+    # --- tier callbacks -----------------------------------------------------------------
     def _held_above_ssd(self, name: str) -> bool:
-        with self._lock:
-            loading = name in self._loading
-        return loading or name in self.device or (self.dram is not None and name in self.dram)
+        """What keeps an SSD copy from eviction: a load reading it or an instance of it. A
+        DRAM copy does not: it is dropped with the SSD copy."""
+        with self._loads_lock:
+            loading = name in self._loads
+        return loading or name in self.device or self.device.stopping(name)
 
     def _note_eviction(self, name: str, tier: Tier, reason: EvictReason) -> None:
-        self._evictions.append({"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()})
+        record = {"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()}
+        self._evictions.append(record)
+        with self._lock:
+            self._last_eviction[name] = {k: record[k] for k in ("tier", "reason", "at")}
+        self._bump(name)
 
     def _on_device_evicting(self, name: str, reason: EvictReason) -> None:
-        with self._lock:  # called under the device tier's lock: only this leaf lock here
-            sm = self._record(name)
-            if sm.state in (ModelState.LOADED, ModelState.MIGRATING):
-                sm.transition(ModelState.EVICTING, reason=reason)
+        self._bump(name)  # under the device tier's lock: leaf locks only
 
     def _on_device_evict(self, name: str, reason: EvictReason) -> None:
         self._note_eviction(name, Tier.DEVICE, reason)
         if not self._stop.is_set():
             self._prepare([name])  # its next load finds the model already built
-        in_dram = self.dram is not None and name in self.dram  # outside _lock: it stays a leaf
-        with self._lock:
-            sm = self._record(name)
-            if sm.state == ModelState.EVICTING:
-                sm.transition(ModelState.IN_DRAM if in_dram else ModelState.ON_SSD)
 
     def _on_dram_evict(self, name: str, reason: EvictReason) -> None:
         self._note_eviction(name, Tier.DRAM, reason)
-        with self._lock:
-            sm = self._record(name)
-            if sm.state == ModelState.IN_DRAM:
-                sm.transition(ModelState.EVICTING, reason=reason)
-                sm.transition(ModelState.ON_SSD)
 
     def _on_ssd_evict(self, name: str, reason: EvictReason) -> None:
+        """The model is gone from the store (rm, or capacity): its DRAM copy goes with it."""
+        if self.dram is not None:
+            try:
+                self.dram.evict(name, reason)
+            except ModelInUseError:
+                log.warning("%s left the store while its DRAM copy was being read", name)
         self._note_eviction(name, Tier.SSD, reason)
         with self._lock:
-            self._records.pop(name, None)
+            self._failures.pop(name, None)
+            self._last_eviction.pop(name, None)
+            self._since.pop(name, None)
         self._prepared.forget(name)
 
     # --- catalog ------------------------------------------------------------------------
@@ -209,32 +233,42 @@ class Node:
         self.ssd.import_model(name, source, progress, notify=relay, cancelled=cancelled, servable=True,
                               tokenizer=not no_tokenizer)
         with self._lock:
-            self._records[name] = StateMachine()
+            self._failures.pop(name, None)
+            self._last_eviction.pop(name, None)
+        self._bump(name)
         self._prepared.forget(name)
         self._prepare([name])
         info = self._model_info(name)
         info["evicted"] = evicted
         return info
 
-    def _tiers_of(self, name: str) -> list[str]:
-        tiers = [Tier.SSD.value] if name in self.ssd else []
-        if self.dram is not None and name in self.dram:
-            tiers.append(Tier.DRAM.value)
-        if self.device.loaded(name):
-            tiers.append(Tier.DEVICE.value)
-        return tiers
-
     def _model_info(self, name: str) -> dict:
+        """One model as `models` reports it, from the tiers. Sizes: ssd_bytes on disk,
+        dram_bytes of pool chunks its DRAM copy takes, device_bytes its instance takes
+        (None where it is not); size_bytes = ssd_bytes, for older clients."""
         e = self.ssd.get(name)
         slot = self.device.get(name)
+        on_device = slot is not None and slot.instance is not None
+        with self._loads_lock:
+            loading = name in self._loads
+        dram_bytes = self.dram.bytes_of(name) if self.dram is not None else None
         with self._lock:
-            rec = self._record(name).record.to_dict()
-        last_used = max(e.last_used, slot.last_used if slot else 0.0)
-        return {"name": name, "size_bytes": e.nbytes, "checkpoint_bytes": e.checkpoint_bytes,
-                "tiers": self._tiers_of(name), "state": rec["state"], "state_since": rec["since"],
-                "device": self.config.device if slot and slot.instance else None,
-                "reason": rec["reason"], "error": rec["error"] or e.error, "pinned": e.pinned,
-                "last_used": last_used, "imported_at": e.imported_at, "source": e.source,
+            failure = self._failures.get(name)
+            last = self._last_eviction.get(name)
+            since = self._since.get(name, e.imported_at)
+        state = derive_state(broken=e.error is not None, loading=loading or (slot is not None and not on_device),
+                             on_device=on_device, stopping=self.device.stopping(name),
+                             failed=failure is not None and failure["permanent"], in_dram=dram_bytes is not None)
+        tiers = [Tier.SSD.value] + ([Tier.DRAM.value] if dram_bytes is not None else []) + \
+            ([Tier.DEVICE.value] if on_device else [])
+        return {"name": name, "state": state.value, "state_since": since, "tiers": tiers,
+                "ssd_bytes": e.nbytes, "dram_bytes": dram_bytes, "device_bytes": slot.nbytes if on_device else None,
+                "size_bytes": e.nbytes, "checkpoint_bytes": e.checkpoint_bytes,
+                "device": self.config.device if on_device else None,
+                "reason": last["reason"] if last else None, "last_evicted": dict(last) if last else None,
+                "error": (failure["error"] if failure else None) or e.error,
+                "pinned": e.pinned, "last_used": max(e.last_used, slot.last_used if slot else 0.0),
+                "imported_at": e.imported_at, "source": e.source,
                 "prepared": self._prepared.is_prepared(name)}   # the next load only moves and binds bytes
 
     def models(self) -> list[dict]:
@@ -247,9 +281,10 @@ class Node:
                 continue  # removed meanwhile
         for job in self.ssd.importing():
             out.append({"name": job["name"], "size_bytes": None, "checkpoint_bytes": None, "tiers": [],
+                        "ssd_bytes": None, "dram_bytes": None, "device_bytes": None,
                         "state": "importing", "state_since": job["started_at"], "device": None, "reason": None,
-                        "error": None, "pinned": False, "last_used": None, "imported_at": None,
-                        "source": job["source"], "import": job})
+                        "last_evicted": None, "error": None, "pinned": False, "last_used": None,
+                        "imported_at": None, "source": job["source"], "import": job})
         return out
 
     def show(self, name: str) -> dict:
@@ -262,22 +297,27 @@ class Node:
     def pin(self, name: str) -> None:
         self._check_open()
         self.ssd.set_pinned(name, True)
+        self._bump()
 
     def unpin(self, name: str) -> None:
         self._check_open()
         self.ssd.set_pinned(name, False)
+        self._bump()
 
     # --- loading ----------------------------------------------------------------------------
     def load(self, name: str, keep_alive: float | None = None) -> dict:
         """Makes sure `name` has a ready instance; keep_alive (seconds; negative = forever)
-        sets how long it stays once idle."""
+        sets how long it stays once idle. `already_loaded` says it had one."""
         self._check_open()
         ka = self._keep_alive(keep_alive)
-        tier, load_s = self._ensure_loaded(name)
-        self.device.keep_alive(name, ka)
+        self.ssd.get(name)
+        got = self._acquire(name, ka)
+        self.device.unlease(name, ka)  # no request runs on it: its keep_alive starts now
+        self._bump()
         self._wake.set()
         info = self._model_info(name)
-        info.update(load_tier=tier, load_s=load_s, expires_at=self._expires(name))
+        info.update(load_tier=got.tier, load_s=got.load_s, room_wait_s=got.room_wait_s,
+                    already_loaded=got.already_loaded, expires_at=self._expires(name))
         return info
 
     def _keep_alive(self, value: float | None) -> float:
@@ -290,86 +330,155 @@ class Node:
         slot = self.device.get(name)
         return slot.expires_at if slot else None
 
-    def _ensure_loaded(self, name: str) -> tuple[str, float]:
-        """(tier the weights came from, seconds) once `name` has an instance; one load per
-        model at a time: concurrent callers wait for the same load."""
-        if self.device.loaded(name):
-            return Tier.DEVICE.value, 0.0
-        with self._lock:
+    def _acquire(self, name: str, keep_alive_s: float, cancelled: Callable[[], bool] | None = None) -> Acquired:
+        """A ready instance of `name` with a lease taken for the caller, loading it (one
+        load per model, shared by every caller that waits) if it has none. The wait is
+        bounded by load_wait_s; a caller that gives up leaves the load, and a load that
+        every caller left is cancelled."""
+        with self._loads_lock:
             self._check_open()
-            fut = self._loading.get(name)
-            owner = fut is None
-            if owner:
-                fut = self._loading[name] = Future()
-        if not owner:
-            return fut.result()
-        try:
-            result = self._do_load(name)
-            fut.set_result(result)
-            return result
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
-            with self._lock:
-                self._loading.pop(name, None)
+            inst = self.device.lease(name)
+            if inst is not None:
+                return Acquired(inst, Tier.DEVICE.value, 0.0, 0.0, True)
+            load = self._loads.get(name)
+            started = load is None
+            if started:
+                load = self._loads[name] = PendingLoad(name)
+                t = threading.Thread(target=self._run_load, args=(load,), name=f"sllm-load-{name}", daemon=True)
+                self._load_threads = [w for w in self._load_threads if w.is_alive()] + [t]
+                t.start()
+            load.waiters += 1
+        if started:
+            self._bump(name)
+        gone = (lambda: self._closed or cancelled()) if cancelled is not None else (lambda: self._closed)
+        if load.wait(self._load_wait_s, gone):
+            return load.acquired()
+        with self._loads_lock:
+            finished = load.done.is_set()
+            if not finished:
+                load.waiters -= 1
+                if load.waiters == 0:
+                    load.cancelled.set()
+        if finished and load.error is None:  # it finished as this caller gave up: hand the lease back
+            self.device.unlease(name, keep_alive_s)
+        if self._closed:
+            raise ShuttingDownError("sllmd is shutting down")
+        if cancelled is not None and cancelled():
+            raise CancelledError(f"the request was cancelled while {name!r} loaded")
+        raise LoadTimeoutError(f"{name!r} did not finish loading within {self._load_wait_s:g} s; retry later")
 
-    def _do_load(self, name: str) -> tuple[str, float]:
-        if self.device.loaded(name):
-            return Tier.DEVICE.value, 0.0
+    def _run_load(self, load: PendingLoad) -> None:
+        """The loading thread: loads, then commits the instance with one lease per waiter
+        in the same step; a load that every waiter left is discarded."""
+        name = load.name
+        try:
+            inst, tier, load_s = self._load_instance(load)
+        except BaseException as e:
+            err = self._load_failed(name, e)
+            with self._loads_lock:
+                load.error = err
+                load.done.set()
+                self._loads.pop(name, None)
+            self._bump(name)
+            return
+        with self._loads_lock:
+            keep = load.waiters > 0 and not self._closed and not load.cancelled.is_set()
+            if keep:
+                with self._lock:
+                    self._failures.pop(name, None)
+                self.device.commit(name, inst, self.config.keep_alive_s, tier, load_s, leases=load.waiters)
+                load.instance, load.tier, load.load_s = inst, tier, load_s
+            else:
+                self.device.abort(name)
+                load.error = (ShuttingDownError("sllmd is shutting down") if self._closed else
+                              LoadCancelledError(f"the load of {name!r} was cancelled: nobody waits for it"))
+            load.done.set()
+            self._loads.pop(name, None)
+        if keep:
+            with self._lock:
+                self._load_counts["ok"] += 1
+            self._prepared.keep_tokenizer(name, inst.tokenizer)
+            self.ssd.touch(name)
+            log.info("%s ready on %s from %s in %.3f s", name, self.config.device, tier, load_s)
+        else:
+            with self._lock:
+                self._load_counts["cancelled"] += 1
+            inst.close(timeout=5.0, drain=False)
+            inst.model = None
+            log.info("discarded the load of %s: %s", name, load.error)
+        self._bump(name)
+
+    def _load_instance(self, load: PendingLoad) -> tuple[Instance, str, float]:
+        name = load.name
         entry = self.ssd.acquire(name)
         try:
             if entry.error:
                 raise ModelFailedError(f"model {name!r} is unusable: {entry.error}")
             ckpt = open_checkpoint(entry.path)
-            t0 = time.perf_counter()
             nbytes = device_bytes(ckpt, self.config.device, self.arena, self.config.compute_dtype)  # the cast size
-            self._transition(name, ModelState.LOADING)
+            t0 = time.perf_counter()
+            self.device.reserve(name, nbytes, wait_s=self._room_wait_s, cancelled=load.cancelled.is_set)
+            t1 = time.perf_counter()
+            load.room_wait_s = t1 - t0
+            self._bump(name)
             try:
-                self.device.reserve(name, nbytes)
-                try:
-                    loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
-                                           verify=self.config.verify_checksums,
-                                           tokenizer=self._prepared.tokenizer(name),
-                                           skeleton=self._prepared.take_skeleton(name),
-                                           compute_dtype=self.config.compute_dtype)
-                    inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
-                                    nbytes=nbytes, queue_depth=self.config.queue_depth)
-                    load_s = time.perf_counter() - t0
-                    self.device.commit(name, inst, self.config.keep_alive_s, loaded.tier, load_s)
-                except BaseException:
-                    self.device.abort(name)
-                    raise
-            except OutOfMemoryError as e:  # transient: the device is full of serving instances
-                in_dram = self.dram is not None and name in self.dram
-                self._transition(name, ModelState.IN_DRAM if in_dram else ModelState.ON_SSD, error=str(e))
+                if load.cancelled.is_set():
+                    raise LoadCancelledError(f"the load of {name!r} was cancelled")
+                loaded = load_instance(name, ckpt, self.config.device, dram=self.dram, arena=self.arena,
+                                       verify=self.config.verify_checksums,
+                                       tokenizer=self._prepared.tokenizer(name),
+                                       skeleton=self._prepared.take_skeleton(name),
+                                       compute_dtype=self.config.compute_dtype)
+                inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
+                                nbytes=nbytes, queue_depth=self.config.queue_depth)
+            except BaseException:
+                self.device.abort(name)
                 raise
-            except SllmError as e:
-                self._transition(name, ModelState.FAILED, error=str(e))
-                raise
-            except Exception as e:
-                self._transition(name, ModelState.FAILED, error=f"{type(e).__name__}: {e}")
-                raise LoadError(f"loading {name!r} failed: {type(e).__name__}: {e}") from e
-            self._prepared.keep_tokenizer(name, loaded.tokenizer)
-            self._transition(name, ModelState.LOADED, device=self.config.device)
-            if self._closed:  # close() ran while this loaded: do not leave an instance behind
-                self.device.close_all()
-                raise ShuttingDownError("sllmd is shutting down")
-            self.ssd.touch(name)
-            log.info("%s ready on %s from %s in %.3f s", name, self.config.device, loaded.tier, load_s)
-            return loaded.tier, load_s
+            return inst, loaded.tier, time.perf_counter() - t1
         finally:
             self.ssd.release(name)
 
+    def _load_failed(self, name: str, exc: BaseException) -> BaseException:
+        """Records a failed load and says why in one error. A transient one (no room now,
+        cancelled, shutting down) leaves the model as it was; any other marks it failed and
+        drops its DRAM copy (a model that cannot load must not hold the pool)."""
+        if isinstance(exc, SllmError):
+            err: BaseException = exc
+        elif isinstance(exc, Exception):
+            err = LoadError(f"loading {name!r} failed: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+        else:
+            err = exc
+        transient = isinstance(err, TRANSIENT)
+        kind = ("cancelled" if isinstance(err, (LoadCancelledError, ShuttingDownError, CancelledError)) else
+                "busy" if transient else "failed")
+        with self._lock:
+            self._load_counts[kind] += 1
+            self._failures[name] = {"error": str(err), "at": time.time(), "permanent": not transient}
+        if not transient:
+            log.warning("loading %s failed: %s", name, err)
+            if self.dram is not None:
+                try:
+                    self.dram.evict(name, EvictReason.FAILED)
+                except ModelInUseError:
+                    pass
+        return err
+
     # --- instances --------------------------------------------------------------------------
     def _slot_info(self, s: Slot) -> dict:
+        """One instance as `ps` (and status' instances) report it, with the same size
+        fields as `models`."""
         inst = s.instance
-        with self._lock:
-            state = self._record(s.name).state.value
-        return {"name": s.name, "size_bytes": s.nbytes, "device": self.config.device,
-                "tiers": self._tiers_of(s.name), "state": state if inst else ModelState.LOADING.value,
+        e = self.ssd.get(s.name) if s.name in self.ssd else None
+        dram_bytes = self.dram.bytes_of(s.name) if self.dram is not None else None
+        tiers = ([Tier.SSD.value] if e is not None else []) + ([Tier.DRAM.value] if dram_bytes is not None else []) \
+            + ([Tier.DEVICE.value] if inst is not None else [])
+        return {"name": s.name, "device": self.config.device, "tiers": tiers,
+                "state": "loaded" if inst is not None else "loading",
+                "ssd_bytes": e.nbytes if e is not None else None, "dram_bytes": dram_bytes, "device_bytes": s.nbytes,
+                "size_bytes": e.nbytes if e is not None else None,
                 "active_requests": inst.active if inst else 0, "queued": inst.queued if inst else 0,
-                "expires_at": s.expires_at, "loaded_at": s.loaded_at, "last_used": s.last_used,
+                "leases": s.leases, "expires_at": s.expires_at, "loaded_at": s.loaded_at, "last_used": s.last_used,
                 "load_tier": s.load_tier, "load_s": s.load_s}
 
     def ps(self) -> list[dict]:
@@ -411,8 +520,10 @@ class Node:
     # --- inference ----------------------------------------------------------------------------
     def infer(self, req: InferRequest | dict, cancelled: threading.Event | None = None) -> Iterator[dict]:
         """Streams {"type": "token", ...} events and one {"type": "done", "stats": ...}.
-        Loads the model from the fastest tier holding it if it has no instance. Closing
-        the iterator cancels the request and frees its queue slot."""
+        Loads the model from the fastest tier holding it if it has no instance (its stats
+        say from where, how long, and in queue_s also how long it waited for device room).
+        Closing the iterator cancels the request and frees its queue slot; `cancelled`
+        (the client went away) stops it even while its model loads or its prompt prefills."""
         arrived = time.perf_counter()
         request = InferRequest.from_dict(req) if isinstance(req, dict) else req.validate()
         self._check_open()
@@ -421,21 +532,22 @@ class Node:
 
     def _infer(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None) -> Iterator[dict]:
         ka = self._keep_alive(req.keep_alive)
-        inst = None
-        for _ in range(LOAD_ATTEMPTS):
-            tier, load_s = self._ensure_loaded(req.model)
-            inst = self.device.lease(req.model)
-            if inst is not None:
-                break
-        if inst is None:
-            raise LoadError(f"{req.model!r} was evicted each time it loaded; the device is under heavy pressure")
+        got = self._acquire(req.model, ka, cancelled.is_set if cancelled is not None else None)
+        self._bump()
         handle = None
         try:
-            handle = inst.submit(req, arrived_at=arrived, cancelled=cancelled)  # `cancelled` stops even a prefill
-            for event in handle:
-                if event.get("type") == "done":
-                    event["stats"].update(load_s=load_s, load_tier=tier)
-                yield event
+            handle = got.instance.submit(req, arrived_at=arrived, cancelled=cancelled)  # `cancelled` stops a prefill
+            try:
+                for event in handle:
+                    if event.get("type") == "done":
+                        stats = event["stats"]
+                        stats.update(load_s=got.load_s, load_tier=got.tier, room_wait_s=got.room_wait_s)
+                        stats["queue_s"] = (stats.get("queue_s") or 0.0) + got.room_wait_s
+                    yield event
+            except (CancelledError, InstanceClosedError) as e:
+                if self._closed:  # the daemon stopped it: the same answer as a request that arrives now
+                    raise ShuttingDownError("sllmd is shutting down; the request was stopped") from e
+                raise
         finally:
             if handle is not None and not handle.done.is_set():
                 handle.cancel()
@@ -443,19 +555,31 @@ class Node:
             self.ssd.touch(req.model)
             if ka == 0:
                 self.device.evict_expired()  # "unload after the request", once nothing else runs on it
+            self._bump()
             self._wake.set()
 
     # --- status -----------------------------------------------------------------------------------
     def status(self) -> dict:
+        """The node at a glance. `loads` counts finished loads by outcome: ok, failed (the
+        model could not be loaded: see its error in `models`), busy (no device room within
+        room_wait) and cancelled (every waiter left, or shutdown)."""
         self._check_open()
         dram = self.dram.stats() if self.dram is not None else {"used_bytes": 0, "capacity_bytes": 0, "models": 0}
         dram.pop("pool", None)
+        pool = self.pool.stats() if self.pool is not None else None
+        if pool is not None and self._prefault is not None:
+            pool["prefault"] = self._prefault.stats()
+        with self._lock:
+            loads = dict(self._load_counts)
+        with self._loads_lock:
+            loads["in_flight"] = len(self._loads)
         return {
             "uptime_s": time.time() - self._started_at, "started_at": self._started_at,
-            "device": self.config.device,
+            "device": self.config.device, "version": self.version,
             "tiers": {"ssd": self.ssd.stats(), "dram": dram, "device": self.device.stats()},
             "loader": pool_mod.counters(),
-            "pool": self.pool.stats() if self.pool is not None else None,
+            "loads": loads,
+            "pool": pool,
             "arena": ({"capacity_bytes": self.arena.capacity, "used_bytes": self.arena.used}
                       if self.arena is not None else None),
             "instances": [self._slot_info(s) for s in self.device.slots()],

@@ -16,6 +16,7 @@ from sllmd.errors import CorruptCheckpointError, OutOfMemoryError
 from sllmd.inference import InferRequest, SamplingParams
 from sllmd.errors import BusyError, InvalidRequestError
 from sllmd.node import Node
+from sllmd.tiers.states import EvictReason
 from sllmd.errors import ModelInUseError, ModelNotFoundError, ShuttingDownError
 from test_inference import tiny_tokenizer
 
@@ -129,7 +130,7 @@ def test_pressure_evicts_the_idle_model_never_the_serving_one(node_factory, sour
     m0 = model_info(node, "m0")
     assert (m0["state"], m0["reason"], m0["tiers"]) == ("in_dram", "pressure", ["ssd", "dram"])
 
-    stream = node.infer(InferRequest("m1", prompt="x", sampling=SamplingParams(max_tokens=50_000)))
+    stream = node.infer(InferRequest("m1", prompt="z", sampling=SamplingParams(max_tokens=50_000)))
     assert next(stream)["type"] == "token"  # m1 is serving now
     with pytest.raises(OutOfMemoryError) as err:
         node.load("m0")
@@ -292,26 +293,25 @@ def test_close_lets_the_running_request_finish_and_fails_the_queued_one(node_fac
     assert rest[-1]["type"] == "done" and rest[-1]["stats"]["tokens"] == 60
     closer.join(30)
     t.join(10)
-    assert getattr(outcome["queued"], "code", None) == "instance_closed"
+    # the daemon stopped it: the same answer (and exit code) as a request that arrives now
+    assert (getattr(outcome["queued"], "code", None), outcome["queued"].exit_code) == ("shutting_down", 75)
     with pytest.raises(ShuttingDownError):
         node.infer(InferRequest("m0", prompt="late"))
 
 
 def test_a_model_requested_again_while_its_instance_stops_loads_anew(node_factory, sources):
-    """The eviction hook that settles the state runs after the old instance stopped; a
-    load that starts in between must not trip over the `evicting` state."""
-    from sllmd.tiers.states import EvictReason
+    """Between "chosen for eviction" and "stopped" the model is evicting; a load that
+    starts in between loads a fresh instance, and the old one's end does not undo it."""
     node = node_factory()
     node.import_model("m0", str(sources["m0"]))
     expected = infer(node, "m0")[0]
     node.evict("m0")
     node.load("m0")
-    slot = node.device.get("m0")
-    # Freeze the moment between "chosen for eviction" and "stopped": the record says evicting.
-    node._on_device_evicting("m0", EvictReason.IDLE)
-    node.device._slots.pop("m0")
-    assert model_info(node, "m0")["state"] == "evicting"
+    with node.device._lock:  # freeze the moment: chosen for eviction, still stopping
+        slot = node.device._take("m0", EvictReason.IDLE)
+    assert model_info(node, "m0")["state"] == "evicting" and node.ps() == []
     assert infer(node, "m0")[0] == expected  # loads again
     node.device._finish_eviction(slot, EvictReason.IDLE)  # the old instance finishes stopping
     m = model_info(node, "m0")
     assert (m["state"], m["tiers"]) == ("loaded", ["ssd", "dram", "device"])
+    assert m["last_evicted"]["tier"] == "device" and m["last_evicted"]["reason"] == "idle"

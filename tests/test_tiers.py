@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 
 from conftest import REPO, make_tiny_model
 from sllmd import store
-from sllmd.errors import OutOfMemoryError
+from sllmd.errors import LoadCancelledError, OutOfMemoryError, TooLargeError
 from sllmd.inference import InferRequest, SamplingParams
 from sllmd.inference.engine import Instance
 from sllmd.pool import ChunkPool, HostArena
@@ -235,6 +237,42 @@ def test_dram_tier_lru_refcounts_and_no_leaks(tmp_path, evictions):
     assert s["free_chunks"] == s["capacity_chunks"] and s["allocations"] == s["releases"]
 
 
+def test_dram_admission_evicts_only_when_it_then_admits(tmp_path, evictions, monkeypatch):
+    """c evicts the idle a to make room; d arrives while c's bytes are still being read:
+    the room is c's already, so d is refused without evicting anything, and c is cached."""
+    from sllmd.tiers import dram as dram_mod
+    pool = ChunkPool(4 * MiB, chunk_size=1 * MiB)
+    dram = DramTier(pool, on_evict=lambda n, r: evictions.append((n, r)))
+    ckpts = {n: open_checkpoint(blob_checkpoint(tmp_path / n, 1 * MiB + 10, seed=i)) for i, n in enumerate("abcd")}
+    dram.admit("a", ckpts["a"])
+    dram.release("a")
+    dram.admit("b", ckpts["b"])  # b stays referenced
+    reading, resume = threading.Event(), threading.Event()
+    real_read = dram_mod.PooledCheckpoint.read.__func__
+
+    def paused_read(cls, ckpt, pool, **kw):
+        if ckpt is ckpts["c"]:
+            reading.set()
+            resume.wait(10)
+        return real_read(cls, ckpt, pool, **kw)
+
+    monkeypatch.setattr(dram_mod.PooledCheckpoint, "read", classmethod(paused_read))
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("c", dram.admit("c", ckpts["c"])))
+    t.start()
+    assert reading.wait(10)
+    assert dram.admit("d", ckpts["d"]) is None  # no room: a's chunks are c's now, b is in use
+    resume.set()
+    t.join(10)
+    assert result["c"] is not None and dram.names() == ["b", "c"]
+    assert evictions == [("a", EvictReason.LRU)]
+    dram.release("b")
+    dram.release("c")
+    dram.clear()
+    s = pool.stats()
+    assert s["free_chunks"] == s["capacity_chunks"]
+
+
 def test_dram_admit_fills_device_buffers_in_the_same_pass(tmp_path):
     from sllmd.pool import buffers
     pool = ChunkPool(8 * MiB, chunk_size=1 * MiB)
@@ -273,8 +311,9 @@ def test_device_pressure_evicts_lru_idle_never_serving(tok, evictions):
         dev.get("a").last_used = -1.0  # even as the least recently used, it is not evicted
         assert dev.reserve("d", 100) == ["b"]
         assert evictions == [("b", EvictReason.PRESSURE)] and "b" not in dev
-        with pytest.raises(OutOfMemoryError):
-            dev.reserve("e", 1000)  # larger than the whole budget
+        with pytest.raises(TooLargeError, match="needs 1000 B; the device budget on cpu is 300 B") as err:
+            dev.reserve("e", 1000)  # larger than the whole budget: permanent
+        assert err.value.exit_code == 1
         dev.abort("d")
         dev.lease("c")
         dev.reserve("f", 100)  # the free 100 bytes that d gave back
@@ -286,6 +325,27 @@ def test_device_pressure_evicts_lru_idle_never_serving(tok, evictions):
             dev.evict("a")
         dev.unlease("a", keep_alive_s=-1)
         assert dev.evict("a") and inst_a.model is None and not inst_a._thread.is_alive()
+    finally:
+        dev.close_all()
+
+
+def test_device_reserve_waits_bounded_for_room(tok, evictions):
+    dev = DeviceTier("cpu", 100, on_evict=lambda n, r: evictions.append((n, r)))
+    try:
+        _fill(dev, tok, ["a"], now=0.0)
+        dev.lease("a")  # a serves
+        with pytest.raises(OutOfMemoryError, match="after waiting 0.2 s"):
+            dev.reserve("b", 100, wait_s=0.2)
+        with pytest.raises(LoadCancelledError):
+            dev.reserve("b", 100, wait_s=30, cancelled=lambda: True)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(dev.reserve("b", 100, wait_s=30)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive() and "b" not in dev  # still waiting: a serves
+        dev.unlease("a", keep_alive_s=-1)  # a goes idle: b gets its room by evicting it
+        waiter.join(10)
+        assert got == [["a"]] and "b" in dev and evictions == [("a", EvictReason.PRESSURE)]
     finally:
         dev.close_all()
 

@@ -10,6 +10,9 @@ deadline comes from the last request or load that finished on it.
 Callbacks: on_evicting(name, reason) runs under the tier's lock the moment an
 instance is chosen for eviction (it must take only leaf locks); on_evict(name,
 reason) runs outside the lock once the instance has stopped.
+
+Room: reserve() may wait (bounded) for busy instances to go idle; a model larger
+than the whole budget is refused at once with TooLargeError (it never fits).
 """
 from __future__ import annotations
 
@@ -20,13 +23,21 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import OutOfMemoryError
+from ..errors import LoadCancelledError, ModelInUseError, OutOfMemoryError, TooLargeError
 from ..inference.engine import Instance
 from . import policy
-from sllmd.errors import ModelInUseError
 from .states import EvictReason
 
 log = logging.getLogger(__name__)
+
+
+def human_bytes(n: int) -> str:
+    """1.5 GiB, 258 MiB, 1 KiB, 100 B: sizes in messages people read."""
+    for unit, power in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << power:
+            value = n / (1 << power)
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    return f"{n} B"
 
 
 @dataclass
@@ -57,7 +68,9 @@ class DeviceTier:
         self.on_evicting = on_evicting
         self.clock = clock
         self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)  # notified whenever an instance may have become evictable
         self._slots: dict[str, Slot] = {}
+        self._stopping: dict[str, Slot] = {}  # chosen for eviction, instance still stopping
 
     @property
     def used_bytes(self) -> int:
@@ -81,34 +94,54 @@ class DeviceTier:
         with self._lock:
             return sorted(self._slots.values(), key=lambda s: s.name)
 
+    def stopping(self, name: str) -> bool:
+        """True while an evicted instance of `name` is still stopping."""
+        with self._lock:
+            return name in self._stopping
+
     # --- loading ------------------------------------------------------------------
-    def reserve(self, name: str, nbytes: int) -> list[str]:
-        """Holds nbytes of the budget for a load of `name`, evicting idle instances
-        under pressure; OutOfMemoryError when even that cannot make room."""
+    def reserve(self, name: str, nbytes: int, wait_s: float = 0.0,
+                cancelled: Callable[[], bool] | None = None) -> list[str]:
+        """Holds nbytes of the budget for a load of `name`, evicting idle instances under
+        pressure. TooLargeError when it can never fit; when every other instance is busy,
+        waits up to wait_s for one to go idle, then OutOfMemoryError (LoadCancelledError
+        as soon as cancelled() is true)."""
+        deadline = time.monotonic() + max(0.0, wait_s)
         with self._lock:
             if name in self._slots:
                 raise ValueError(f"{name} already has a device slot")
             if nbytes > self.budget:
-                raise OutOfMemoryError(f"model {name!r} needs {nbytes} bytes; the device budget on {self.device} "
-                                       f"is {self.budget}")
-            cands = [policy.Candidate(s.name, s.nbytes, s.last_used, busy=s.busy) for s in self._slots.values()]
-            victims = policy.choose_victims(cands, nbytes, self.budget - self.used_bytes)
-            if victims is None:
-                raise OutOfMemoryError(
-                    f"model {name!r} needs {nbytes} bytes on {self.device}; {self.budget - self.used_bytes} of "
-                    f"{self.budget} are free and every other instance is serving; retry later")
+                raise TooLargeError(f"model {name!r} needs {human_bytes(nbytes)}; the device budget on {self.device} "
+                                    f"is {human_bytes(self.budget)}")
+            while True:
+                cands = [policy.Candidate(s.name, s.nbytes, s.last_used, busy=s.busy) for s in self._slots.values()]
+                victims = policy.choose_victims(cands, nbytes, self.budget - self.used_bytes)
+                if victims is not None:
+                    break
+                if cancelled is not None and cancelled():
+                    raise LoadCancelledError(f"the load of {name!r} was cancelled while it waited for device room")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = f" after waiting {wait_s:.3g} s" if wait_s > 0 else ""
+                    raise OutOfMemoryError(
+                        f"model {name!r} needs {human_bytes(nbytes)} on {self.device}; "
+                        f"{human_bytes(self.budget - self.used_bytes)} of {human_bytes(self.budget)} are free and "
+                        f"every other instance is serving{waited}; retry later")
+                self._room.wait(timeout=min(left, 0.1))
             evicted = [self._take(v, EvictReason.PRESSURE) for v in victims]
             self._slots[name] = Slot(name, nbytes, last_used=self.clock())
         for slot in evicted:
             self._finish_eviction(slot, EvictReason.PRESSURE)
         return victims
 
-    def commit(self, name: str, instance: Instance, keep_alive_s: float, load_tier: str, load_s: float) -> Slot:
-        """The load finished: the slot holds a ready instance."""
+    def commit(self, name: str, instance: Instance, keep_alive_s: float, load_tier: str, load_s: float,
+               leases: int = 0) -> Slot:
+        """The load finished: the slot holds a ready instance, with `leases` already taken
+        (handed to the requests that waited for it, so none can lose it to an eviction)."""
         with self._lock:
             s = self._slots[name]
             now = self.clock()
-            s.instance, s.loaded_at, s.last_used = instance, now, now
+            s.instance, s.loaded_at, s.last_used, s.leases = instance, now, now, leases
             s.load_tier, s.load_s = load_tier, load_s
             s.expires_at = policy.expires_at(keep_alive_s, now)
             return s
@@ -119,6 +152,7 @@ class DeviceTier:
             s = self._slots.get(name)
             if s is not None and s.instance is None:
                 del self._slots[name]
+                self._room.notify_all()
 
     # --- serving ------------------------------------------------------------------
     def lease(self, name: str) -> Instance | None:
@@ -141,6 +175,7 @@ class DeviceTier:
             now = self.clock()
             s.last_used = now
             s.expires_at = policy.expires_at(keep_alive_s, now)
+            self._room.notify_all()
 
     def keep_alive(self, name: str, keep_alive_s: float) -> None:
         with self._lock:
@@ -181,6 +216,7 @@ class DeviceTier:
     def _take(self, name: str, reason: EvictReason) -> Slot:
         """Removes a slot chosen for eviction (caller holds the lock)."""
         slot = self._slots.pop(name)
+        self._stopping[name] = slot
         if self.on_evicting is not None:
             self.on_evicting(name, reason)
         return slot
@@ -195,6 +231,10 @@ class DeviceTier:
             if self.device.startswith("cuda"):
                 import torch
                 torch.cuda.empty_cache()
+        with self._lock:
+            if self._stopping.get(slot.name) is slot:
+                del self._stopping[slot.name]
+            self._room.notify_all()
         log.info("evicted %s from %s (%s, %d bytes)", slot.name, self.device, reason.value, slot.nbytes)
         if self.on_evict is not None:
             self.on_evict(slot.name, reason)
@@ -203,6 +243,7 @@ class DeviceTier:
         with self._lock:
             slots = list(self._slots.values())
             self._slots.clear()
+            self._room.notify_all()
         for s in slots:
             if s.instance is not None:
                 s.instance.close(timeout=timeout, drain=drain)

@@ -74,6 +74,12 @@ class DramTier:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: e.name)
 
+    def bytes_of(self, name: str) -> int | None:
+        """Pool bytes the cached copy of `name` occupies; None when it is not cached."""
+        with self._lock:
+            e = self._entries.get(name)
+            return e.nbytes if e is not None else None
+
     def pool_bytes_for(self, ckpt: Checkpoint) -> int:
         chunks = policy.chunks_needed((p.nbytes for p in ckpt.manifest.partitions), self.pool.chunk_size)
         return chunks * self.pool.chunk_size
@@ -100,8 +106,11 @@ class DramTier:
               options: LoadOptions | None = None) -> PooledCheckpoint | None:
         """Reads `ckpt` into the pool (optionally filling host `device_buffers` in the
         same pass) and caches it, referenced once for the caller. None when it cannot
-        fit; then nothing was read and nothing was evicted."""
-        need = self.pool_bytes_for(ckpt)
+        fit; then nothing was read and nothing was evicted. Room is made and the chunks
+        taken in one step under the lock, so an admission never evicts others and then
+        finds the room gone."""
+        sizes = [self.pool.chunks_for(p.nbytes) for p in ckpt.manifest.partitions]
+        need = sum(sizes) * self.pool.chunk_size
         with self._lock:
             if name in self._entries or name in self._admitting:
                 return None  # someone else cached it meanwhile; this caller reads its own way
@@ -109,16 +118,20 @@ class DramTier:
                 log.info("%s (%d bytes) is larger than the DRAM tier (%d); not cached", name, need,
                          self.capacity_bytes)
                 return None
-            if not self._make_room(need):
+            victims = self._victims(need)
+            if victims is None:
+                return None
+            for v in victims:
+                self._drop(v, EvictReason.LRU)
+            try:
+                chunks = self._allocate(sizes)
+            except PoolExhaustedError:  # the pool's other users hold the room: nothing more to evict
+                log.info("the chunk pool has no room for %s; not cached", name)
                 return None
             self._admitting.add(name)
         try:
             cached = PooledCheckpoint.read(ckpt, self.pool, verify=verify, options=options,
-                                           device_buffers=device_buffers)
-        except PoolExhaustedError:
-            # Someone took the room we made between making it and reading; not fatal.
-            log.info("the chunk pool filled up while admitting %s; not cached", name)
-            return None
+                                           device_buffers=device_buffers, chunks=chunks)
         finally:
             with self._lock:
                 self._admitting.discard(name)
@@ -127,15 +140,22 @@ class DramTier:
         log.info("cached %s in the DRAM tier (%d bytes)", name, need)
         return cached
 
-    def _make_room(self, need: int) -> bool:
+    def _allocate(self, sizes: list[int]) -> list[list[int]]:
+        """Chunks for each partition, all or nothing."""
+        got: list[list[int]] = []
+        try:
+            for n in sizes:
+                got.append(self.pool.allocate(n))
+        except BaseException:
+            for c in got:
+                self.pool.release(c)
+            raise
+        return got
+
+    def _victims(self, need: int) -> list[str] | None:
         free = self.pool.stats()["free_chunks"] * self.pool.chunk_size
         cands = [policy.Candidate(e.name, e.nbytes, e.last_used, busy=e.refs > 0) for e in self._entries.values()]
-        victims = policy.choose_victims(cands, need, free)
-        if victims is None:
-            return False
-        for v in victims:
-            self._drop(v, EvictReason.LRU)
-        return True
+        return policy.choose_victims(cands, need, free)
 
     # --- eviction -----------------------------------------------------------------
     def evict(self, name: str, reason: EvictReason = EvictReason.MANUAL) -> bool:

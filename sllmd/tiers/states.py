@@ -1,9 +1,9 @@
 """Explicit model states (DESIGN.md section 4).
 
-A model's state says where it is and what is happening to it. States change
-only through `StateMachine.transition`, which refuses transitions that make no
-sense (a model cannot be `loaded` without first `loading`), so a bug shows up
-as an error instead of a silently wrong `ps`.
+A model's state says where it is and what is happening to it. The node derives
+it from the tiers (`derive_state`), so it cannot contradict them. The graph
+below is the life cycle those derived states follow; `StateMachine` checks a
+sequence of them against it.
 
     on_ssd / in_dram ──► loading ──► loaded ──► evicting ──► in_dram / on_ssd
                             │  ▲                   │
@@ -50,6 +50,7 @@ class EvictReason(str, Enum):
     IDLE = "idle"  # keep_alive ran out
     MANUAL = "manual"  # someone asked (evict, rm)
     PRESSURE = "pressure"  # the device budget needed room for another instance
+    FAILED = "failed"  # the model's load failed: its DRAM copy is not kept
 
 
 _S = ModelState
@@ -63,6 +64,28 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     _S.EVICTING: frozenset({_S.ON_SSD, _S.IN_DRAM, _S.LOADING, _S.LOADED, _S.FAILED}),
     _S.FAILED: frozenset({_S.LOADING, _S.ON_SSD, _S.IN_DRAM, _S.EVICTING}),
 }
+
+
+def derive_state(*, broken: bool = False, loading: bool = False, on_device: bool = False, stopping: bool = False,
+                 failed: bool = False, in_dram: bool = False) -> ModelState:
+    """A model's state from what the tiers hold (the node reports this, so `models` and
+    `ps` can never contradict the tiers): broken = its checkpoint on disk is unusable;
+    loading = a load is in flight (or holds a device reservation); on_device = a ready
+    instance; stopping = an evicted instance is still stopping; failed = its last load
+    failed and nothing newer happened; in_dram = a copy is cached in the DRAM tier."""
+    if broken:
+        return ModelState.FAILED
+    if on_device:
+        return ModelState.LOADED
+    if loading:
+        return ModelState.LOADING
+    if stopping:
+        return ModelState.EVICTING
+    if failed:
+        return ModelState.FAILED
+    if in_dram:
+        return ModelState.IN_DRAM
+    return ModelState.ON_SSD
 
 
 class InvalidTransition(RuntimeError):
