@@ -97,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     code = daemon.run()
     stragglers = daemon.stragglers()
     if stragglers:
-        # Everything that holds state is closed. A thread still inside native code (a decode step in
-        # torch) would make interpreter teardown abort the process ("terminate called..."), turning
-        # a clean stop into a crash; skip the teardown instead.
         logging.getLogger("sllmd").warning("exiting with thread(s) still running: %s", ", ".join(stragglers))
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)
-    return code
+    # Everything that holds state is closed and written. Interpreter teardown would only unload torch
+    # (seconds on a busy host, counted against systemd's stop timeout) and, with a thread still inside
+    # native code (a decode step), abort the process ("terminate called..."): skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

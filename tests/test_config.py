@@ -254,3 +254,20 @@ def test_the_units_stop_timeout_covers_the_daemons_stop():
     timeout = parse_duration(line.split("=", 1)[1])
     bound = stop_bound_s(load_config(CPU, env=BASE_ENV))
     assert bound < timeout <= bound + 30      # systemd never kills a stop the daemon bounds itself
+
+
+def test_the_readmes_exit_code_table_matches_the_error_registry():
+    import re
+
+    from sllmd.errors import REGISTRY, Exit
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    rows = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\| (\d+) \| (.*)\|$", section, re.MULTILINE)}
+    assert sorted(rows) == sorted(int(e) for e in Exit)
+    listed = {n: set(re.findall(r"`([a-z_]+)`", row)) & set(REGISTRY) for n, row in rows.items()}
+    for n, codes in listed.items():
+        for code in codes:
+            assert REGISTRY[code].exit_code == n, f"README says {code} exits {n}, it exits {REGISTRY[code].exit_code}"
+    for code, cls in REGISTRY.items():
+        if cls.exit_code != Exit.ERROR:       # the 1 row gives examples; every other row is complete
+            assert code in listed[int(cls.exit_code)], f"README's {int(cls.exit_code)} row lacks {code}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -33,6 +34,45 @@ def tiers(socket_path: str, name: str = "smol") -> tuple[list[str], str]:
     models = json.loads(sllmctl("models", "--json", socket_path=socket_path).stdout)
     (m,) = [m for m in models if m["name"] == name]
     return m["tiers"], m["state"]
+
+
+def test_an_imported_model_is_prepared_in_the_background(served):
+    deadline = time.monotonic() + 120
+    while True:
+        (m,) = [m for m in json.loads(sllmctl("models", "--json", socket_path=served.socket).stdout)
+                if m["name"] == "smol"]
+        if m["prepared"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert m["prepared"] is True and m["state"] == "on_ssd"
+
+
+def vm_rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_daemon_with_default_sizes_is_ready_and_small_at_idle():
+    root = short_tempdir()
+    try:
+        with DaemonProcess(root, dram=None, device_memory=None) as daemon:     # the daemon's own defaults
+            with Client(daemon.socket) as c:
+                status = c.status()
+            pool = status["tiers"]["dram"]["capacity_bytes"]
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            assert 0 < pool <= min(4 << 30, ram // 8)
+            if pool < 1 << 30:
+                pytest.skip("a host this small has a pool too small to tell from the interpreter's own memory")
+            samples = []
+            for _ in range(25):                   # idle for a while: nothing may fault the pool in meanwhile
+                samples.append(vm_rss(daemon.proc.pid))
+                time.sleep(0.2)
+            assert max(samples) < pool // 2, f"resident {max(samples) >> 20} MiB with a {pool >> 20} MiB pool, idle"
+            assert daemon.stop() == 0
+    finally:
+        remove_tree(root)
 
 
 def test_smollm2_answers_paris_cold_then_warm(served):
