@@ -237,6 +237,23 @@ def test_gguf_defaults_to_bfloat16(tiny_gguf, tmp_path):
     assert torch.equal(sd["model.layers.1.mlp.up_proj.weight"], model.model.layers[1].mlp.up_proj.weight.bfloat16())
 
 
+def test_gguf_conversion_reports_each_tensor_before_writing(tiny_gguf, tmp_path):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    _, path = tiny_gguf
+    bar = gguf_utils.tqdm
+    seen = []
+    convert(path, tmp_path / "ckpt", on_phase=lambda phase, done=0, total=0, unit="": seen.append(
+        (phase, done, total, unit)), progress=lambda done, total: seen.append(("bytes", done, total, "bytes")))
+    phases = [s[0] for s in seen]
+    counted = [s for s in seen if s[0] == "dequantizing"]
+    assert counted[-1][1] == counted[-1][2] > 0 and all(s[3] == "tensors" for s in counted)
+    assert [done for _, done, _, _ in counted] == sorted(done for _, done, _, _ in counted)
+    assert phases.index("reading the GGUF file") < phases.index("dequantizing") < phases.index("building the model") \
+        < phases.index("reading the tokenizer") < phases.index("bytes")
+    assert gguf_utils.tqdm is bar  # the hook is gone again
+
+
 def test_quantized_gguf_is_dequantized(tiny_models, tmp_path):
     import gguf
 

@@ -98,6 +98,22 @@ def test_a_conversion_error_in_the_child_comes_back_with_its_class(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_child_conversion_writes_what_convert_writes_and_reports_phases(tmp_path, tiny_models):
+    from test_convert import write_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(tiny_models("llama"), gguf)
+    events, written = [], []
+    convert_in_child(gguf, tmp_path / "child", notify=lambda e, d: events.append(d),
+                     progress=lambda d, t: written.append((d, t)))
+    store.convert(gguf, tmp_path / "here")
+    a, b = store.load_state_dict(tmp_path / "child"), store.load_state_dict(tmp_path / "here")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    phases = [d["phase"] for d in events]
+    assert "dequantizing" in phases and phases[-1] == "writing" and written[-1][0] == written[-1][1] > 0
+    assert all(d["elapsed_s"] >= 0 for d in events)
+
+
 def converter_pids(log_text: str) -> list[int]:
     return [int(line.rsplit(" ", 1)[1]) for line in log_text.splitlines() if "runs in process" in line]
 
