@@ -259,8 +259,10 @@ def main() -> int:
         prepared_s = wait_prepared(env)
         if prepared_s is not None:
             say(f"sllmd prepares an imported model in the background (builds the model code on the meta device and"
-                f"\nloads the tokenizer), so that a load only reads and binds the weights: ready {prepared_s:.1f} s "
-                "after the import;\nthe cold start below is what a request gets from then on.\n")
+                f"\nloads the tokenizer), so that a load only reads and binds the weights. Here that was done "
+                f"{prepared_s:.1f} s after\nthe import; a request arriving sooner waits for the rest of it. The cold "
+                "start below is what\na request gets from then on (and after every restart of sllmd, which prepares "
+                "its models the same way).\n")
 
         if drop_page_cache():
             say("$ sync; echo 3 > /proc/sys/vm/drop_caches     # cold: nothing of the model is in memory")
