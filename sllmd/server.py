@@ -472,17 +472,8 @@ class Server:
                                                              cancelled=call.cancelled.is_set,
                                                              no_tokenizer=msg.no_tokenizer))
 
-    @staticmethod
-    def _infer_request(msg) -> dict:
-        """The node's request map (InferRequest.from_dict validates it): `chat` on the wire is `raw` there."""
-        fields = {name: getattr(msg, name) for name in ("model", "prompt", "messages", "max_tokens", "temperature",
-                                                        "top_p", "seed", "stop", "keep_alive")}
-        if not msg.chat:
-            fields["raw"] = True
-        return {k: v for k, v in fields.items() if v is not None}
-
     def _infer(self, msg, call) -> Message:
-        events = self.node.infer(self._infer_request(msg), cancelled=call.cancelled)  # a cancel stops a prefill too
+        events = self.node.infer(msg.to_request(), cancelled=call.cancelled)  # a cancel stops a prefill too
         done: Message | None = None
         try:
             for ev in events:

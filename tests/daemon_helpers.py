@@ -195,7 +195,9 @@ class ScriptedNode:
         self.names.add(name)
         return {"name": name, "source": source, "tiers": ["ssd"]}
 
-    def infer(self, req: dict, cancelled=None):
+    def infer(self, req, cancelled=None):
+        if not isinstance(req, dict):   # an InferRequest, as the server hands it over
+            req = {"model": req.model, "prompt": req.prompt, "max_tokens": req.sampling.max_tokens}
         self._need(req["model"])
         return self._tokens(req)
 

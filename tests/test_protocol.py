@@ -194,3 +194,23 @@ def test_a_prepacked_result_is_byte_for_byte_an_encoded_result():
         items = {f"k{i}": i for i in range(n)}
         body = map_header(n) + b"".join(pack(k) + pack(v) for k, v in items.items())
         assert msgpack.unpackb(body) == items
+
+
+def test_the_infer_message_is_the_engines_request_on_the_wire():
+    """Infer's values are checked once, by InferRequest: on arrival with the engine's words."""
+    import dataclasses
+
+    from sllmd.inference.request import InferRequest, SamplingParams
+    msg = Infer(id=1, model="m", prompt="p", max_tokens=5, temperature=0.5, top_p=0.9, seed=3, stop=["x"],
+                keep_alive=0.0, chat=False)
+    req = msg.to_request()
+    assert req.sampling == SamplingParams(temperature=0.5, top_p=0.9, seed=3, max_tokens=5, stop=("x",))
+    assert (req.model, req.prompt, req.messages, req.raw, req.keep_alive) == ("m", "p", None, True, 0.0)
+    assert Infer(id=1, model="m", prompt="p").to_request().sampling == SamplingParams()   # the engine's defaults
+    engine = ({f.name for f in dataclasses.fields(InferRequest)} - {"sampling", "raw", "request_id"}
+              | {f.name for f in dataclasses.fields(SamplingParams)})
+    assert engine <= {f.name for f in dataclasses.fields(Infer)}, "an engine field the wire cannot set"
+    for bad, words in ((dict(max_tokens=0), "max_tokens must be"), (dict(stop=[""]), "stop must be"),
+                       (dict(top_p=0.0), "top_p must be"), (dict(seed=-1), "seed must be")):
+        with pytest.raises(BadMessageError, match=words):
+            decode_request(frame(type="infer", id=1, model="m", prompt="p", **bad))

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sllmd.errors import BadMessageError
+from sllmd.errors import BadMessageError, InvalidRequestError
+from sllmd.inference.request import InferRequest, SamplingParams
 from .schema import Message, at_least, checked, in_range, max_len, model_name, non_empty
 
 PROTOCOL_VERSION = 1
@@ -133,34 +134,36 @@ class Unpin(Envelope):
     name: str = checked(model_name)
 
 
-def _chat_messages(v: list | None) -> str | None:
-    if v is None:
-        return None
-    if not v:
-        return "must not be empty"
-    for i, m in enumerate(v):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"[{i}] must have string 'role' and 'content'"
-    return None
-
-
 @request("infer")
 @dataclass(frozen=True, kw_only=True)
 class Infer(Envelope):
+    """The wire form of an InferRequest: its fields flattened, None = the engine's default.
+    Values are checked once, by InferRequest.validate (on arrival here, and in the engine)."""
+
     model: str = checked(model_name)
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = checked(_chat_messages, default=None)
-    max_tokens: int | None = checked(in_range(1, 1 << 20), default=None)
-    temperature: float | None = checked(in_range(0.0, 100.0), default=None)
-    top_p: float | None = checked(in_range(0.0, 1.0, low_open=True), default=None)
-    seed: int | None = checked(in_range(0, 2**64 - 1), default=None)
-    stop: list[str] | None = checked(max_len(64), default=None)
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
     keep_alive: float | None = None
-    chat: bool = True
+    chat: bool = True               # False: the prompt is raw text, no chat template (InferRequest.raw)
 
     def check(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise BadMessageError("infer: give exactly one of prompt and messages")
+        try:
+            self.to_request()
+        except InvalidRequestError as e:
+            raise BadMessageError(f"infer: {e}") from None
+
+    def to_request(self) -> InferRequest:
+        """The engine's request, validated (InvalidRequestError)."""
+        given = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                 "max_tokens": self.max_tokens, "stop": None if self.stop is None else tuple(self.stop)}
+        sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        return InferRequest(model=self.model, prompt=self.prompt, messages=self.messages, raw=not self.chat,
+                            sampling=sampling, keep_alive=self.keep_alive).validate()
 
 
 @request("show")
