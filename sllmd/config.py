@@ -195,6 +195,8 @@ class Config:
     shutdown_grace_s: float = 10.0      # how long a stop waits for in-flight requests before failing them
     heartbeat_s: float = 1.0            # silence after which the daemon tells a client it is still working
     prefault: bool = False              # fault the whole DRAM pool in at start (background) instead of on use
+    load_wait_s: float = 300.0          # how long a request waits for its model's load before load_timeout
+    room_wait_s: float = 30.0           # how long a load waits for busy instances to leave device room
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,10 @@ SETTINGS: list[Setting] = [
     Setting("prefault", "prefault", parse_bool, "fault the whole DRAM pool in after start, in the background: "
             "first loads skip page faults, but the pool's memory is held from the start", "BOOL",
             "off, pages fault in as models are cached"),
+    Setting("load_wait", "load_wait_s", parse_duration, "how long a request waits for its model to load "
+            "before answering load_timeout (exit 75)", "DUR", "5m"),
+    Setting("room_wait", "room_wait_s", parse_duration, "how long a load waits for busy instances to leave "
+            "room on the device before answering out_of_memory (exit 75)", "DUR", "30s"),
 ]
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -477,6 +483,8 @@ def validate(config: Config) -> None:
     need(64 * KiB <= config.max_frame_bytes <= 1 * GiB, "max_frame: must be between 64KiB and 1GiB")
     need(config.shutdown_grace_s >= 0, "shutdown_grace: cannot be negative")
     need(0.05 <= config.heartbeat_s <= 60, "heartbeat: must be between 50ms and 60s")
+    need(config.load_wait_s > 0, "load_wait: must be positive")
+    need(config.room_wait_s >= 0, "room_wait: cannot be negative")
 
 
 def as_dict(config: Config) -> dict[str, Any]:
