@@ -14,8 +14,8 @@ import logging
 import os
 import sys
 
-from sllmd.config import (ConfigError, add_flags, as_dict, flags_from_args, load_config, prepare_store_dir,
-                          value_flags)
+from sllmd.config import (ConfigError, add_flags, as_dict, flags_from_args, load_config, prepare_socket_dir,
+                          prepare_store_dir, value_flags)
 
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(json.dumps(as_dict(config), indent=2) + "\n")
             return 0
         prepare_store_dir(config)
+        prepare_socket_dir(config)
     except ConfigError as e:
         sys.stderr.write("sllmd: " + " ".join(str(e).split()) + "\n")   # one line, whatever the cause
         return e.exit_code

@@ -454,6 +454,21 @@ def check_host(config: Config) -> None:
                               f"under {existing} ({format_size(disk)})")
 
 
+def prepare_socket_dir(config: Config) -> None:
+    """Creates the directory of a Unix socket path (0700, as the transport would): one that cannot
+    be made is a configuration error found before the daemon starts."""
+    address = config.socket
+    if "://" in address and not address.startswith("ipc://"):
+        return
+    parent = os.path.dirname(os.path.abspath(address.removeprefix("ipc://")))
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"socket: cannot create the directory {parent}: {e.strerror or e}") from None
+    if not os.path.isdir(parent):
+        raise ConfigError(f"socket: {parent} is not a directory")
+
+
 def prepare_store_dir(config: Config) -> None:
     """Creates the store directory and checks that it takes files: a store that cannot be
     written is a configuration error (exit 78), found before the daemon starts."""

@@ -219,6 +219,8 @@ BAD_SETTINGS = [
     pytest.param(["--device", "cpu", "--device-memory", "100TiB"], "device_memory", id="cpu-budget-beyond-ram"),
     pytest.param(["--device", "cpu", "--ssd-capacity", "100PiB"], "ssd_capacity", id="ssd-beyond-disk"),
     pytest.param(["--device", "cpu", "--keep-alive", "soon"], "keep_alive", id="bad-duration"),
+    pytest.param(["--device", "cpu", "--store", "/etc/passwd"], "store", id="store-is-a-file"),
+    pytest.param(["--device", "cpu", "--socket", "/proc/nope/s.sock"], "socket", id="socket-dir-in-proc"),
 ]
 
 
@@ -227,7 +229,8 @@ def test_every_bad_setting_is_one_line_and_exit_78(tmp_path, args, names):
     if args[:2] == ["--device", "cuda:0"] and _cuda_is_usable():
         pytest.skip("torch sees a GPU here: cuda:0 is a good setting")
     store = [] if "--store" in args else ["--store", str(tmp_path / "store")]
-    run = sllmd("--socket", str(tmp_path / "s.sock"), *store, *args, home=tmp_path)
+    sock = [] if "--socket" in args else ["--socket", str(tmp_path / "s.sock")]
+    run = sllmd(*sock, *store, *args, home=tmp_path)
     assert run.returncode == 78, (run.returncode, run.stderr)
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
