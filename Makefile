@@ -29,6 +29,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) install -q --no-build-isolation -e '.[bench]'
+	@command -v fio >/dev/null || apt-get install -y -q fio >/dev/null 2>&1 || \
+		echo "note: fio is not installed (apt-get install fio); the disk limit is measured with preadv only"
 	$(PY) bench/run_all.py
 	$(PY) bench/daemon_bench.py
 

@@ -98,10 +98,7 @@ def _invalid(cond: str, state: dict, drops_before: int, timer) -> str | None:
 def _disk_run(spec: dict) -> dict:
     files = [Path(f) for f in spec["files"]]
     state = _condition(spec["cond"], files, spec.get("settle_s", 2.5))
-    if spec["task"] == "disk-fio":
-        r = limits.disk_fio(files)
-    else:
-        r = limits.disk_pread(files, threads=spec.get("opts", {}).get("threads", 8))
+    r = limits.disk_best(files, "fio" if spec["task"] == "disk-fio" else "pread")
     return {**r, **state}
 
 
