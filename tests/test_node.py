@@ -12,7 +12,7 @@ import pytest
 from conftest import make_tiny_model
 from sllmd import store
 from sllmd.config import Config
-from sllmd.errors import CorruptCheckpointError, OutOfMemoryError
+from sllmd.errors import CorruptCheckpointError, OutOfMemoryError, SllmError
 from sllmd.inference import InferRequest, SamplingParams
 from sllmd.errors import BusyError, InvalidRequestError
 from sllmd.node import Node
@@ -120,7 +120,7 @@ def test_load_keep_alive_and_idle_eviction(node_factory, sources):
 
 
 def test_pressure_evicts_the_idle_model_never_the_serving_one(node_factory, sources):
-    node = node_factory(device_memory_bytes=2 * MiB)  # room for one instance
+    node = node_factory(device_memory_bytes=2 * MiB, room_wait_s=0.2)  # room for one instance
     for name in ("m0", "m1"):
         node.import_model(name, str(sources[name]))
     infer(node, "m0")
@@ -315,3 +315,239 @@ def test_a_model_requested_again_while_its_instance_stops_loads_anew(node_factor
     m = model_info(node, "m0")
     assert (m["state"], m["tiers"]) == ("loaded", ["ssd", "dram", "device"])
     assert m["last_evicted"]["tier"] == "device" and m["last_evicted"]["reason"] == "idle"
+
+
+# --- one source of truth, leases, bounded waits (issue 6 item 3) ----------------------------
+def test_keep_alive_0_hands_a_fresh_instance_to_its_requester(node_factory, sources, monkeypatch):
+    """With keep_alive 0 the idle timer may run the moment a load commits; the request
+    that triggered the load already holds its lease then, so it is not evicted under it."""
+    node = node_factory(keep_alive_s=0.0)
+    node.import_model("m0", str(sources["m0"]))
+    real_commit = node.device.commit
+
+    def commit_then_the_timer_fires(*args, **kw):
+        slot = real_commit(*args, **kw)
+        node.device.evict_expired()
+        return slot
+
+    monkeypatch.setattr(node.device, "commit", commit_then_the_timer_fires)
+    text, stats = infer(node, "m0")
+    assert stats["load_tier"] == "ssd" and stats["tokens"] == 6
+    assert node.ps() == [] and model_info(node, "m0")["state"] == "in_dram"  # gone once the request ended
+    assert node.status()["loads"]["ok"] == 1
+
+
+def _slow_loads(monkeypatch):
+    """Holds every load after its device reservation until the returned event is set."""
+    import sllmd.node as node_mod
+    release, started = threading.Event(), threading.Event()
+    real = node_mod.load_instance
+
+    def held(*args, **kw):
+        started.set()
+        release.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(node_mod, "load_instance", held)
+    return started, release
+
+
+def test_waits_for_a_load_are_bounded_and_a_load_nobody_waits_for_is_cancelled(node_factory, sources, monkeypatch):
+    from sllmd.errors import CancelledError, LoadTimeoutError
+    node = node_factory(load_wait_s=0.5)
+    node.import_model("m0", str(sources["m0"]))
+    started, release = _slow_loads(monkeypatch)
+    outcome = {}
+
+    def first_token(key, **kw):
+        try:
+            outcome[key] = next(node.infer(InferRequest("m0", prompt="x"), **kw))
+        except Exception as e:
+            outcome[key] = e
+
+    t = threading.Thread(target=first_token, args=("timed",))
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the wait for the load is not bounded"
+    err = outcome["timed"]
+    assert isinstance(err, LoadTimeoutError) and err.exit_code == 75 and "0.5 s" in str(err)
+    assert started.is_set() and model_info(node, "m0")["state"] == "loading"
+    release.set()
+    deadline = time.time() + 20
+    while node.status()["loads"]["cancelled"] == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    s = node.status()
+    assert s["loads"]["cancelled"] == 1 and s["loads"]["ok"] == 0 and s["loads"]["in_flight"] == 0
+    assert node.ps() == [] and s["tiers"]["device"]["used_bytes"] == 0 and s["arena"]["used_bytes"] == 0
+    assert model_info(node, "m0")["state"] == "in_dram"  # the bytes it read stay cached, the instance went
+
+    started.clear()
+    release.clear()
+    node._load_wait_s = 30.0
+    gone = threading.Event()
+    t = threading.Thread(target=first_token, args=("cancelled",), kwargs={"cancelled": gone})
+    t.start()
+    assert started.wait(10)
+    gone.set()  # the client went away while its model loaded
+    t.join(10)
+    assert isinstance(outcome["cancelled"], CancelledError)
+    release.set()
+    while node.status()["loads"]["cancelled"] == 1 and time.time() < deadline + 20:
+        time.sleep(0.05)
+    assert node.status()["loads"]["cancelled"] == 2 and node.ps() == []
+    assert infer(node, "m0")[1]["load_tier"] == "dram"  # and the next request loads normally
+
+
+def test_concurrent_waiters_share_one_load_and_each_gets_a_lease(node_factory, sources, monkeypatch):
+    node = node_factory(keep_alive_s=0.0)
+    node.import_model("m0", str(sources["m0"]))
+    expected = infer(node, "m0")[0]
+    started, release = _slow_loads(monkeypatch)
+    results, errors = [], []
+
+    def client():
+        try:
+            results.append(infer(node, "m0"))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    deadline = time.time() + 10
+    while node._loads["m0"].waiters < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert not errors and [r[0] for r in results] == [expected] * 3
+    assert {r[1]["load_tier"] for r in results} == {"dram"} and node.status()["loads"]["ok"] == 2
+
+
+# --- exit codes mean what they say (issue 7 item 6) -------------------------------------------
+def test_a_model_larger_than_the_device_budget_is_too_large_not_busy(node_factory, sources):
+    from sllmd.errors import TooLargeError
+    node = node_factory(device_memory_bytes=1024)
+    node.import_model("m0", str(sources["m0"]))
+    with pytest.raises(TooLargeError) as err:
+        infer(node, "m0")
+    assert err.value.exit_code == 1 and str(err.value) == \
+        "model 'm0' needs 2 MiB; the device budget on cpu is 1 KiB"
+    m = model_info(node, "m0")
+    assert m["state"] == "failed" and "needs 2 MiB" in m["error"]
+    assert node.status()["loads"] == {"ok": 0, "failed": 1, "busy": 0, "cancelled": 0, "in_flight": 0}
+
+
+def test_a_second_model_waits_bounded_for_device_room(node_factory, sources):
+    node = node_factory(device_memory_bytes=2 * MiB, room_wait_s=30.0)  # room for one instance
+    for name in ("m0", "m1"):
+        node.import_model(name, str(sources[name]))
+    stream = node.infer(InferRequest("m1", prompt="z", sampling=SamplingParams(max_tokens=50_000)))
+    assert next(stream)["type"] == "token"  # m1 serves: the device is full of busy instances
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("m0", infer(node, "m0")))
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive() and model_info(node, "m0")["state"] == "loading"  # waiting for room, not failed
+    stream.close()  # m1 goes idle: m0 gets its room
+    t.join(30)
+    stats = got["m0"][1]
+    assert stats["room_wait_s"] >= 0.5 and stats["queue_s"] >= stats["room_wait_s"]
+    assert [p["name"] for p in node.ps()] == ["m0"]
+
+    node._room_wait_s = 0.3
+    stream = node.infer(InferRequest("m0", prompt="z", sampling=SamplingParams(max_tokens=50_000)))
+    assert next(stream)["type"] == "token"
+    with pytest.raises(OutOfMemoryError, match="after waiting 0.3 s") as err:
+        infer(node, "m1")
+    assert err.value.exit_code == 75
+    assert model_info(node, "m1")["state"] == "in_dram" and node.status()["loads"]["busy"] == 1
+    stream.close()
+
+
+# --- failures, evictions, sizes, version (issue 7 items 4, 5, 10; issue 6 item 12) -------------
+def test_a_model_that_fails_to_load_keeps_no_dram_copy(node_factory, sources, tmp_path):
+    import json
+    node = node_factory()
+    node.import_model("m0", str(sources["m0"]))
+    node.close()
+    config = tmp_path / "store" / "models" / "m0" / "model" / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["intermediate_size"] *= 2  # the weights no longer fit the model it describes
+    config.write_text(json.dumps(cfg))
+    node = node_factory()
+    with pytest.raises(SllmError) as err:
+        infer(node, "m0")
+    m = model_info(node, "m0")
+    assert m["state"] == "failed" and m["error"] == str(err.value) and m["tiers"] == ["ssd"]
+    assert m["last_evicted"]["tier"] == "dram" and m["last_evicted"]["reason"] == "failed"
+    s = node.status()
+    assert s["tiers"]["dram"]["used_bytes"] == 0 and s["pool"]["free_chunks"] == s["pool"]["capacity_chunks"]
+    assert s["loads"]["failed"] == 1 and s["loads"]["ok"] == 0
+
+
+def test_idle_dram_copies_do_not_pin_ssd_copies_and_rm_leaves_no_ghost(node_factory, sources):
+    probe = node_factory()
+    one = probe.import_model("m0", str(sources["m0"]))["ssd_bytes"]
+    probe.close()
+    node = node_factory(store_dir=probe.config.store_dir.parent / "store2", ssd_capacity_bytes=2 * one + one // 2)
+    node.import_model("m0", str(sources["m0"]))
+    infer(node, "m0")
+    node.evict("m0")  # now only on SSD and in DRAM
+    node.import_model("m1", str(sources["m1"]))
+    info = node.import_model("m2", str(sources["m2"]))  # the store must drop m0 to make room
+    assert [e["name"] for e in info["evicted"]] == ["m0"]
+    assert sorted(m["name"] for m in node.models()) == ["m1", "m2"] and "m0" not in node.dram
+    assert node.status()["tiers"]["dram"]["used_bytes"] == 0
+    infer(node, "m1")
+    node.remove("m1", force=True)
+    assert [m["name"] for m in node.models()] == ["m2"] and node.ps() == []
+    assert "m1" not in node.dram and not node.device.stopping("m1")
+
+
+def test_one_size_per_model_in_models_ps_and_status(node_factory, sources):
+    node = node_factory()
+    node.import_model("m0", str(sources["m0"]))
+    first = node.load("m0")
+    assert first["already_loaded"] is False and first["load_tier"] == "ssd"
+    again = node.load("m0")
+    assert again["already_loaded"] is True and again["load_tier"] == "device"
+    m = model_info(node, "m0")
+    [p] = node.ps()
+    [i] = node.status()["instances"]
+    sizes = {k: m[k] for k in ("ssd_bytes", "dram_bytes", "device_bytes", "size_bytes")}
+    assert sizes == {k: p[k] for k in sizes} == {k: i[k] for k in sizes}
+    assert sizes["ssd_bytes"] == m["size_bytes"] and sizes["dram_bytes"] == 1 * MiB
+    assert sizes["device_bytes"] == 2 * MiB
+
+
+def test_version_changes_with_every_state_change_and_only_then(node_factory, sources):
+    node = node_factory()
+    v = [node.version]
+
+    def changed():
+        now = node.version
+        moved = now > v[-1]
+        v.append(now)
+        return moved
+
+    node.models(), node.ps(), node.status()
+    assert not changed()
+    node.import_model("m0", str(sources["m0"]))
+    assert changed()
+    node.load("m0")
+    assert changed()
+    node.models(), node.ps(), node.status()
+    assert not changed()
+    infer(node, "m0")
+    assert changed()
+    node.pin("m0")
+    assert changed()
+    node.evict("m0")
+    assert changed()
+    node.evict("m0", tier="dram")
+    assert changed()
+    node.unpin("m0")
+    node.remove("m0")
+    assert changed() and node.status()["version"] == node.version
