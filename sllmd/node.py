@@ -98,7 +98,7 @@ class Node:
         self._started_at = time.time()
         self._timer = threading.Thread(target=self._expiry_loop, name="sllm-keepalive", daemon=True)
         self._timer.start()
-        self._prepared.warm_up()
+        self._prepared.warm_up(self.config.device)
         self._prepare(None)
         self._bump()
         log.info("node started: %d models; dram %d bytes; %s budget %d bytes", len(self.ssd.entries()),
