@@ -72,6 +72,10 @@ def test_load_twice_says_already_loaded_and_sizes_agree(served):
     assert cells(models, "smol", "DEVICE") == cells(ps, "smol", "DEVICE SIZE") == cells(tiers, "device", "USED")
     assert cells(models, "smol", "DISK") == cells(tiers, "ssd", "USED")
     assert cells(models, "smol", "DEVICE") != "-"
+    sllmctl("evict", "smol", socket_path=served.socket)
+    models = sllmctl("models", socket_path=served.socket).stdout
+    assert cells(models, "smol", "LAST EVICTED").startswith("device (manual) ")
+    assert cells(models, "smol", "DEVICE") == "-"
 
 
 def test_infer_reads_the_prompt_from_stdin(served):

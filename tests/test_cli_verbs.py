@@ -58,7 +58,7 @@ def test_json_on_pin_unpin_and_rm(daemon, tiny_checkpoint):
         {"name": "tiny", "pinned": False}
     assert sllmctl("import", "gone", str(tiny_checkpoint), socket_path=daemon.socket).returncode == 0
     run = sllmctl("rm", "gone", "--json", socket_path=daemon.socket)
-    assert run.returncode == 0 and json.loads(run.stdout) == {"name": "gone", "removed": True}
+    assert run.returncode == 0 and {"name": "gone", "removed": True}.items() <= json.loads(run.stdout).items()
     run = sllmctl("import", "again", str(tiny_checkpoint), "--json", socket_path=daemon.socket)
     assert run.returncode == 0 and json.loads(run.stdout)["name"] == "again"
     assert sllmctl("rm", "again", socket_path=daemon.socket).returncode == 0

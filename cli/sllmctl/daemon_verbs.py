@@ -103,7 +103,7 @@ def cmd_models(args) -> int:
         disk, dram, device = tier_sizes(m)
         device = device if device is not None else on_device.get(m.get("name"))
         rows.append([m.get("name", "?"), fmt_bytes(disk), fmt_bytes(dram), fmt_bytes(device),
-                     str(m.get("state", "?")), "yes" if m.get("pinned") else "", fmt_ago(m.get("last_used"), now),
+                     str(m.get("state", "?")), "yes" if m.get("pinned") else "no", fmt_ago(m.get("last_used"), now),
                      fmt_eviction(m.get("last_evicted"), now)])
     print_table(["NAME", "DISK", "DRAM", "DEVICE", "STATE", "PINNED", "LAST USED", "LAST EVICTED"], rows)
     return 0
