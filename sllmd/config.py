@@ -374,6 +374,8 @@ def prepare_socket_dir(config: Config) -> None:
         raise ConfigError(f"socket: cannot create the directory {parent}: {e.strerror or e}") from None
     if not os.path.isdir(parent):
         raise ConfigError(f"socket: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"socket: {parent} is not writable by this user")
 
 
 def prepare_store_dir(config: Config) -> None:
