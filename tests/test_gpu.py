@@ -61,3 +61,26 @@ def test_ssd_to_dram_and_cuda_in_one_pass(tmp_path):
     _check(sd, tensor_views(ck, bufs), "cuda:0")
     cached.release()
     assert pool.stats()["used_chunks"] == 0
+
+
+def test_load_to_cuda_larger_than_the_staging_ring(tmp_path):
+    from sllmd.pool import pipeline
+    g = torch.Generator().manual_seed(1)
+    sd = {"big": torch.randn(48 << 20, generator=g)}  # 192 MiB: more than the ring's 8 x 16 MiB
+    store.save_state_dict(sd, tmp_path / "c")
+    got = store.load_state_dict(tmp_path / "c", device="cuda:0")
+    assert got["big"].device.type == "cuda" and torch.equal(got["big"].cpu(), sd["big"])
+    staging = pipeline.staging_pool()
+    assert staging.capacity_bytes == pipeline.STAGING_CHUNKS * staging.chunk_size
+    assert staging.stats()["used_chunks"] == 0
+
+
+def test_successive_pools_pin_and_unpin():
+    from sllmd.pool import pipeline
+    for _ in range(3):  # a pool left registered would make the next mapping's registration fail
+        pool = ChunkPool(capacity_bytes=64 << 20)
+        pool.pin_in_background().join()
+        assert pool.pinned and pipeline.chunk_tensor(pool, 0).is_pinned()
+        pool.close()
+        assert not pool.pinned and not pipeline.chunk_tensor(pool, 0).is_pinned()
+        del pool
