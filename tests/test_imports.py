@@ -227,6 +227,15 @@ def test_rm_cancels_an_import_and_a_failed_import_leaves_nothing(daemon_root, sm
         assert rm.returncode == 1 and "no model named" in rm.stderr
 
 
+def unit_stop_timeout() -> float:
+    """TimeoutStopSec of systemd/sllmd.service, in seconds."""
+    from sllmd.config import parse_duration
+
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "sllmd.service").read_text()
+    (value,) = [line.split("=", 1)[1].strip() for line in unit.splitlines() if line.startswith("TimeoutStopSec=")]
+    return parse_duration(value)
+
+
 @pytest.mark.slow
 def test_shutdown_cancels_an_import_and_leaves_no_trace(daemon_root, smollm2_gguf):
     d = DaemonProcess(daemon_root, "--shutdown-grace", "1s").start()
@@ -234,7 +243,7 @@ def test_shutdown_cancels_an_import_and_leaves_no_trace(daemon_root, smollm2_ggu
         imp = ImportThread(d.socket, "smol", smollm2_gguf)
         imp.start()
         imp.wait_for_phase("dequantizing")
-        assert d.stop(signal.SIGTERM, timeout=60) == 0  # systemd's TimeoutStopSec is 60 s
+        assert d.stop(signal.SIGTERM, timeout=unit_stop_timeout()) == 0  # before systemd would SIGKILL it
         imp.join(30)
         assert isinstance(imp.error, SllmError), imp.error
         assert staging_is_empty(d.store) and not (d.store / "models" / "smol").exists()
