@@ -141,6 +141,8 @@ class ZmqServerEndpoint(ServerEndpoint):
                     break
                 cred = self._credentials_of(frames[-1]) if len(frames) > 1 else None
                 out.append((frames[0].bytes, [f.bytes for f in frames[1:]], cred))
+                if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    break   # cheaper than a recv that raises Again (~15 us each)
         return out
 
     def _credentials_of(self, frame: zmq.Frame) -> Credentials | None:
