@@ -98,6 +98,10 @@ def test_run_keeps_the_conversation(served):
 def test_run_with_a_prompt_answers_once_and_ctrl_d_leaves(served):
     run = sllmctl("run", "smol", QUESTION, "--max-tokens", "12", socket_path=served.socket)
     assert run.returncode == 0 and "Paris" in run.stdout, run.stderr
+    run = sllmctl("run", "smol", "--json", "--max-tokens", "12", socket_path=served.socket, input=QUESTION)
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    assert run.returncode == 0 and events[-1]["type"] == "done" and {e["type"] for e in events[:-1]} == {"token"}
+    assert "Paris" in "".join(e["text"] for e in events[:-1])
     run = sllmctl("run", "smol", socket_path=served.socket, input="")      # end of input at once
     assert run.returncode == 0 and run.stdout == ""
     run = sllmctl("run", "nope", socket_path=served.socket, input="hi\n")

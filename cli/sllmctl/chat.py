@@ -4,7 +4,8 @@ Each turn sends the whole conversation so far (the `messages` of an infer
 request, which the daemon renders with the model's chat template) and streams
 the answer. /bye or Ctrl-D leaves; Ctrl-C during an answer cancels that answer
 (the daemon stops generating) and keeps the session; /clear forgets the
-conversation. With PROMPT given, it answers once and exits. Lines read from a
+conversation. With PROMPT given, it answers once and exits. --json prints each
+answer's events (tokens, then done with its stats) as JSON lines. Lines read from a
 pipe are turns too, so `printf 'hi\\n/bye\\n' | sllmctl run smol` works.
 """
 from __future__ import annotations
@@ -43,9 +44,13 @@ class Chat:
                                    top_p=a.top_p, seed=a.seed, stop=a.stop or None, keep_alive=a.keep_alive)
         try:
             with stream:
-                for piece in stream:
-                    pieces.append(piece)
-                    self.out.write(piece)
+                for event in stream.events():
+                    if event["type"] == "token":
+                        pieces.append(event["text"])
+                    if a.json:   # one JSON object per line, as `infer --json` prints them
+                        self.out.write(json.dumps(event, default=str) + "\n")
+                    elif event["type"] == "token":
+                        self.out.write(event["text"])
                     self.out.flush()
         except KeyboardInterrupt:
             self._end_line(pieces)
@@ -59,6 +64,8 @@ class Chat:
         return True
 
     def _end_line(self, pieces: list[str]) -> None:
+        if self.args.json:
+            return
         if not pieces or not pieces[-1].endswith("\n"):
             self.out.write("\n")
         self.out.flush()
