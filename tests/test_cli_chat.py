@@ -164,3 +164,45 @@ def test_inspect_reads_the_default_store_without_a_daemon(smollm2_checkpoint):
         assert json.loads(run.stdout)["path"] == str(root / "data" / "sllm" / "store" / "models" / "smol")
     finally:
         remove_tree(root)
+
+
+def test_run_on_a_terminal(served):
+    """On a terminal: a >>> prompt, Ctrl-C at the prompt keeps the session, Ctrl-D leaves."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sllmctl", "run", "smol", "--max-tokens", "12",
+                             "--socket", served.socket], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(text: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:   # the child closed the terminal
+                    break
+        assert text in seen, seen
+        seen = seen[seen.index(text) + len(text):]
+
+    try:
+        read_until(b"/bye to leave")
+        read_until(b">>> ")
+        proc.send_signal(signal.SIGINT)
+        read_until(b"Use Ctrl-D or /bye to leave.")
+        read_until(b">>> ")
+        os.write(master, QUESTION.encode() + b"\r")
+        read_until(b"Paris")
+        read_until(b">>> ")
+        os.write(master, b"\x04")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
