@@ -16,7 +16,7 @@ from typing import TextIO
 
 from sllmd.client import Client
 
-from .daemon_verbs import _client, add_sampling_options, read_prompt
+from .daemon_verbs import _client, add_sampling_options, already_loaded, read_prompt
 
 HELP = """commands:
   /bye      leave (Ctrl-D too)
@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
             chat.turn(read_prompt(args.prompt))
             return 0
         if tty:
-            state = "already loaded" if info.get("already_loaded", info.get("load_tier") == "device") \
+            state = "already loaded" if already_loaded(info) \
                 else f"loaded from {info.get('load_tier', '?')} in {info.get('load_s', 0):.2f}s"
             sys.stderr.write(f"{args.name} {state}. Send a message (/? for help, /bye to leave).\n")
         while True:

@@ -109,6 +109,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def already_loaded(load_reply: dict) -> bool:
+    """Whether `load` found an instance there already (an older daemon does not say: its weights
+    "from the device tier" mean the same)."""
+    return bool(load_reply.get("already_loaded", load_reply.get("load_tier") == "device"))
+
+
 def cmd_load(args) -> int:
     with _client(args) as c:
         info = c.load(args.name, keep_alive=args.keep_alive)
@@ -116,8 +122,7 @@ def cmd_load(args) -> int:
         print_json(info)
         return 0
     until = fmt_until(info.get("expires_at"), time.time())
-    # An older daemon says nothing explicit: weights "from the device tier" means it was already there.
-    if info.get("already_loaded", info.get("load_tier") == "device"):
+    if already_loaded(info):
         print(f"{args.name} is already loaded, until {until}")
     else:
         load = f" from {info['load_tier']} in {info['load_s']:.2f}s" if info.get("load_tier") else ""
