@@ -241,7 +241,7 @@ def test_gguf_conversion_reports_each_tensor_before_writing(tiny_gguf, tmp_path)
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     _, path = tiny_gguf
-    bar = gguf_utils.tqdm
+    bar, reader = gguf_utils.tqdm, gguf_utils.load_gguf_checkpoint
     seen = []
     convert(path, tmp_path / "ckpt", on_phase=lambda phase, done=0, total=0, unit="": seen.append(
         (phase, done, total, unit)), progress=lambda done, total: seen.append(("bytes", done, total, "bytes")))
@@ -249,9 +249,10 @@ def test_gguf_conversion_reports_each_tensor_before_writing(tiny_gguf, tmp_path)
     counted = [s for s in seen if s[0] == "dequantizing"]
     assert counted[-1][1] == counted[-1][2] > 0 and all(s[3] == "tensors" for s in counted)
     assert [done for _, done, _, _ in counted] == sorted(done for _, done, _, _ in counted)
-    assert phases.index("reading the GGUF file") < phases.index("dequantizing") < phases.index("building the model") \
+    assert phases.index("reading the GGUF metadata") < phases.index("reading the GGUF tensors") \
+        < phases.index("dequantizing") < len(phases) - 1 - phases[::-1].index("building the model") \
         < phases.index("reading the tokenizer") < phases.index("bytes")
-    assert gguf_utils.tqdm is bar  # the hook is gone again
+    assert gguf_utils.tqdm is bar and gguf_utils.load_gguf_checkpoint is reader  # the hooks are gone again
 
 
 def test_quantized_gguf_is_dequantized(tiny_models, tmp_path):

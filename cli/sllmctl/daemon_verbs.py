@@ -51,15 +51,16 @@ def fmt_eviction(last: dict | None, now: float) -> str:
 # --- verbs ------------------------------------------------------------------------------------------
 def import_note(event: str, data: dict, last: dict) -> str | None:
     """The line an import event deserves on stderr, if any: every model evicted to make room;
-    each new phase (with the elapsed time), and each quarter of a counted one (GGUF tensors
-    being dequantized). `last` remembers what was shown."""
+    each new phase (with the elapsed time), each quarter of a counted one (GGUF tensors being
+    dequantized) and every 10 s of a long one. `last` remembers what was shown."""
     if event == "evicted":
         return (f"evicted {data.get('name')} from the store to make room ({data.get('reason')}, "
                 f"{fmt_bytes(data.get('size_bytes'))}, last used {fmt_ago(data.get('last_used'), time.time())})")
     if event != "phase" or data.get("unit") == "bytes":  # bytes written have the live progress line
         return None
     done, total = data.get("done", 0), data.get("total", 0)
-    key = (data.get("phase"), 4 * done // total if total else 0)
+    step = 4 * done // total if total else int(data.get("phase_elapsed_s", 0) // 10)  # a long phase: every 10 s
+    key = (data.get("phase"), step)
     if key == last.get("key"):
         return None
     last["key"] = key

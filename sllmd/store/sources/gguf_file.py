@@ -32,19 +32,20 @@ def _dequantizing_config():
 
 @contextlib.contextmanager
 def _tensor_reports(on_phase: Callable[..., None] | None):
-    """Reports each tensor transformers dequantizes, by wrapping the progress bar of its GGUF
-    loader (module-global: the caller holds MODEL_CONSTRUCTION_LOCK). Without that hook (another
-    transformers version) the phase is still reported, only not per tensor."""
+    """Reports what transformers' GGUF loader is doing -- reading metadata, reading tensors, each
+    tensor it dequantizes -- by wrapping its reader and its progress bar (module globals: the
+    caller holds MODEL_CONSTRUCTION_LOCK). Without those hooks (another transformers version)
+    the coarser phases are still reported."""
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:
         gguf_utils = None
-    original = getattr(gguf_utils, "tqdm", None)
-    if on_phase is None or original is None:
+    bar, reader = getattr(gguf_utils, "tqdm", None), getattr(gguf_utils, "load_gguf_checkpoint", None)
+    if on_phase is None or bar is None or reader is None:
         yield
         return
 
-    def reporting(iterable=None, *args, **kwargs):
+    def reporting_bar(iterable=None, *args, **kwargs):
         items = list(iterable) if iterable is not None else []
         last = 0.0
         for i, item in enumerate(items):
@@ -54,13 +55,19 @@ def _tensor_reports(on_phase: Callable[..., None] | None):
                 on_phase("dequantizing", i, len(items), "tensors")
             yield item
         on_phase("dequantizing", len(items), len(items), "tensors")
-        on_phase("building the model")
 
-    gguf_utils.tqdm = reporting
+    def reporting_reader(*args, **kwargs):
+        tensors = kwargs.get("return_tensors", args[1] if len(args) > 1 else False)
+        on_phase("reading the GGUF tensors" if tensors else "reading the GGUF metadata")
+        out = reader(*args, **kwargs)
+        on_phase("building the model")
+        return out
+
+    gguf_utils.tqdm, gguf_utils.load_gguf_checkpoint = reporting_bar, reporting_reader
     try:
         yield
     finally:
-        gguf_utils.tqdm = original
+        gguf_utils.tqdm, gguf_utils.load_gguf_checkpoint = bar, reader
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype, on_phase: Callable[..., None] | None = None):
@@ -75,8 +82,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype, on_phase: Callable[..., None
         kwargs["quantization_config"] = qconfig
     try:
         with MODEL_CONSTRUCTION_LOCK, _tensor_reports(on_phase):
-            if on_phase is not None:
-                on_phase("reading the GGUF file")
             model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
     except Exception as e:  # a file transformers cannot read fails in many ways; all mean "cannot convert"
         raise ConversionError(f"{path}: transformers cannot load this GGUF file: {type(e).__name__}: {e}") from e
