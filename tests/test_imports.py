@@ -280,3 +280,20 @@ def test_capacity_evictions_are_reported_and_pins_need_force(daemon_root, tmp_pa
         run = sllmctl("rm", "new", "--force", socket_path=d.socket)
         assert run.returncode == 0, run.stderr
         assert models(d.socket) == {}
+
+
+def test_sllmctl_import_shows_phases_tensors_long_phases_and_evictions():
+    from sllmctl.daemon_verbs import import_note
+
+    shown: dict = {}
+    events = [("phase", {"phase": "reading the GGUF tensors", "done": 0, "total": 0, "unit": "", "phase_elapsed_s": t,
+                         "elapsed_s": 3 + t}) for t in (0.0, 1.0, 9.0, 10.5, 11.0)]
+    events += [("phase", {"phase": "dequantizing", "done": d, "total": 272, "unit": "tensors", "phase_elapsed_s": 0,
+                          "elapsed_s": 20.0}) for d in (0, 10, 68, 70, 272)]
+    events += [("phase", {"phase": "writing", "done": 5, "total": 10, "unit": "bytes", "elapsed_s": 30.0}),
+               ("evicted", {"name": "old", "reason": "lru", "size_bytes": 6 << 20, "last_used": 0.0})]
+    lines = [line for e, d in events if (line := import_note(e, d, shown))]
+    assert lines == ["reading the GGUF tensors (3.0s)", "reading the GGUF tensors (13.5s)",
+                     "dequantizing 0/272 tensors (20.0s)", "dequantizing 68/272 tensors (20.0s)",
+                     "dequantizing 272/272 tensors (20.0s)",
+                     "evicted old from the store to make room (lru, 6.0 MiB, last used never)"]
