@@ -1,9 +1,14 @@
 """The daemon's request server: one I/O thread owns the socket, handlers run on worker threads.
 
-    clients ──frames──► I/O thread ──decode/validate──► control workers (status, models, ps, pin...)
+    clients ──frames──► I/O thread ──decode/validate──► control workers (pin, unpin, show; stale reads)
                            ▲    │                        stream threads  (infer, import, load, evict, rm)
-                           │    └─ hello, ping, cancel answered inline
+                           │    └─ hello, ping, cancel answered inline; status, models, ps too,
+                           │       from the node's snapshot while it is fresh (sllmd.snapshot)
                            └──── outbox (queue) + endpoint.wake() ◄── replies encoded by the workers
+
+Every message arrives with the kernel's credentials of the process that opened
+its connection: a greeting holds only for the same credentials, and an import
+reads a local path only if that user may (sllmd.transport.credentials).
 
 Only the I/O thread touches the endpoint. Workers put encoded replies on the
 outbox and wake the poller; the I/O thread sends them, keeps a per-client
@@ -399,6 +404,8 @@ class Server:
             final = self._handlers[msg.TYPE](msg, call)
             frame = final if isinstance(final, bytes) else encode(final)
         except SllmError as e:
+            if isinstance(e, CancelledError) and not self._accepting:  # stopped by the shutdown, not its client:
+                e = ShuttingDownError("sllmd is shutting down; the request was stopped")  # as a new request hears
             level = logging.DEBUG if isinstance(e, CancelledError) else logging.INFO
             log.log(level, "%s#%d failed: %s: %s", call.type, call.id, e.code, e)
             frame = encode(Error(id=call.id, **error_reply_fields(e)))

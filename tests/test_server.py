@@ -432,9 +432,10 @@ def test_stopping_refuses_new_requests_and_fails_running_ones(serve):
             c.status()
         assert info.value.exit_code == 75
         threading.Timer(0.2, s.server.close).start()
-        with pytest.raises(CancelledError):
+        with pytest.raises(ShuttingDownError) as info:   # the same answer as a new request gets
             for _ in stream:
                 pass
+        assert info.value.exit_code == 75
     assert s.node.wait_closed_early(1)
 
 

@@ -240,8 +240,5 @@ class Error(Envelope):
     exit_code: int = 1
 
 
-# Which requests stream replies, and which may run for long (they are bounded by `max_streams`).
-STREAMING = frozenset({"import", "infer"})
+# Requests that may run for long: each gets its own thread, at most `max_streams` at once.
 LONG_RUNNING = frozenset({"import", "infer", "load", "evict", "remove"})
-# Replies that end a request.
-FINAL_REPLIES = frozenset({"welcome", "result", "done", "error"})

@@ -34,13 +34,8 @@ def at_least(low: float) -> Check:
     return lambda v: None if v is None or v >= low else f"must be >= {low}"
 
 
-def in_range(low: float, high: float, *, low_open: bool = False) -> Check:
-    def check(v):
-        if v is None:
-            return None
-        ok = (v > low if low_open else v >= low) and v <= high
-        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}]"
-    return check
+def in_range(low: float, high: float) -> Check:
+    return lambda v: None if v is None or low <= v <= high else f"must be in [{low}, {high}]"
 
 
 def max_len(n: int) -> Check:
