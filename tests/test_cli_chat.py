@@ -66,7 +66,8 @@ def test_load_twice_says_already_loaded_and_sizes_agree(served):
     models = sllmctl("models", socket_path=served.socket).stdout
     ps = sllmctl("ps", socket_path=served.socket).stdout
     status = sllmctl("status", socket_path=served.socket).stdout
-    tiers = status[status.index("TIER"):]
+    tiers = status[status.index("TIER"):status.index("\nloader: ")]
+    assert "from disk (O_DIRECT)" in status and "\nloads: " in status and " ok, " in status, status
     # One model: its size on disk is the store's use, its size on the device the device's use, and
     # `models`, `ps` and `status` print the same figure for each.
     assert cells(models, "smol", "DEVICE") == cells(ps, "smol", "DEVICE SIZE") == cells(tiers, "device", "USED")

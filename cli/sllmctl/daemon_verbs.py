@@ -249,6 +249,24 @@ def describe_model(info: dict, template: bool = False) -> str:
                   "--template prints it"
 
 
+LOADER_PATHS = (("read_direct", "bytes_direct", "from disk (O_DIRECT)"), ("read_cached", "bytes_cached",
+                "from the page cache"), ("copy", "bytes_copied", "copied"), ("h2d", "bytes_h2d", "host->device"))
+
+
+def loader_line(c: dict) -> str:
+    """The loader counters in one line: bytes per path, each at bytes over its elapsed time."""
+    rates = c.get("bandwidth_bytes_per_s") or {}
+    parts = []
+    for path, nbytes, what in LOADER_PATHS:
+        if not c.get(nbytes) and path != "read_direct":
+            continue
+        rate = rates.get(path)
+        parts.append(f"{fmt_bytes(c.get(nbytes, 0))} {what}" + (f" at {rate / 1e9:.2f} GB/s" if rate else ""))
+    if c.get("dram_hits"):
+        parts.append(f"{c['dram_hits']} DRAM-tier hit(s), {fmt_bytes(c.get('bytes_dram', 0))}")
+    return (f"loader: {c.get('loads', 0)} load(s), {c.get('failures', 0)} failure(s); " + "; ".join(parts)).rstrip("; ")
+
+
 def cmd_status(args) -> int:
     with _client(args) as c:
         status = c.status()
@@ -268,15 +286,12 @@ def cmd_status(args) -> int:
         rows.append([name, fmt_bytes(used), fmt_bytes(cap) if cap is not None else "unlimited", pct, str(count)])
     print_table(["TIER", "USED", "CAPACITY", "USE", "MODELS"], rows)
     loader = status.get("loader") or {}
-    parts = []
-    # Reads: bytes over the loads' elapsed time (ns_read is busy time summed over reader threads).
-    for what, nbytes, ns in (("read", "bytes_read", "ns_load_wall"), ("copy", "bytes_copied", "ns_copy")):
-        if loader.get(ns):
-            parts.append(f"{what} {fmt_bytes(loader[nbytes])} at {loader[nbytes] / loader[ns]:.2f} GB/s")
-        elif nbytes in loader:
-            parts.append(f"{what} {fmt_bytes(loader[nbytes])}")
     if loader:
-        print(f"loader: {loader.get('loads', 0)} load(s), {loader.get('failures', 0)} failure(s); " + "; ".join(parts))
+        print(loader_line(loader))
+    loads = status.get("loads")
+    if loads:
+        print("loads: " + ", ".join(f"{loads.get(k, 0)} {k.replace('_', ' ')}"
+                                    for k in ("ok", "failed", "busy", "cancelled", "in_flight")))
     return 0
 
 
