@@ -836,3 +836,29 @@ def test_a_read_of_a_failing_node_part_is_an_error_and_the_rest_still_served(ser
         s.node.status_error = None
         s.node.version += 1
         assert c.status()["tiers"]["ssd"]["models"] == 1
+
+
+def test_a_real_sllmd_shows_each_finished_mutation_in_the_next_read(smollm2_checkpoint):
+    root = short_tempdir()
+    try:
+        with DaemonProcess(root, "--keep-alive", "-1", device_memory="1GiB") as daemon, \
+                Client(daemon.socket, timeout=120) as c:
+            assert c.models() == [] and c.ps() == []
+            for _ in range(5):
+                c.status()                                      # reads served from one snapshot
+            c.import_model("smol", smollm2_checkpoint)
+            assert [m["name"] for m in c.models()] == ["smol"]
+            assert c.status()["models"] == 1
+            c.load("smol")
+            assert [p["name"] for p in c.ps()] == ["smol"]
+            assert [i["name"] for i in c.status()["instances"]] == ["smol"]
+            c.pin("smol")
+            assert c.models()[0]["pinned"] is True
+            c.unpin("smol")
+            assert c.models()[0]["pinned"] is False
+            c.evict("smol")
+            assert c.ps() == []
+            c.remove("smol")
+            assert c.models() == [] and c.status()["models"] == 0
+    finally:
+        remove_tree(root)
