@@ -175,3 +175,15 @@ def memcpy_fresh(nbytes: int, src_address: int, threads: int = 2, huge: bool = T
     pages = "huge pages requested" if huge else "4 KiB pages"
     return {"seconds": seconds, "bytes": nbytes, "tool": f"parallel_copy {threads} threads, fresh dst ({pages})",
             "_keep": dst}
+
+
+if __name__ == "__main__":  # python bench/limits.py FILE...: every disk probe on these files, then the best
+    import sys
+    files = [Path(a) for a in sys.argv[1:]]
+    if not files:
+        raise SystemExit("usage: python bench/limits.py FILE...")
+    for tool in ("pread", "fio") if fio_available() else ("pread",):
+        r = disk_best(files, tool)
+        for probe in r["probes"]:
+            print(f"{probe['gbps']:6.2f} GB/s  {probe['tool']}")
+        print(f"{r['bytes'] / r['seconds'] / 1e9:6.2f} GB/s  best of {tool}")
