@@ -273,3 +273,28 @@ def test_the_cuda_budget_counts_the_kv_cache_and_activations(tmp_path):
     assert extra == footprint.runtime_bytes_of(ckpt) and extra > kv  # KV plus a prefill chunk's activations
     assert device_bytes(ckpt, "cpu", None) == weights  # on a CPU host that memory is the heap's, not the arena's
     assert footprint.runtime_bytes({"vocab_size": 10}, 2) == 0  # no shape: nothing known to reserve
+
+
+def test_staged_loads_take_a_bounded_ring_and_always_give_it_back(tmp_path):
+    path = tmp_path / "data.bin"
+    raw = _write(path, 40 * MiB, seed=10)
+    crcs = _native.block_crcs(_host_copy(path), len(raw), MiB)
+    staging = pipeline.staging_pool()
+    out = buffers.allocate(len(raw), torch.device("cpu"))
+    job = pipeline.file_job(os.fspath(path), len(raw), MiB, crcs)
+    allocs = staging.stats()["allocations"]
+    pipeline.run_to_cuda_staged([job], [out])
+    assert _bytes(out) == raw
+    assert staging.stats()["allocations"] - allocs == pipeline.RING_CHUNKS  # 8 chunks for a 40 MiB file
+    assert staging.stats()["used_chunks"] == 0
+    with pytest.raises(LoadError, match="reader thread failed"):  # a failed load gives its ring back too
+        pipeline.run_to_cuda_staged([job], [out], LoadOptions(debug_throw="reader"))
+    assert staging.stats()["used_chunks"] == 0
+    held = staging.allocate(pipeline.STAGING_CHUNKS - 1)  # concurrent loads hold the shared ring
+    try:
+        out2 = buffers.allocate(len(raw), torch.device("cpu"))
+        pipeline.run_to_cuda_staged([job], [out2])  # a private ring of the same bounded size
+        assert _bytes(out2) == raw
+        assert staging.stats()["used_chunks"] == pipeline.STAGING_CHUNKS - 1
+    finally:
+        staging.release(held)
