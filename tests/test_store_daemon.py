@@ -132,6 +132,9 @@ def test_no_tokenizer_import_is_accepted_when_asked(broken_store, mismatched):
     assert run.returncode == 0, run.stderr
     models = json.loads(sllmctl("models", "--json", socket_path=broken_store.socket).stdout)
     assert {m["name"]: m["state"] for m in models}["tokenless"] == "on_ssd"
+    infer = sllmctl("infer", "tokenless", "hello", socket_path=broken_store.socket)
+    assert infer.returncode == 1 and "has no tokenizer" in infer.stderr, infer.stderr
+    assert len(infer.stderr.strip().splitlines()) == 1 and str(broken_store.store) not in infer.stderr
     # --no-tokenizer waives only the tokenizer: mismatched weights are still refused
     run = sllmctl("import", "still-bad", str(mismatched["wrong_hidden"]), "--no-tokenizer",
                   socket_path=broken_store.socket)

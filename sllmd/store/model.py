@@ -305,9 +305,11 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path)
     exec_dir = path / EXEC_DIR if (path / EXEC_DIR).is_dir() else path
     names = [p.name for p in exec_dir.iterdir()] if exec_dir.is_dir() else []
+    # No path in these: in the daemon it would be one inside the store, which tells a user nothing.
     if not any(n.startswith("tokenizer") or n in ("vocab.json", "merges.txt") for n in names):
-        raise LoadError(f"{path}: no tokenizer files among the execution files")
+        raise LoadError("the model has no tokenizer (it was imported without one), so it cannot serve text")
     try:
         return AutoTokenizer.from_pretrained(exec_dir)
     except (ValueError, KeyError, OSError) as e:
-        raise LoadError(f"{exec_dir}: the tokenizer cannot be loaded: {e}") from e
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise LoadError(f"the model's tokenizer cannot be loaded: {first}") from e
