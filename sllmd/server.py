@@ -61,14 +61,14 @@ class _Call:
     """One in-flight request. `cancelled` is set by the I/O thread and read by the worker.
     `credentials`: who the kernel says opened the connection it came on."""
 
-    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "started", "long", "credentials")
+    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "long", "credentials")
 
     def __init__(self, peer: bytes, msg: Message, long: bool, credentials: Credentials | None):
         self.peer, self.id, self.type, self.long = peer, msg.id, msg.TYPE, long
         self.credentials = credentials
         self.cancelled = threading.Event()
         self.gone = False
-        self.started = self.last_sent = time.monotonic()
+        self.last_sent = time.monotonic()
 
 
 class _Client:
