@@ -14,6 +14,7 @@ import importlib
 import logging
 import sys
 
+from sllmd.__main__ import join_dash_values
 from sllmd.client import DEFAULT_TIMEOUT
 from sllmd.errors import Exit, SllmError
 
@@ -92,9 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string, of the parser and its verbs, that takes a value."""
+    flags: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb_parser in action.choices.values():
+                flags |= value_options(verb_parser)
+        elif action.option_strings and action.nargs != 0:
+            flags.update(s for s in action.option_strings if s.startswith("--"))
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `--keep-alive -1m` as `--keep-alive=-1m` (argparse takes "-1m" for an option), as sllmd does.
+    args = parser.parse_args(join_dash_values(argv, value_options(parser)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="sllmctl: %(message)s", stream=sys.stderr)
     try:
