@@ -344,6 +344,7 @@ class SsdStore:
         try:
             work.mkdir(parents=True)
             if is_our_checkpoint(src):
+                open_checkpoint(src)  # a corrupt source is refused naming the user's file, before any copying
                 copy_checkpoint(src, staged, copied, cancelled=stop)
             elif convert is not None:
                 convert(src, staged, **({"progress": progress} if progress is not None else {}))
