@@ -139,3 +139,12 @@ def test_no_tokenizer_import_is_accepted_when_asked(broken_store, mismatched):
     run = sllmctl("import", "still-bad", str(mismatched["wrong_hidden"]), "--no-tokenizer",
                   socket_path=broken_store.socket)
     assert run.returncode == 1 and "do not fit its config.json" in run.stderr
+
+
+def test_a_corrupt_source_checkpoint_is_refused_naming_the_users_file(broken_store, mismatched, tmp_path):
+    source = tmp_path / "flipped"
+    shutil.copytree(mismatched["wrong_hidden"].parent / "no_tokenizer", source)
+    _break(source, "index_byte_flipped")
+    run = sllmctl("import", "flipped", str(source), "--no-tokenizer", socket_path=broken_store.socket)
+    assert run.returncode == 1
+    assert f"{source}/index.json: checksum mismatch" in run.stderr and str(broken_store.store) not in run.stderr
