@@ -3,7 +3,8 @@ and validated reading of the manifest and the tensor index.
 
     <checkpoint>/
       manifest.json       magic, format version, partitions (+ block checksums),
-                          execution files, model description
+                          execution files, model description, SHA-256 of
+                          index.json and of the manifest itself (since 1.1)
       index.json          tensor name -> partition, offset, nbytes, shape,
                           stride, storage_offset, dtype
       model/              execution files: config.json, generation_config.json,
@@ -12,7 +13,10 @@ and validated reading of the manifest and the tensor index.
                           layout of that partition's device buffer
 
 manifest.json is written last and the directory is renamed into place, so a
-directory without a readable manifest is never a checkpoint.
+directory without a readable manifest is never a checkpoint. Reading trusts
+nothing: every field is type-checked, both JSON files are checksummed, and every
+tensor view's extent is checked against its bytes, so a damaged file is refused
+with an error naming it instead of yielding a wrong view.
 """
 from __future__ import annotations
 
