@@ -316,8 +316,8 @@ def check_device(device: str) -> None:
     import torch
     index = int(device.partition(":")[2] or 0)
     if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
-        raise ConfigError(f"device: {device} asked for, but torch {torch.__version__} has {build}; "
+        why = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA device"
+        raise ConfigError(f"device: {device} asked for, but torch {torch.__version__} {why}; "
                           "use --device cpu (or auto)")
     count = torch.cuda.device_count()
     if index >= count:
