@@ -33,6 +33,7 @@ bench: $(STAMP)
 		echo "note: fio is not installed (apt-get install fio); the disk limit is measured with preadv only"
 	$(PY) bench/run_all.py
 	$(PY) bench/daemon_bench.py
+	$(PY) bench/compute_dtype.py --chunks
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so

@@ -21,9 +21,8 @@ from sllmd.errors import InvalidRequestError
 
 from .request import InferRequest, SamplingParams
 
-# Tokens per prefill forward. On SmolLM2-135M here (2 AVX2 cores, fp32) a 2,048-token
-# prompt prefills in 256-token chunks within a few percent of one pass, while a cancel
-# lands within ~0.2 s (bench/compute_dtype.py --chunks measures it).
+# Tokens per prefill forward: a cancel waits at most one chunk; bench/compute_dtype.py
+# --chunks measures the total and the slowest chunk for 128/256/512 and one pass.
 PREFILL_CHUNK_TOKENS = 256
 
 
