@@ -255,10 +255,17 @@ def test_shutdown_cancels_an_import_and_leaves_no_trace(daemon_root, smollm2_ggu
         d.close()
 
 
+def servable(path: Path, seed: int) -> Path:
+    """A small servable model (config, weights, tokenizer) of a few MiB."""
+    tok = tiny_tokenizer()
+    model = make_tiny_model("llama", seed=seed, vocab_size=len(tok), hidden_size=256, intermediate_size=1024)
+    return store.save_model(model, path, tokenizer=tok)
+
+
 def test_capacity_evictions_are_reported_and_pins_need_force(daemon_root, tmp_path):
-    one = blob(tmp_path / "a", 6, seed=1)
-    two = blob(tmp_path / "b", 6, seed=2)
-    with DaemonProcess(daemon_root, "--ssd-capacity", "10MiB") as d:
+    one, two = servable(tmp_path / "a", 1), servable(tmp_path / "b", 2)
+    size = sum(f.stat().st_size for f in one.rglob("*") if f.is_file())
+    with DaemonProcess(daemon_root, "--ssd-capacity", str(size * 3 // 2)) as d:  # room for one model only
         with Client(d.socket) as c:
             c.import_model("old", one)
             events: list[tuple[str, dict]] = []

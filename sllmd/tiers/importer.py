@@ -1,4 +1,4 @@
-"""Conversions for imports, run in a child process.
+"""The slow parts of an import: copying our checkpoints, and conversions, run in a child process.
 
 Converting a GGUF file dequantizes every tensor and builds a transformers
 model: tens of seconds of CPU, under the process-wide model-construction lock
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CancelledError, ConversionError, SllmError, error_reply_fields, exception_from_reply
+from ..store.format import MAGIC, MANIFEST_FILE
+from ..store.writer import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,41 @@ class PhaseClock:
         return {"phase": self.phase, "done": self.done, "total": self.total, "unit": self.unit,
                 "phase_elapsed_s": round(now - (self.phase_started or self.started), 1),
                 "elapsed_s": round(now - self.started, 1)}
+
+
+def is_our_checkpoint(source: Path) -> bool:
+    try:
+        return source.is_dir() and json.loads((source / MANIFEST_FILE).read_text()).get("magic") == MAGIC
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> None:
+    """Copies a checkpoint directory file by file (fsync'd), manifest last; stops with
+    CancelledError between blocks once cancelled() is true."""
+    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_FILE)
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    dest.mkdir(parents=True)
+    for src in files:
+        dst = dest / src.relative_to(source)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            while True:
+                if cancelled is not None and cancelled():
+                    raise CancelledError("the import was cancelled")
+                block = fi.read(16 << 20)
+                if not block:
+                    break
+                fo.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+            fo.flush()
+            os.fsync(fo.fileno())
+    for d in {dest} | {(dest / p.relative_to(source)).parent for p in files}:
+        fsync_dir(d)
 
 
 class ImportJob:

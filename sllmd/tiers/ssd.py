@@ -29,14 +29,14 @@ from typing import Callable
 
 from .. import names
 from ..errors import CheckpointError, SllmError
-from ..store.format import MAGIC, MANIFEST_FILE, open_checkpoint
+from ..store.format import open_checkpoint
 from ..store.validate import check_servable
 from ..store.writer import fsync_dir
 from . import policy
 from sllmd.errors import (CancelledError, ModelPinnedError,
                           ModelExistsError, ModelInUseError, ModelNotFoundError, StoreFullError,
                      StoreLockedError)
-from .importer import ImportJob, Notify, convert_in_child
+from .importer import ImportJob, Notify, convert_in_child, copy_checkpoint, is_our_checkpoint  # noqa: F401
 from .states import EvictReason
 
 log = logging.getLogger(__name__)
@@ -77,41 +77,6 @@ def dir_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-def is_our_checkpoint(source: Path) -> bool:
-    try:
-        return source.is_dir() and json.loads((source / MANIFEST_FILE).read_text()).get("magic") == MAGIC
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def copy_checkpoint(source: Path, dest: Path, progress: Progress | None = None,
-                    cancelled: Callable[[], bool] | None = None) -> None:
-    """Copies a checkpoint directory file by file (fsync'd), manifest last; stops with
-    CancelledError between blocks once cancelled() is true."""
-    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_FILE)
-    total = sum(p.stat().st_size for p in files)
-    done = 0
-    dest.mkdir(parents=True)
-    for src in files:
-        dst = dest / src.relative_to(source)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
-            while True:
-                if cancelled is not None and cancelled():
-                    raise CancelledError("the import was cancelled")
-                block = fi.read(16 << 20)
-                if not block:
-                    break
-                fo.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
-            fo.flush()
-            os.fsync(fo.fileno())
-    for d in {dest} | {(dest / p.relative_to(source)).parent for p in files}:
-        fsync_dir(d)
 
 
 def _apply_catalog(entry: SsdEntry, meta: dict) -> None:
