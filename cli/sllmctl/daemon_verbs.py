@@ -152,7 +152,10 @@ def cmd_evict(args) -> int:
         print_json(info)
     else:
         gone = ", ".join(info.get("evicted") or []) if isinstance(info, dict) else ""
-        print(f"evicted {args.name} from {gone or 'nothing (it was not there)'}")
+        if isinstance(info, dict) and info.get("cancelled_import"):
+            print(f"cancelled the import of {args.name}")
+        else:
+            print(f"evicted {args.name} from {gone or 'nothing (it was not there)'}")
     return 0
 
 
