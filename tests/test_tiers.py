@@ -419,3 +419,41 @@ def test_preparer_builds_skeletons_and_tokenizers_ahead(tmp_path, tok):
     assert not any(p.device.type == "meta" for p in loaded.model.parameters())
     prep.forget("m")
     assert prep.tokenizer("m") is None
+
+
+# --- background prefault ----------------------------------------------------------------------
+def test_background_prefault_keeps_contents_and_stops_when_asked():
+    from sllmd.pool import pipeline
+    from sllmd.tiers.prefault import BackgroundPrefault
+    pool = ChunkPool(64 * MiB, chunk_size=1 * MiB)
+    [chunk] = pool.allocate(1)
+    view = pipeline.chunk_tensor(pool, chunk)
+    view[:4096] = torch.arange(4096) % 251  # a chunk in use while the pool faults in
+    before = view[:4096].clone()
+    done = BackgroundPrefault(pool.native.base_address, pool.native.mapped_bytes).start()
+    done._thread.join(60)
+    assert done.stats() == {"total_bytes": pool.native.mapped_bytes, "done_bytes": pool.native.mapped_bytes,
+                            "running": False, "error": None}
+    assert torch.equal(view[:4096], before)
+
+    slow = BackgroundPrefault(pool.native.base_address, pool.native.mapped_bytes, slice_bytes=1 * MiB,
+                              pause_s=10.0).start()
+    while slow.done_bytes == 0 and slow.running:
+        time.sleep(0.01)
+    slow.stop(timeout=5.0)  # wakes from its pause at once: it never holds up a node's close
+    assert not slow.running and 0 < slow.done_bytes < pool.native.mapped_bytes
+    pool.release([chunk])
+
+
+def test_a_node_faults_its_pool_in_the_background_and_close_stops_it(tmp_path):
+    from sllmd.config import Config
+    from sllmd.node import Node
+    node = Node(Config(socket=str(tmp_path / "s"), store_dir=tmp_path / "store", dram_bytes=64 * MiB,
+                       chunk_size=1 * MiB, device_memory_bytes=64 * MiB, prefault=True))
+    node.start()
+    try:
+        s = node.status()
+        assert s["pool"]["prefault"]["total_bytes"] == s["pool"]["capacity_bytes"]  # under way, in the background
+    finally:
+        node.close()
+    assert not node._prefault.running  # close stopped it
