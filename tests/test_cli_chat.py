@@ -87,13 +87,17 @@ def test_infer_reads_the_prompt_from_stdin(served):
 
 def test_run_keeps_the_conversation(served):
     run = sllmctl("run", "smol", "--max-tokens", "12", "--stats", socket_path=served.socket,
-                  input=f"{QUESTION}\nAnd of Germany?\n/bye\nnot read\n")
+                  input=f"{QUESTION}\nAnd of Germany?\n/clear\n\"\"\"What is the capital\nof France?\"\"\"\n"
+                        "/bye\nnot read\n")
     assert run.returncode == 0, run.stderr
     answers = run.stdout.strip().splitlines()
-    assert len(answers) == 2 and "Paris" in answers[0], run.stdout
-    first, second = (json.loads(line) for line in run.stderr.splitlines() if line.startswith("{"))
+    assert len(answers) == 3 and "Paris" in answers[0], run.stdout
+    first, second, third = (json.loads(line) for line in run.stderr.splitlines() if line.startswith("{"))
     # The second turn resends the first question and its answer: its prompt holds both.
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["tokens"]
+    # After /clear the conversation starts afresh: one message of two lines, as long as the first.
+    assert "(conversation cleared)" in run.stderr
+    assert abs(third["prompt_tokens"] - first["prompt_tokens"]) <= 2
 
 
 def test_run_with_a_prompt_answers_once_and_ctrl_d_leaves(served):

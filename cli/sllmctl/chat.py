@@ -4,8 +4,9 @@ Each turn sends the whole conversation so far (the `messages` of an infer
 request, which the daemon renders with the model's chat template) and streams
 the answer. /bye or Ctrl-D leaves; Ctrl-C during an answer cancels that answer
 (the daemon stops generating) and keeps the session; /clear forgets the
-conversation. With PROMPT given, it answers once and exits. --json prints each
-answer's events (tokens, then done with its stats) as JSON lines. Lines read from a
+conversation; a message of several lines goes between triple double quotes.
+With PROMPT given, it answers once and exits. --json prints each answer's
+events (tokens, then done with its stats) as JSON lines. Lines read from a
 pipe are turns too, so `printf 'hi\\n/bye\\n' | sllmctl run smol` works.
 """
 from __future__ import annotations
@@ -18,11 +19,13 @@ from sllmd.client import Client
 
 from .daemon_verbs import _client, add_sampling_options, already_loaded, read_prompt
 
-HELP = """commands:
-  /bye      leave (Ctrl-D too)
-  /clear    forget the conversation so far
-  /?        this help
-Ctrl-C stops the answer being written and keeps the session."""
+QUOTE = '"""'
+HELP = ("commands:\n"
+        "  /bye      leave (Ctrl-D too)\n"
+        "  /clear    forget the conversation so far\n"
+        "  /?        this help\n"
+        f"{QUOTE} starts a message of several lines, up to a line that ends with {QUOTE}.\n"
+        "Ctrl-C stops the answer being written and keeps the session.")
 
 
 class Chat:
@@ -71,15 +74,32 @@ class Chat:
         self.out.flush()
 
 
-def _read_line(tty: bool) -> str | None:
+def _read_line(tty: bool, prompt: str = ">>> ") -> str | None:
     """The next input line, None at end of input."""
     if tty:
         try:
-            return input(">>> ")
+            return input(prompt)
         except EOFError:
             return None
     line = sys.stdin.readline()
     return None if line == "" else line.rstrip("\n")
+
+
+def _read_message(tty: bool) -> str | None:
+    """The next message: one line, or the lines from one starting with three double quotes to
+    one ending with them (as `ollama run` reads them); None at end of input."""
+    line = _read_line(tty)
+    if line is None or not line.lstrip().startswith(QUOTE):
+        return line
+    rest: str | None = line.lstrip()[len(QUOTE):]
+    lines = []
+    while rest is not None:
+        if rest.rstrip().endswith(QUOTE):
+            lines.append(rest.rstrip()[:-len(QUOTE)])
+            break
+        lines.append(rest)
+        rest = _read_line(tty, "... ")
+    return "\n".join(lines).strip("\n")
 
 
 def cmd_run(args) -> int:
@@ -101,7 +121,7 @@ def cmd_run(args) -> int:
             sys.stderr.write(f"{args.name} {state}. Send a message (/? for help, /bye to leave).\n")
         while True:
             try:
-                line = _read_line(tty)
+                line = _read_message(tty)
             except KeyboardInterrupt:
                 sys.stderr.write("\nUse Ctrl-D or /bye to leave.\n")
                 continue
