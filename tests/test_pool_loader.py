@@ -298,3 +298,15 @@ def test_staged_loads_take_a_bounded_ring_and_always_give_it_back(tmp_path):
         assert staging.stats()["used_chunks"] == pipeline.STAGING_CHUNKS - 1
     finally:
         staging.release(held)
+
+
+def test_the_pool_package_does_not_import_the_store_or_the_tiers():
+    """sllmd.store builds on sllmd.pool; the reverse import made a cycle (now sllmd.tiers.pooled)."""
+    import ast
+    import sllmd.pool
+    for path in Path(sllmd.pool.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.lstrip(".").startswith(("store", "tiers")) and \
+                    not target.startswith(("sllmd.store", "sllmd.tiers")), f"{path.name} imports {target}"
