@@ -31,7 +31,7 @@ LABELS = {
     "torch.load-mmap-lazy": "  torch.load(mmap=True), lazy mmap (not read)",
     "runai": "runai SafetensorsStreamer",
     "fastsafetensors": "fastsafetensors (nogds, cpu)",
-    "memcpy": "memcpy limit (pre-faulted dst)",
+    "memcpy": "memcpy limit (pre-faulted dst, fastest of 3)",
     "memcpy-fresh": "memcpy into fresh memory (huge pages requested)",
     "memcpy-fresh-4k": "memcpy into fresh memory (4 KiB pages)",
     "ours-dram": "ours DRAM tier -> CPU tensors (fresh buffers)",

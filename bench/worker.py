@@ -152,7 +152,11 @@ def _dram_run(spec: dict) -> dict:
     finally:
         tier.release()
     for item, rs in runs.items():
-        best = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # the median run
+        ranked = sorted(rs, key=lambda r: r["seconds"])
+        if item == "memcpy":  # a limit must be an upper bound: its fastest run
+            results[item] = {**ranked[0], "all_seconds": [round(r["seconds"], 5) for r in rs]}
+            continue
+        best = ranked[len(rs) // 2]  # the median run
         results[item] = {**best, "seconds": statistics.median(r["seconds"] for r in rs),
                          "all_seconds": [round(r["seconds"], 5) for r in rs]}
     return {"items": results}
