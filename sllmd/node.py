@@ -8,9 +8,9 @@ One source of truth: a model's state is derived from what the tiers hold
 change of that state (loads, evictions, imports, pins, requests starting and
 ending), so a reader can tell a cached snapshot is stale.
 
-Locks, in order: ssd -> the load lock (`_loads_lock`: loads in flight and
-their waiters) -> device -> dram -> `_lock` (a leaf: the node's own maps, never
-held while calling into a tier) and the version lock (a leaf).
+Locks, in order: ssd -> loads (tiers.inflight.Loads: loads in flight and their
+waiters) -> device -> dram -> `_lock` (a leaf: the node's own maps, never held
+while calling into a tier) and the version lock (a leaf).
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ import time
 from typing import Callable, Iterator
 
 from . import pool as pool_mod
-from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError, LoadError,
-                     LoadTimeoutError, ModelFailedError, ModelInUseError, OutOfMemoryError, PoolExhaustedError,
-                     ShuttingDownError, SllmError)
+from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError,
+                     ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
 from .inference.engine import Instance
 from .inference.request import InferRequest
 from .model_card import model_card
@@ -31,7 +30,7 @@ from .store.format import open_checkpoint
 from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
-from .tiers.inflight import Acquired, PendingLoad
+from .tiers.inflight import Acquired, Loads, PendingLoad
 from .tiers.loader import device_bytes, load_instance
 from .tiers.prefault import BackgroundPrefault
 from .tiers.prepare import Preparer
@@ -43,31 +42,24 @@ log = logging.getLogger(__name__)
 TIMER_CEILING_S = 1.0
 LOAD_WAIT_S = 300.0  # the longest a request waits for its model's load (config: load_wait)
 ROOM_WAIT_S = 30.0  # the longest a load waits for busy instances to leave room (config: room_wait)
-TRANSIENT = (OutOfMemoryError, PoolExhaustedError, LoadCancelledError, ShuttingDownError, CancelledError)
 
 
 class Node:
     def __init__(self, config):
         self.config = config
         self._lock = threading.Lock()
-        self._loads_lock = threading.Lock()
         self._version_lock = threading.Lock()
         self._version = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._loads: dict[str, PendingLoad] = {}
-        self._load_threads: list[threading.Thread] = []
-        self._failures: dict[str, dict] = {}  # name -> the last load's error, until a newer load or import
         self._last_eviction: dict[str, dict] = {}  # name -> {"tier", "reason", "at"}
         self._since: dict[str, float] = {}  # name -> when its state last changed
-        self._load_counts = {"ok": 0, "failed": 0, "busy": 0, "cancelled": 0}
         self._prepared = Preparer(self._stop.is_set)
         self._evictions: collections.deque[dict] = collections.deque(maxlen=64)
         self._closed = False
         self._started_at: float | None = None
         self._timer: threading.Thread | None = None
         self._prefault: BackgroundPrefault | None = None
-        self._load_wait_s = float(getattr(config, "load_wait_s", LOAD_WAIT_S))
         self._room_wait_s = float(getattr(config, "room_wait_s", ROOM_WAIT_S))
         self.ssd = SsdStore(config.store_dir, config.ssd_capacity_bytes, on_evict=self._on_ssd_evict)
         self.pool: pool_mod.ChunkPool | None = None
@@ -75,6 +67,9 @@ class Node:
         self.arena: pool_mod.HostArena | None = None
         self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict,
                                  on_evicting=self._on_device_evicting)
+        self.loads = Loads(self.device, self._load_instance, keep_alive_s=config.keep_alive_s,
+                           wait_s=float(getattr(config, "load_wait_s", LOAD_WAIT_S)), on_change=self._bump,
+                           on_loaded=self._on_loaded, on_failed=self._on_load_failed)
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -108,21 +103,17 @@ class Node:
         """Idempotent. Queued requests get an error; running ones finish (within the
         shutdown grace); loads in flight are cancelled and waited for; nothing is left
         half written."""
-        with self._loads_lock:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for load in self._loads.values():
-                load.cancelled.set()
-            threads = list(self._load_threads)
         self._stop.set()
         self._wake.set()
         if self._prefault is not None:
             self._prefault.stop()
         self.ssd.cancel_imports()  # kills their converters and removes what they wrote
         grace = float(getattr(self.config, "shutdown_grace_s", 10.0))
-        for t in threads:
-            t.join(timeout=grace)
+        self.loads.close(timeout=grace)
         self.device.close_all(timeout=grace, drain=True)
         if self._timer is not None:
             self._timer.join(timeout=5)
@@ -178,9 +169,7 @@ class Node:
     def _held_above_ssd(self, name: str) -> bool:
         """What keeps an SSD copy from eviction: a load reading it or an instance of it. A
         DRAM copy does not: it is dropped with the SSD copy."""
-        with self._loads_lock:
-            loading = name in self._loads
-        return loading or name in self.device or self.device.stopping(name)
+        return name in self.loads or name in self.device or self.device.stopping(name)
 
     def _note_eviction(self, name: str, tier: Tier, reason: EvictReason) -> None:
         record = {"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()}
@@ -208,8 +197,8 @@ class Node:
             except ModelInUseError:
                 log.warning("%s left the store while its DRAM copy was being read", name)
         self._note_eviction(name, Tier.SSD, reason)
+        self.loads.forget(name)
         with self._lock:
-            self._failures.pop(name, None)
             self._last_eviction.pop(name, None)
             self._since.pop(name, None)
         self._prepared.forget(name)
@@ -232,8 +221,8 @@ class Node:
 
         self.ssd.import_model(name, source, progress, notify=relay, cancelled=cancelled, servable=True,
                               tokenizer=not no_tokenizer)
+        self.loads.forget(name)
         with self._lock:
-            self._failures.pop(name, None)
             self._last_eviction.pop(name, None)
         self._bump(name)
         self._prepared.forget(name)
@@ -249,11 +238,10 @@ class Node:
         e = self.ssd.get(name)
         slot = self.device.get(name)
         on_device = slot is not None and slot.instance is not None
-        with self._loads_lock:
-            loading = name in self._loads
+        loading = name in self.loads
+        failure = self.loads.failure(name)
         dram_bytes = self.dram.bytes_of(name) if self.dram is not None else None
         with self._lock:
-            failure = self._failures.get(name)
             last = self._last_eviction.get(name)
             since = self._since.get(name, e.imported_at)
         state = derive_state(broken=e.error is not None, loading=loading or (slot is not None and not on_device),
@@ -331,82 +319,20 @@ class Node:
         return slot.expires_at if slot else None
 
     def _acquire(self, name: str, keep_alive_s: float, cancelled: Callable[[], bool] | None = None) -> Acquired:
-        """A ready instance of `name` with a lease taken for the caller, loading it (one
-        load per model, shared by every caller that waits) if it has none. The wait is
-        bounded by load_wait_s; a caller that gives up leaves the load, and a load that
-        every caller left is cancelled."""
-        with self._loads_lock:
-            self._check_open()
-            inst = self.device.lease(name)
-            if inst is not None:
-                return Acquired(inst, Tier.DEVICE.value, 0.0, 0.0, True)
-            load = self._loads.get(name)
-            started = load is None
-            if started:
-                load = self._loads[name] = PendingLoad(name)
-                t = threading.Thread(target=self._run_load, args=(load,), name=f"sllm-load-{name}", daemon=True)
-                self._load_threads = [w for w in self._load_threads if w.is_alive()] + [t]
-                t.start()
-            load.waiters += 1
-        if started:
-            self._bump(name)
-        gone = (lambda: self._closed or cancelled()) if cancelled is not None else (lambda: self._closed)
-        if load.wait(self._load_wait_s, gone):
-            return load.acquired()
-        with self._loads_lock:
-            finished = load.done.is_set()
-            if not finished:
-                load.waiters -= 1
-                if load.waiters == 0:
-                    load.cancelled.set()
-        if finished and load.error is None:  # it finished as this caller gave up: hand the lease back
-            self.device.unlease(name, keep_alive_s)
-        if self._closed:
-            raise ShuttingDownError("sllmd is shutting down")
-        if cancelled is not None and cancelled():
-            raise CancelledError(f"the request was cancelled while {name!r} loaded")
-        raise LoadTimeoutError(f"{name!r} did not finish loading within {self._load_wait_s:g} s; retry later")
+        return self.loads.acquire(name, keep_alive_s, cancelled, check_open=self._check_open)
 
-    def _run_load(self, load: PendingLoad) -> None:
-        """The loading thread: loads, then commits the instance with one lease per waiter
-        in the same step; a load that every waiter left is discarded."""
-        name = load.name
-        try:
-            inst, tier, load_s = self._load_instance(load)
-        except BaseException as e:
-            err = self._load_failed(name, e)
-            with self._loads_lock:
-                load.error = err
-                load.done.set()
-                self._loads.pop(name, None)
-            self._bump(name)
-            return
-        with self._loads_lock:
-            keep = load.waiters > 0 and not self._closed and not load.cancelled.is_set()
-            if keep:
-                with self._lock:
-                    self._failures.pop(name, None)
-                self.device.commit(name, inst, self.config.keep_alive_s, tier, load_s, leases=load.waiters)
-                load.instance, load.tier, load.load_s = inst, tier, load_s
-            else:
-                self.device.abort(name)
-                load.error = (ShuttingDownError("sllmd is shutting down") if self._closed else
-                              LoadCancelledError(f"the load of {name!r} was cancelled: nobody waits for it"))
-            load.done.set()
-            self._loads.pop(name, None)
-        if keep:
-            with self._lock:
-                self._load_counts["ok"] += 1
-            self._prepared.keep_tokenizer(name, inst.tokenizer)
-            self.ssd.touch(name)
-            log.info("%s ready on %s from %s in %.3f s", name, self.config.device, tier, load_s)
-        else:
-            with self._lock:
-                self._load_counts["cancelled"] += 1
-            inst.close(timeout=5.0, drain=False)
-            inst.model = None
-            log.info("discarded the load of %s: %s", name, load.error)
-        self._bump(name)
+    def _on_loaded(self, name: str, inst: Instance, tier: str, load_s: float) -> None:
+        self._prepared.keep_tokenizer(name, inst.tokenizer)
+        self.ssd.touch(name)
+        log.info("%s ready on %s from %s in %.3f s", name, self.config.device, tier, load_s)
+
+    def _on_load_failed(self, name: str, err: BaseException) -> None:
+        """A model that cannot load must not hold the DRAM pool."""
+        if self.dram is not None:
+            try:
+                self.dram.evict(name, EvictReason.FAILED)
+            except ModelInUseError:
+                pass
 
     def _load_instance(self, load: PendingLoad) -> tuple[Instance, str, float]:
         name = load.name
@@ -437,32 +363,6 @@ class Node:
             return inst, loaded.tier, time.perf_counter() - t1
         finally:
             self.ssd.release(name)
-
-    def _load_failed(self, name: str, exc: BaseException) -> BaseException:
-        """Records a failed load and says why in one error. A transient one (no room now,
-        cancelled, shutting down) leaves the model as it was; any other marks it failed and
-        drops its DRAM copy (a model that cannot load must not hold the pool)."""
-        if isinstance(exc, SllmError):
-            err: BaseException = exc
-        elif isinstance(exc, Exception):
-            err = LoadError(f"loading {name!r} failed: {type(exc).__name__}: {exc}")
-            err.__cause__ = exc
-        else:
-            err = exc
-        transient = isinstance(err, TRANSIENT)
-        kind = ("cancelled" if isinstance(err, (LoadCancelledError, ShuttingDownError, CancelledError)) else
-                "busy" if transient else "failed")
-        with self._lock:
-            self._load_counts[kind] += 1
-            self._failures[name] = {"error": str(err), "at": time.time(), "permanent": not transient}
-        if not transient:
-            log.warning("loading %s failed: %s", name, err)
-            if self.dram is not None:
-                try:
-                    self.dram.evict(name, EvictReason.FAILED)
-                except ModelInUseError:
-                    pass
-        return err
 
     # --- instances --------------------------------------------------------------------------
     def _slot_info(self, s: Slot) -> dict:
@@ -569,10 +469,7 @@ class Node:
         pool = self.pool.stats() if self.pool is not None else None
         if pool is not None and self._prefault is not None:
             pool["prefault"] = self._prefault.stats()
-        with self._lock:
-            loads = dict(self._load_counts)
-        with self._loads_lock:
-            loads["in_flight"] = len(self._loads)
+        loads = self.loads.counts()
         return {
             "uptime_s": time.time() - self._started_at, "started_at": self._started_at,
             "device": self.config.device, "version": self.version,

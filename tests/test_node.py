@@ -383,7 +383,7 @@ def test_waits_for_a_load_are_bounded_and_a_load_nobody_waits_for_is_cancelled(n
 
     started.clear()
     release.clear()
-    node._load_wait_s = 30.0
+    node.loads.wait_s = 30.0
     gone = threading.Event()
     t = threading.Thread(target=first_token, args=("cancelled",), kwargs={"cancelled": gone})
     t.start()
@@ -416,7 +416,7 @@ def test_concurrent_waiters_share_one_load_and_each_gets_a_lease(node_factory, s
         t.start()
     assert started.wait(10)
     deadline = time.time() + 10
-    while node._loads["m0"].waiters < 3 and time.time() < deadline:
+    while node.loads.pending("m0").waiters < 3 and time.time() < deadline:
         time.sleep(0.01)
     release.set()
     for t in threads:
