@@ -52,7 +52,7 @@ def _read_config(ckpt: Checkpoint) -> dict:
     file = ckpt.exec_dir() / "config.json"
     if not file.is_file():
         raise _Refused("it has no config.json: it holds tensors only, and sllmd serves transformers "
-                                   "models (add the model's config.json)")
+                       "models (add the model's config.json)")
     try:
         config = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -61,7 +61,7 @@ def _read_config(ckpt: Checkpoint) -> dict:
         raise _Refused("its config.json is not a JSON object")
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise _Refused("its config.json has no model_type, so transformers cannot tell which "
-                                   "architecture it is")
+                       "architecture it is")
     return config
 
 
@@ -72,12 +72,16 @@ def _build_on_meta(ckpt: Checkpoint, config: dict):
         return build_empty_model(ckpt.path, architecture=ckpt.manifest.model.get("architecture"))
     except Exception as e:  # transformers raises many kinds; all mean "cannot build"
         raise _Refused(f"a {config['model_type']} model cannot be built from its config.json: "
-                                   f"{_short(e, ckpt)}") from None
+                       f"{_short(e, ckpt)}") from None
 
 
 def _layers(names) -> int | None:
     found = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
     return max(found) + 1 if found else None
+
+
+def _more(items: list) -> str:
+    return f" and {len(items) - 1} more" if len(items) > 1 else ""
 
 
 def _check_tensors(ckpt: Checkpoint, model) -> None:
@@ -92,18 +96,17 @@ def _check_tensors(ckpt: Checkpoint, model) -> None:
     have = _layers(present)
     hint = (f" (the weights have {have} layers, config.json says num_hidden_layers={layers})"
             if have is not None and layers is not None and have != layers else "")
-    more = lambda items: f" and {len(items) - 1} more" if len(items) > 1 else ""  # noqa: E731
     if wrong:
         k = wrong[0]
         raise _Refused(
             f"its weights do not fit its config.json: {k} has shape {list(present[k])} but the {arch} that "
-            f"config.json describes needs {list(expected[k])}{more(wrong)}{hint}")
+            f"config.json describes needs {list(expected[k])}{_more(wrong)}{hint}")
     if extra:
-        raise _Refused(f"its weights do not fit its config.json: {extra[0]}{more(extra)} is not in the "
-                                   f"{arch} that config.json describes{hint}")
+        raise _Refused(f"its weights do not fit its config.json: {extra[0]}{_more(extra)} is not in the "
+                       f"{arch} that config.json describes{hint}")
     if missing:
         raise _Refused(f"its weights do not fit its config.json: the {arch} that config.json describes "
-                                   f"needs {missing[0]}{more(missing)}, which the checkpoint lacks{hint}")
+                       f"needs {missing[0]}{_more(missing)}, which the checkpoint lacks{hint}")
 
 
 def _check_tokenizer(ckpt: Checkpoint) -> None:
@@ -112,7 +115,7 @@ def _check_tokenizer(ckpt: Checkpoint) -> None:
     exec_dir = ckpt.exec_dir()
     if not any((exec_dir / f).is_file() for f in _TOKENIZER_FILES):
         raise _Refused("it has no tokenizer (no tokenizer.json, tokenizer.model or vocab.json); add "
-                                   "the tokenizer's files, or import with --no-tokenizer")
+                       "the tokenizer's files, or import with --no-tokenizer")
     try:
         load_tokenizer(ckpt.path)
     except Exception as e:
