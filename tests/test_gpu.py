@@ -66,7 +66,7 @@ def test_ssd_to_dram_and_cuda_in_one_pass(tmp_path):
 def test_load_to_cuda_larger_than_the_staging_ring(tmp_path):
     from sllmd.pool import pipeline
     g = torch.Generator().manual_seed(1)
-    sd = {"big": torch.randn(48 << 20, generator=g)}  # 192 MiB: more than the ring's 8 x 16 MiB
+    sd = {"big": torch.randn(64 << 20, generator=g)}  # 256 MiB: more than the ring's 12 x 16 MiB
     store.save_state_dict(sd, tmp_path / "c")
     got = store.load_state_dict(tmp_path / "c", device="cuda:0")
     assert got["big"].device.type == "cuda" and torch.equal(got["big"].cpu(), sd["big"])

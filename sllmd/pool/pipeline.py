@@ -30,7 +30,7 @@ _ERRORS: dict[str, type[SllmError]] = {
     "cancelled": LoadCancelledError,
 }
 
-RING_CHUNKS = 8  # per straight-from-SSD CUDA load: 128 MiB keeps 8 readers and 4 streams busy
+RING_CHUNKS = 12  # per straight-from-SSD CUDA load: 8 readers busy while 4 chunks' copies finish
 STAGING_CHUNKS = 2 * RING_CHUNKS  # the process's shared pinned staging: two such loads at once
 
 
@@ -228,11 +228,12 @@ def staging_pool() -> ChunkPool:
 def run_to_cuda_staged(jobs: list, buffers: list, options: LoadOptions | None = None,
                        ring_chunks: int = RING_CHUNKS) -> dict:
     """Disk -> a bounded pinned staging ring -> device buffers: at most `ring_chunks`
-    chunks of host memory however large the model. The ring comes from the shared
+    chunks of host memory however large the model (fewer for a smaller one). The ring comes from the shared
     staging pool; when concurrent loads hold it all, from a private one of the same size."""
     pool = staging_pool()
     ring = []
-    for n in range(ring_chunks, 1, -1):
+    ring_chunks = max(1, min(ring_chunks, sum(-(-j.nbytes // pool.chunk_size) for j in jobs)))
+    for n in range(ring_chunks, min(2, ring_chunks) - 1, -1):  # a 1-chunk ring would serialize disk and copies
         try:
             ring = pool.allocate(n)
             break
