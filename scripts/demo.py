@@ -175,7 +175,7 @@ def drop_page_cache() -> bool:
 
 
 LOAD_STAGES = {"build_s": "model build", "tokenizer_s": "tokenizer", "io_wait_s": "waiting for the weights",
-               "bind_s": "binding them"}
+               "bind_s": "binding them", "cast_s": "casting to the compute dtype"}
 
 
 def load_breakdown(daemon: "Daemon") -> dict[str, float] | None:
