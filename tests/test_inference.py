@@ -583,3 +583,27 @@ def test_a_bf16_checkpoint_served_in_fp32_computes_in_fp32_from_a_cast_buffer(bf
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, expected(ids).logits)
     assert sorted(p.relative_to(path) for p in path.rglob("*")) == files  # no second copy on disk
+
+
+def test_a_node_serving_bf16_with_fp32_compute_counts_the_cast_size(tmp_path, tok):
+    from sllmd.config import MiB, Config
+    from sllmd.node import Node
+    from sllmd.store import save_model
+    from sllmd.store.format import open_checkpoint
+    from sllmd.tiers.loader import device_bytes
+
+    big = model_for(tok, seed=6, hidden_size=256, intermediate_size=1024).to(torch.bfloat16)  # ~4 MiB in bf16
+    path = save_model(big, tmp_path / "src", tokenizer=tok)
+    node = Node(Config(socket=str(tmp_path / "sock"), store_dir=tmp_path / "store", dram_bytes=32 * MiB,
+                       chunk_size=1 * MiB, device_memory_bytes=32 * MiB, compute_dtype="fp32"))
+    node.start()
+    try:
+        node.import_model("m", str(path))
+        events = list(node.infer(InferRequest("m", prompt="héllo", sampling=SamplingParams(max_tokens=3))))
+        assert events[-1]["stats"]["tokens"] == 3
+        slot = node.device.get("m")
+        assert all(p.dtype == torch.float32 for p in slot.instance.model.parameters())
+        ckpt = open_checkpoint(path)
+        assert slot.nbytes == device_bytes(ckpt, "cpu", node.arena, "fp32") > device_bytes(ckpt, "cpu", node.arena)
+    finally:
+        node.close()
