@@ -41,13 +41,16 @@ class PooledCheckpoint:
 
     @classmethod
     def read(cls, ckpt: Checkpoint, pool: ChunkPool, *, verify: bool = True, options: LoadOptions | None = None,
-             device_buffers: list[torch.Tensor] | None = None) -> "PooledCheckpoint":
+             device_buffers: list[torch.Tensor] | None = None,
+             chunks: list[list[int]] | None = None) -> "PooledCheckpoint":
         """SSD -> DRAM chunks. With `device_buffers` (one per partition, host or CUDA),
-        the same pass also copies each chunk into them (SSD -> DRAM -> device, pipelined)."""
+        the same pass also copies each chunk into them (SSD -> DRAM -> device, pipelined).
+        `chunks` (one list per partition, already allocated from `pool`) are used instead of
+        allocating; they are taken over (released if the read fails)."""
         parts = ckpt.manifest.partitions
-        chunks: list[list[int]] = []
+        chunks = list(chunks) if chunks is not None else []
         try:
-            for p in parts:
+            for p in parts[len(chunks):]:
                 chunks.append(pool.allocate(pool.chunks_for(p.nbytes)))
             use_crc = verify and bool(ckpt.manifest.checksum)
             on_cuda = device_buffers is not None and any(b.device.type == "cuda" for b in device_buffers)
