@@ -143,7 +143,8 @@ SETTINGS: list[Setting] = [
     Setting("compute_dtype", "compute_dtype", parse_compute_dtype,
             "dtype models compute in: auto, bf16, fp16 or fp32 (cast when loaded; the store keeps the stored "
             "dtype; the device budget counts the cast size)", "DTYPE",
-            "auto: bf16 on GPUs that support it, fp32 on CPUs without AMX"),
+            "auto: bf16 on GPUs that support it; on a CPU bf16 for bf16 checkpoints where it has avx512_bf16 "
+            "or amx_bf16, else fp32"),
     Setting("keep_alive", "keep_alive_s", parse_duration,
             "default keep_alive: 5m, 30s, -1 = forever, 0 = unload after the request", "DUR", "5m"),
     Setting("queue_depth", "queue_depth", parse_int, "per-instance request queue length", "N"),
