@@ -608,3 +608,20 @@ def test_a_node_serving_bf16_with_fp32_compute_counts_the_cast_size(tmp_path, to
         assert slot.nbytes == device_bytes(ckpt, "cpu", node.arena, "fp32") > device_bytes(ckpt, "cpu", node.arena)
     finally:
         node.close()
+
+
+@pytest.mark.gpu
+def test_compute_dtype_on_cuda_casts_into_one_device_buffer(bf16_checkpoint):
+    from sllmd.inference import compute_dtype as cdt
+    from sllmd.store.format import open_checkpoint
+    from sllmd.tiers.loader import device_bytes, load_instance
+
+    _, path = bf16_checkpoint
+    ckpt = open_checkpoint(path)
+    assert cdt.resolve("auto", "cuda:0", torch.bfloat16) == (
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    loaded = load_instance("m", ckpt, "cuda:0", compute_dtype="fp32")
+    params = list(loaded.model.parameters())
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in params)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1  # one cast buffer
+    assert device_bytes(ckpt, "cuda:0", None, "fp32") == cdt.cast_nbytes(ckpt, torch.float32)
