@@ -66,6 +66,8 @@ CODES: dict[str, int] = {
     "model_pinned": 39,
     "unservable_model": 40,
     "load_timeout": 41,
+    "node_not_found": 42,
+    "peer_failed": 43,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -338,6 +340,21 @@ class InferenceError(SllmError):
 
 
 RequestCancelledError = CancelledError   # the inference path's name for the same wire code
+
+
+# --- the cluster --------------------------------------------------------------
+class NodeNotFoundError(SllmError):
+    """`--node NAME` names no alive member of the cluster."""
+
+    code = "node_not_found"
+    exit_code = Exit.ERROR
+
+
+class PeerFailedError(SllmError):
+    """The node chosen for a request went away or broke its stream (after the first token, or with no other candidate)."""
+
+    code = "peer_failed"
+    exit_code = Exit.TEMPFAIL
 
 
 class RemoteError(SllmError):

@@ -1,0 +1,385 @@
+"""Any node coordinates: the cluster side of one sllmd.
+
+    Serf (membership) ──tags: ep, pk, v──► sync thread ──StatePull when v moved──► peer views
+    client infer ──► Cluster.infer ──place()──► this node: Node.infer
+                                           └──► a peer: PeerClient.infer, relayed token by token
+
+The sync thread keeps this node's digest (peer endpoint, Curve key, state version) in its
+Serf tags and pulls a peer's full state when the version it gossips moves (and every
+REFRESH_S, so a quiet peer's state does not go stale). A relayed stream runs on the server's
+stream thread that asked for it: no extra thread per forwarded request. A candidate that
+refuses or fails before its first token hands the request to the next one; after the first
+token a failure is the client's error (live migration will do better).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+from sllmd.errors import (CancelledError, InvalidRequestError, NodeNotFoundError, PeerFailedError, ShuttingDownError,
+                          SllmError)
+
+log = logging.getLogger(__name__)
+
+SYNC_INTERVAL_S = 0.05     # how often the digest and the members' versions are compared
+REFRESH_S = 3.0            # a peer's state is pulled at least this often while it is alive
+STALE_AFTER_S = 10.0       # a view older than this is unknown to placement
+PULL_WORKERS = 4
+LIVE = ("alive", "suspect")
+# Errors that the next candidate would repeat: the request itself is at fault, or it was stopped.
+FINAL = (InvalidRequestError, CancelledError, ShuttingDownError)
+
+
+def _key_text(key: Any) -> str | None:
+    if key is None:
+        return None
+    return key.decode("ascii", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
+
+
+def _request_dict(request: Any) -> dict:
+    return dict(request) if isinstance(request, dict) else request.to_dict()
+
+
+def _estimate(e: Any) -> dict | None:
+    return None if e is None else dataclasses.asdict(e)
+
+
+class Cluster:
+    def __init__(self, config, node, *, membership=None, transport_keys: tuple[bytes, bytes] | None = None):
+        self.config = config
+        self.node = node
+        self.name: str = config.node_name
+        self._membership = membership
+        self._keys = transport_keys
+        self._views: dict[str, Any] = {}              # peer name -> NodeView (last pulled)
+        self._clients: dict[str, Any] = {}            # peer name -> PeerClient
+        self._pulling: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self._pulls: ThreadPoolExecutor | None = None
+        self._peer_server = None
+        self._endpoint = None
+        self._published: int | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        from sllmd.cluster import curve_keys
+        from sllmd.cluster.membership import Membership
+        from sllmd.cluster.peer_server import PeerServer
+        from sllmd.cluster.peer_transport import bind_peer
+        if self._keys is None:
+            self._keys = curve_keys.load_or_create(self.config.state_dir)
+        public, secret = self._keys
+        if self._membership is None:
+            self._membership = Membership(self.config, on_change=lambda _member: self._wake.set())
+        self._endpoint = bind_peer(self.config.peer_listen, public, secret, admitted=self._admitted)
+        self._peer_server = PeerServer(self.node, self._endpoint, state_provider=self._local_state)
+        self._peer_server.start()
+        self._membership.start()
+        self._publish()
+        self._pulls = ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix="sllmd-cluster-pull")
+        self._sync_thread = threading.Thread(target=self._sync_loop, name="sllmd-cluster-sync", daemon=True)
+        self._sync_thread.start()
+        log.info("cluster node %s: peer socket %s, public key %s", self.name, self.config.peer_listen,
+                 _key_text(public))
+
+    def close(self) -> None:
+        """Leaves the cluster (peers see `left`), then stops serving peers. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._sync_thread is not None:
+            self._sync_thread.join(5.0)
+        if self._pulls is not None:
+            self._pulls.shutdown(wait=False, cancel_futures=True)
+        for step, what in ((lambda: self._membership.stop(), "leaving the cluster"),
+                           (lambda: self._peer_server.close(), "closing the peer server")):
+            try:
+                step()
+            except AttributeError:
+                pass   # never started
+            except Exception:
+                log.exception("%s failed", what)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                client.close()
+            except Exception:
+                log.debug("closing a peer client failed", exc_info=True)
+
+    # --- membership and state ---------------------------------------------------------------------
+    def _admitted(self, key: bytes) -> bool:
+        try:
+            return key in self._membership.admitted_keys()
+        except Exception:
+            log.exception("the admitted keys are unknown; refusing %r", key)
+            return False
+
+    def _local_state(self) -> tuple[int, dict]:
+        from sllmd.cluster.locality import local_state
+        version = self.node.version
+        return version, local_state(self.node)
+
+    def _publish(self) -> None:
+        version = self.node.version
+        self._membership.publish(endpoint=self.config.peer_listen, public_key=self._keys[0], version=version)
+        self._published = version
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.node.version != self._published:
+                    self._publish()
+                self._pull_moved()
+            except Exception:
+                log.exception("cluster sync failed; retrying")
+            self._wake.wait(SYNC_INTERVAL_S)
+            self._wake.clear()
+
+    def _pull_moved(self) -> None:
+        now = time.monotonic()
+        for m in self._membership.members():
+            if m.name == self.name or m.status not in LIVE or not m.endpoint or not m.public_key:
+                continue
+            with self._lock:
+                view = self._views.get(m.name)
+                if m.name in self._pulling:
+                    continue
+                if view is not None and view.version == m.version and now - view.fetched_at < REFRESH_S:
+                    continue
+                self._pulling.add(m.name)
+            self._pulls.submit(self._pull, m)
+
+    def _pull(self, member) -> None:
+        from sllmd.cluster.locality import NodeView
+        try:
+            version, state = self._client(member).state(0)
+            with self._lock:
+                self._views[member.name] = NodeView(name=member.name, status=member.status, state=state,
+                                                    version=version, fetched_at=time.monotonic())
+            log.debug("pulled the state of %s (version %d)", member.name, version)
+        except Exception as e:
+            log.info("could not pull the state of %s: %s", member.name, e)
+            self._drop_client(member.name)
+        finally:
+            with self._lock:
+                self._pulling.discard(member.name)
+
+    def _client(self, member):
+        from sllmd.cluster.peer_server import PeerClient
+        with self._lock:
+            client = self._clients.get(member.name)
+            if client is not None and getattr(client, "address", member.endpoint) == member.endpoint:
+                return client
+        public, secret = self._keys
+        client = PeerClient(member.endpoint, member.public_key, public, secret)
+        with self._lock:
+            old = self._clients.get(member.name)
+            self._clients[member.name] = client
+        if old is not None:
+            old.close()
+        return client
+
+    def _drop_client(self, name: str) -> None:
+        with self._lock:
+            client = self._clients.pop(name, None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def views(self) -> list:
+        """This node's state (taken now) and every member's last pulled state, with its current status."""
+        from sllmd.cluster.locality import NodeView
+        version, state = self._local_state()
+        out = [NodeView(name=self.name, status="alive", state=state, version=version, fetched_at=time.monotonic())]
+        with self._lock:
+            pulled = dict(self._views)
+        for m in self._membership.members():
+            if m.name == self.name or m.name not in pulled:
+                continue
+            out.append(dataclasses.replace(pulled[m.name], status=m.status))
+        return out
+
+    def nodes(self) -> list[dict]:
+        """Every member, this one included: name, status, addresses, Curve public key, its state."""
+        now_wall, now = time.time(), time.monotonic()
+        with self._lock:
+            pulled = dict(self._views)
+        version, state = self._local_state()
+        out = []
+        for m in sorted(self._membership.members(), key=lambda m: m.name):
+            mine = m.name == self.name
+            view = pulled.get(m.name)
+            out.append({
+                "name": m.name, "status": "alive" if mine else m.status, "address": m.address,
+                "endpoint": m.endpoint, "public_key": _key_text(m.public_key), "version": m.version, "self": mine,
+                "last_heard": now_wall if mine else m.last_heard,
+                "state": state if mine else (view.state if view is not None else None),
+                "state_age_s": 0.0 if mine else (now - view.fetched_at if view is not None else None)})
+        if not any(n["self"] for n in out):   # Serf has not listed us yet
+            out.insert(0, {"name": self.name, "status": "alive", "address": self.config.gossip_listen,
+                           "endpoint": self.config.peer_listen, "public_key": _key_text(self._keys[0]),
+                           "version": version, "self": True, "last_heard": now_wall, "state": state,
+                           "state_age_s": 0.0})
+        return out
+
+    def _per_node(self, key: str, local: Callable[[], list[dict]]) -> list[dict]:
+        rows = [dict(r, node=self.name) for r in local()]
+        with self._lock:
+            pulled = dict(self._views)
+        for name, view in sorted(pulled.items()):
+            member = self._membership.get(name)
+            if member is None or member.status not in LIVE:
+                continue
+            items = (view.state or {}).get(key) or []
+            if isinstance(items, dict):
+                items = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "value": v} for k, v in items.items()]
+            rows.extend(dict(r, node=name) for r in items if isinstance(r, dict))
+        return rows
+
+    def models_all(self) -> list[dict]:
+        return self._per_node("models", self.node.models)
+
+    def ps_all(self) -> list[dict]:
+        return self._per_node("instances", self.node.ps)
+
+    def requests_all(self) -> list[dict]:
+        local = getattr(self.node, "requests", None)
+        return self._per_node("requests", local if local is not None else list)
+
+    # --- requests ---------------------------------------------------------------------------------
+    def infer(self, request, cancelled: threading.Event | None = None, *, node: str | None = None) -> Iterator[dict]:
+        """Places the request (or sends it to `node`), runs it there and streams its events.
+        Raises before streaming when no candidate accepts it."""
+        req = _request_dict(request)
+        model = req["model"]
+        decision, order = self._candidates(model, node)
+        tried: list[dict] = []
+        for name in order:
+            if cancelled is not None and cancelled.is_set():
+                raise CancelledError("request cancelled")
+            try:
+                events, first = self._open(name, request, req, cancelled)
+            except FINAL:
+                raise
+            except SllmError as e:
+                if node is not None or len(order) == 1:
+                    raise
+                log.info("infer %s: %s refused or failed before its first token (%s: %s); trying the next",
+                         model, name, e.code, e)
+                tried.append({"node": name, "error": e.code, "message": str(e)})
+                continue
+            except Exception as e:
+                if node is not None or len(order) == 1:
+                    raise PeerFailedError(f"node {name} failed: {e}") from e
+                log.info("infer %s: %s failed before its first token (%s); trying the next", model, name, e)
+                tried.append({"node": name, "error": "peer_failed", "message": str(e)})
+                continue
+            placement = {"node": name, "forced": node is not None, "tried": tried,
+                         "winner": _estimate(decision.winner) if decision else None,
+                         "runner_up": _estimate(decision.runner_up) if decision else None,
+                         "candidates": [_estimate(c) for c in decision.candidates] if decision else []}
+            log.debug("infer %s placed on %s: %s", model, name, placement)
+            return self._relay(name, events, first, placement, cancelled)
+        raise PeerFailedError(f"no node could run {model!r}: " +
+                              "; ".join(f"{t['node']}: {t['message']}" for t in tried))
+
+    def _candidates(self, model: str, forced: str | None) -> tuple[Any, list[str]]:
+        if forced is not None:
+            if forced != self.name:
+                member = self._membership.get(forced)
+                if member is None or member.status not in LIVE:
+                    state = "is " + member.status if member is not None else "is not a member"
+                    raise NodeNotFoundError(f"node {forced!r} {state}; see `sllmctl nodes`")
+            return None, [forced]
+        from sllmd.cluster.placement import place
+        decision = place(model, self.views(), time.monotonic(), stale_after_s=STALE_AFTER_S)
+        order = [c.node for c in sorted(decision.candidates, key=lambda c: c.seconds)]
+        if decision.winner is not None:
+            order = [decision.winner.node] + [n for n in order if n != decision.winner.node]
+        order = list(dict.fromkeys(order))
+        if not order:
+            order = [self.name]   # nobody is known to hold it: this node answers (model_not_found, or runs it)
+        return decision, order
+
+    def _open(self, name: str, request, req: dict, cancelled) -> tuple[Iterator[dict], dict | None]:
+        """Starts the request on `name`; returns its event stream and its first event (None: it ended)."""
+        if name == self.name:
+            events = self.node.infer(request, cancelled=cancelled)
+        else:
+            member = self._membership.get(name)
+            if member is None or member.status not in LIVE or not member.endpoint:
+                raise PeerFailedError(f"node {name} is not alive")
+            try:
+                events = iter(self._client(member).infer(req))
+            except Exception:
+                self._drop_client(name)
+                raise
+        try:
+            first = self._next_event(events, cancelled)
+        except BaseException:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            if name != self.name:
+                self._drop_client(name)
+            raise
+        return events, first
+
+    @staticmethod
+    def _next_event(events: Iterator[dict], cancelled) -> dict | None:
+        """The next token/done/progress event (heartbeats skipped); None at the end of the stream."""
+        for ev in events:
+            if cancelled is not None and cancelled.is_set():
+                raise CancelledError("request cancelled")
+            if ev.get("type") != "heartbeat":
+                return ev
+        return None
+
+    def _relay(self, name: str, events: Iterator[dict], first: dict | None, placement: dict,
+               cancelled) -> Iterator[dict]:
+        sent = 0
+        ev = first
+        try:
+            while ev is not None:
+                kind = ev.get("type")
+                if kind == "token":
+                    index = ev.get("index")
+                    if index is not None and index < sent:
+                        log.warning("dropping a duplicate token %d from %s", index, name)
+                    else:
+                        sent += 1
+                        yield {k: v for k, v in ev.items() if k != "index"}
+                elif kind == "done":
+                    stats = dict(ev.get("stats") or {})
+                    stats["placement"] = placement
+                    yield dict(ev, stats=stats)
+                    return
+                else:
+                    yield ev
+                try:
+                    ev = self._next_event(events, cancelled)
+                except FINAL:
+                    raise
+                except Exception as e:
+                    if name == self.name:
+                        raise
+                    self._drop_client(name)
+                    code = getattr(e, "code", type(e).__name__)
+                    raise PeerFailedError(f"node {name} failed after {sent} token(s): {code}: {e}") from e
+            if name != self.name:
+                raise PeerFailedError(f"node {name} ended the stream after {sent} token(s) without finishing")
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()   # a cancel or an early end: the node (or peer, through PeerCancel) stops the request
