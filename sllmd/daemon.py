@@ -88,6 +88,7 @@ class Daemon:
         self.state = State.CREATED
         self.node: Any = None
         self.server: Server | None = None
+        self.cluster: Any = None   # sllmd.cluster.coordinator.Cluster when the config enables one
         self._endpoint = None
         self._stop_requested: str | None = None   # written by signal handlers: nothing else happens there
         self._stop_count = 0
@@ -122,8 +123,12 @@ class Daemon:
         self.node.start()
         log.info("node started in %.2f s (store %s, device %s)", time.monotonic() - started, cfg.store_dir,
                  cfg.device)
+        if getattr(cfg, "cluster_enabled", False):   # Serf agent, peer socket, state sync: only with --peer-listen
+            from sllmd.cluster.coordinator import Cluster
+            self.cluster = Cluster(cfg, self.node)
+            self.cluster.start()
         self.server = Server(self.node, self._endpoint, max_frame_bytes=cfg.max_frame_bytes,
-                             heartbeat_s=cfg.heartbeat_s, max_streams=cfg.max_streams)
+                             heartbeat_s=cfg.heartbeat_s, max_streams=cfg.max_streams, cluster=self.cluster)
         self.server.start()
         self.state = State.RUNNING
         sd_notify(f"READY=1\nSTATUS=serving on {cfg.socket}\nMAINPID={os.getpid()}", self._env)
@@ -164,6 +169,8 @@ class Daemon:
             if self.server is not None:
                 self.server.stop_accepting()
                 self._grace()
+            if self.cluster is not None:   # leave (peers see `left`) before the node goes
+                self._close_cluster()
             if self.node is not None:
                 self._close_node(NODE_CLOSE_S)
             if self.server is not None:
@@ -187,6 +194,12 @@ class Daemon:
         closer.join(timeout)
         if closer.is_alive():
             log.warning("the node did not close within %.0f s; stopping without it", timeout)
+
+    def _close_cluster(self) -> None:
+        try:
+            self.cluster.close()
+        except Exception:
+            log.exception("leaving the cluster failed")
 
     @staticmethod
     def stragglers() -> list[str]:

@@ -83,8 +83,9 @@ class _Client:
 
 class Server:
     def __init__(self, node: Any, endpoint: ServerEndpoint, *, max_frame_bytes: int = 16 << 20,
-                 heartbeat_s: float = 1.0, max_streams: int = 64, control_workers: int = 4):
+                 heartbeat_s: float = 1.0, max_streams: int = 64, control_workers: int = 4, cluster: Any = None):
         self.node = node
+        self.cluster = cluster   # sllmd.cluster.Cluster: infer is placed cluster-wide (None: this node only)
         self.endpoint = endpoint
         self.max_frame_bytes = max_frame_bytes
         self.heartbeat_s = heartbeat_s
@@ -480,7 +481,10 @@ class Server:
                                                              no_tokenizer=msg.no_tokenizer))
 
     def _infer(self, msg, call) -> Message:
-        events = self.node.infer(msg.to_request(), cancelled=call.cancelled)  # a cancel stops a prefill too
+        if self.cluster is not None:   # placed on the fastest node (or `node`), relayed from there
+            events = self.cluster.infer(msg.to_request(), call.cancelled, node=getattr(msg, "node", None))
+        else:
+            events = self.node.infer(msg.to_request(), cancelled=call.cancelled)  # a cancel stops a prefill too
         done: Message | None = None
         try:
             for ev in events:

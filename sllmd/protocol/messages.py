@@ -150,6 +150,7 @@ class Infer(Envelope):
     stop: list[str] | None = None
     keep_alive: float | None = None
     chat: bool = True               # False: the prompt is raw text, no chat template (InferRequest.raw)
+    node: str | None = None         # run on this cluster node (sllmctl infer --node); None: placement picks
 
     def check(self) -> None:
         try:
