@@ -159,11 +159,9 @@ def run_ttft(a, daemon, client, files: list[Path], hf_dir: Path, can_drop: bool)
 def ttft_item(a, item: str, daemon, client, files: list[Path], hf_dir: Path) -> dict:
     if item == "disk":
         out = {}
-        for name, fn in (("fio", limits.disk_fio if limits.fio_available() else None),
-                         ("pread", lambda fs: limits.disk_pread(fs, threads=8, huge=True))):
-            if fn is not None:
-                r = fn(files)
-                out[name] = {"seconds": r["seconds"], "bytes": r["bytes"], "tool": r["tool"]}
+        for name in (("fio", "pread") if limits.fio_available() else ("pread",)):
+            r = limits.disk_best(files, name)   # the same best-of probes as run_all.py's disk limit
+            out[name] = {"seconds": r["seconds"], "bytes": r["bytes"], "tool": r["tool"]}
         best = min(out.values(), key=lambda r: r["seconds"] / r["bytes"])
         return {"bytes": best["bytes"], "seconds": best["seconds"], "gbps": best["bytes"] / best["seconds"] / 1e9,
                 "tools": out}
