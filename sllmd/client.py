@@ -295,14 +295,15 @@ class Client:
     def infer(self, model: str, prompt: str | None = None, *, messages: list[dict] | None = None,
               max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
               seed: int | None = None, stop: list[str] | None = None, keep_alive: float | str | None = None,
-              chat: bool = True) -> "InferStream":
+              chat: bool = True, node: str | None = None) -> "InferStream":
         """Starts a generation; iterate the result for text pieces (or `.events()` for dicts).
 
         Closing the stream early (or leaving a `for` loop over it) cancels the request in the daemon.
         """
         ka = None if keep_alive is None else parse_duration(keep_alive)
         make = lambda i: Infer(id=i, model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,  # noqa: E731
-                               temperature=temperature, top_p=top_p, seed=seed, stop=stop, keep_alive=ka, chat=chat)
+                               temperature=temperature, top_p=top_p, seed=seed, stop=stop, keep_alive=ka, chat=chat,
+                               node=node)   # node: run on that cluster node (None: placement picks)
         _build(make, 0)   # validate now, in the caller's frame, rather than on first iteration
         return InferStream(self, self._stream(make))
 

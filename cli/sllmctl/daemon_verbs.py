@@ -199,7 +199,7 @@ def cmd_infer(args) -> int:
     with _client(args) as c:
         stream = c.infer(args.name, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed, stop=args.stop or None, keep_alive=args.keep_alive,
-                         chat=not args.raw)
+                         chat=not args.raw, node=args.node)
         with stream:
             for event in stream.events():
                 if args.json:
@@ -354,4 +354,5 @@ def register(subparsers) -> None:
     add_sampling_options(p)
     p.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     p.add_argument("--stats", action="store_true", help="print the request's stats as JSON on stderr")
+    p.add_argument("--node", metavar="NAME", help="run on this cluster node (default: the one placement picks)")
     verb("status", cmd_status, "show the daemon's tiers, loader counters and uptime")
