@@ -21,6 +21,8 @@ import time
 from typing import Callable, Iterator
 
 from . import pool as pool_mod
+from .cluster.bandwidth import Bandwidths
+from .cluster.locality import ServiceTimes
 from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError,
                      ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
 from .inference.engine import Instance
@@ -65,6 +67,8 @@ class Node:
         self.pool: pool_mod.ChunkPool | None = None
         self.dram: DramTier | None = None
         self.arena: pool_mod.HostArena | None = None
+        self.bandwidths = Bandwidths()  # measured by real loads: the cluster's placement reads them
+        self.service_times = ServiceTimes()
         self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict,
                                  on_evicting=self._on_device_evicting)
         self.loads = Loads(self.device, self._load_instance, keep_alive_s=config.keep_alive_s,
@@ -355,6 +359,8 @@ class Node:
                                        tokenizer=self._prepared.tokenizer(name),
                                        skeleton=self._prepared.take_skeleton(name),
                                        compute_dtype=self.config.compute_dtype)
+                self.bandwidths.observe(f"{loaded.tier}_device", entry.checkpoint_bytes, loaded.seconds)
+                self.service_times.observe_load(name, loaded.seconds)
                 inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
                                 nbytes=nbytes, queue_depth=self.config.queue_depth)
             except BaseException:
@@ -443,6 +449,7 @@ class Node:
                         stats = event["stats"]
                         stats.update(load_s=got.load_s, load_tier=got.tier, room_wait_s=got.room_wait_s)
                         stats["queue_s"] = (stats.get("queue_s") or 0.0) + got.room_wait_s
+                        self.service_times.observe_request(req.model, stats)
                     yield event
             except (CancelledError, InstanceClosedError) as e:
                 if self._closed:  # the daemon stopped it: the same answer as a request that arrives now

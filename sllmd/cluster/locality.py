@@ -1,0 +1,114 @@
+"""This node's locality state (DESIGN.md section 8), as peers pull it and placement reads it.
+
+    {"node", "version", "device", "taken_at",
+     "models":    [{name, state, tiers, ssd_bytes, dram_bytes, device_bytes, checkpoint_bytes, pinned, error}],
+     "tiers":     {"ssd"|"dram"|"device": {used_bytes, capacity_bytes, free_bytes}},
+     "instances": [{name, state, active_requests, queued, queue_depth, service_s, queue_delay_s}],
+     "queue_delay_s":  how long a new load waits for the loads in flight (their measured mean time),
+     "bandwidths":     {path: bytes/s} measured online (sllmd.cluster.bandwidth),
+     "requests":       running/queued requests (Node.requests) where the node lists them}
+
+Everything comes from the real node (models, ps, its tiers' stats, loads in flight) and its
+measurements (node.bandwidths, node.service_times: set by Node itself). The version is the
+node's, so a peer can tell a pulled copy is current.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from sllmd.cluster.bandwidth import Ewma
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = ("name", "state", "tiers", "ssd_bytes", "dram_bytes", "device_bytes", "checkpoint_bytes",
+              "pinned", "error")
+INSTANCE_KEYS = ("name", "state", "active_requests", "queued", "expires_at", "load_tier", "load_s")
+DEFAULT_LOAD_S = 1.0   # a load in flight before any load has been timed
+
+
+@dataclasses.dataclass
+class NodeView:
+    name: str
+    status: str           # alive | suspect | failed | left
+    state: dict
+    version: int
+    fetched_at: float     # time.monotonic() of the pull
+
+
+class ServiceTimes:
+    """Per model, the EWMA of a request's service time (arrival to done, less its queueing),
+    and of load times; queue delay estimates come from these."""
+
+    def __init__(self):
+        self._service = Ewma()
+        self._loads = Ewma()
+
+    def observe_request(self, model: str, stats: dict) -> None:
+        total, queued = stats.get("total_s"), stats.get("queue_s") or 0.0
+        if isinstance(total, (int, float)) and total > 0:
+            self._service.add(model, max(float(total) - float(queued), 0.0))
+
+    def observe_load(self, model: str, seconds: float) -> None:
+        if seconds > 0:
+            self._loads.add(model, seconds)
+            self._loads.add("", seconds)   # every model: the node's mean load time
+
+    def service_s(self, model: str) -> float | None:
+        return self._service.get(model)
+
+    def load_s(self, model: str | None = None) -> float | None:
+        return self._loads.get(model or "")
+
+
+def _tier_stats(node) -> dict:
+    raw = {"ssd": node.ssd.stats(), "device": node.device.stats(),
+           "dram": node.dram.stats() if node.dram is not None else {"used_bytes": 0, "capacity_bytes": 0}}
+    out = {}
+    for tier, s in raw.items():
+        used, cap = int(s.get("used_bytes") or 0), int(s.get("capacity_bytes") or 0)
+        out[tier] = {"used_bytes": used, "capacity_bytes": cap, "free_bytes": max(cap - used, 0)}
+    return out
+
+
+def _instances(node, times: ServiceTimes | None) -> list[dict]:
+    out = []
+    depth = int(getattr(node.config, "queue_depth", 16))
+    for row in node.ps():
+        inst = {k: row.get(k) for k in INSTANCE_KEYS}
+        inst["queue_depth"] = depth
+        service = times.service_s(row["name"]) if times is not None else None
+        inst["service_s"] = service
+        ahead = int(row.get("active_requests") or 0) + int(row.get("queued") or 0)
+        inst["queue_delay_s"] = ahead * service if service is not None else (0.0 if ahead == 0 else None)
+        out.append(inst)
+    return out
+
+
+def local_state(node) -> dict:
+    """The state of `node` now (a started Node); see the module doc for its shape."""
+    version = node.version
+    times: ServiceTimes | None = getattr(node, "service_times", None)
+    bandwidths = getattr(node, "bandwidths", None)
+    in_flight = int(node.loads.counts().get("in_flight", 0))
+    mean_load = (times.load_s() if times is not None else None) or DEFAULT_LOAD_S
+    models = [{k: m.get(k) for k in MODEL_KEYS} for m in node.models()]
+    state = {
+        "node": getattr(node.config, "node_name", None), "version": version, "device": node.config.device,
+        "taken_at": time.time(),
+        "models": models,
+        "tiers": _tier_stats(node),
+        "instances": _instances(node, times),
+        "loads_in_flight": in_flight,
+        "queue_delay_s": in_flight * mean_load,
+        "bandwidths": bandwidths.to_dict() if bandwidths is not None else {},
+    }
+    requests = getattr(node, "requests", None)
+    if callable(requests):
+        try:
+            state["requests"] = requests()
+        except Exception:
+            log.debug("the node's requests are unavailable", exc_info=True)
+            state["requests"] = []
+    return state

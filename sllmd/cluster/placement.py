@@ -1,0 +1,202 @@
+"""Locality-aware placement (DESIGN.md section 8): pure functions over node views.
+
+For a request for model M, every alive node n that can serve M gets an estimate of the
+time until M answers there, and the smallest wins:
+
+    instance  a loaded, non-saturated instance of M: its queue delay
+    dram      M in n's DRAM tier:    q + size / b(dram_device)
+    ssd       M only on n's SSD:     q + size / b(ssd_device)   (the pipelined SSD->DRAM->device rate,
+                                     else the slowest of its two stages)
+    peer      another node holds M and n can fetch from peers: q + size/b(peer_ssd) + size/b(ssd_device)
+    repo      the repository offers M and n can fetch from it: q + size/b(repo_ssd) + size/b(ssd_device)
+    migration whatever the `migration` hook estimates (section 9)
+
+q is the node's queue delay for a new load (state["queue_delay_s"]). Bandwidths are the node's
+measured ones (state["bandwidths"], bytes/s); a path it has not measured borrows the median of
+the other nodes' measurements, else DEFAULT_BANDWIDTHS. A node whose view is older than
+stale_after_s is unknown: its candidates come after every known one, whatever their estimate.
+Ties break toward `prefer` (the coordinating node: no forwarding hop), then the faster path
+kind, then the node name, so the decision is deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Callable, Iterable
+
+from sllmd.cluster.locality import NodeView
+
+# Only used for a path that no node has measured yet (bytes/s); the probe seeds real values.
+DEFAULT_BANDWIDTHS = {"dram_device": 4e9, "ssd_device": 1e9, "ssd_dram": 1e9, "peer_ssd": 0.5e9,
+                      "repo_ssd": 0.1e9}
+PATH_RANK = {"instance": 0, "dram": 1, "ssd": 2, "peer": 3, "repo": 4, "migration": 5}
+CANDIDATE_STATUS = ("alive",)
+
+
+@dataclasses.dataclass
+class Estimate:
+    node: str
+    path: str          # instance | dram | ssd | peer | repo | migration
+    seconds: float
+    detail: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Decision:
+    winner: Estimate | None
+    candidates: list[Estimate]         # in the order to try them: known by estimate, then stale ones
+    runner_up: Estimate | None
+
+
+def _models(state: dict) -> dict[str, dict]:
+    models = state.get("models") or []
+    if isinstance(models, dict):
+        return {k: dict(v, name=k) for k, v in models.items() if isinstance(v, dict)}
+    return {m["name"]: m for m in models if isinstance(m, dict) and "name" in m}
+
+
+def _instance(state: dict, model: str) -> dict | None:
+    for inst in state.get("instances") or []:
+        if isinstance(inst, dict) and inst.get("name") == model:
+            return inst
+    return None
+
+
+def _size(info: dict) -> int:
+    return int(info.get("checkpoint_bytes") or info.get("ssd_bytes") or info.get("size_bytes") or 0)
+
+
+def _fallbacks(views: Iterable[NodeView]) -> dict[str, float]:
+    """Per path, the median of the nodes' measured bandwidths (else the default)."""
+    seen: dict[str, list[float]] = {}
+    for v in views:
+        for path, bw in ((v.state or {}).get("bandwidths") or {}).items():
+            if isinstance(bw, (int, float)) and bw > 0:
+                seen.setdefault(path, []).append(float(bw))
+    out = dict(DEFAULT_BANDWIDTHS)
+    out.update({p: statistics.median(b) for p, b in seen.items()})
+    return out
+
+
+def _bandwidth(state: dict, path: str, fallbacks: dict[str, float]) -> tuple[float, bool]:
+    """(bytes/s, measured on this node)."""
+    bw = (state.get("bandwidths") or {}).get(path)
+    if isinstance(bw, (int, float)) and bw > 0:
+        return float(bw), True
+    return fallbacks.get(path, DEFAULT_BANDWIDTHS.get(path, 1e9)), False
+
+
+def _ssd_rate(state: dict, fallbacks: dict[str, float]) -> tuple[float, str]:
+    """SSD -> device: the measured end-to-end rate, else the slowest measured stage."""
+    bw, measured = _bandwidth(state, "ssd_device", fallbacks)
+    if measured:
+        return bw, "ssd_device"
+    stages = [(_bandwidth(state, p, fallbacks), p) for p in ("ssd_dram", "dram_device")]
+    known = [(b, p) for (b, m), p in stages if m]
+    if known:
+        return min(known)
+    return bw, "ssd_device"
+
+
+def instance_delay(inst: dict) -> float | None:
+    """The queue delay of a loaded instance; None when it is saturated (its queue is full)."""
+    if inst.get("state", "loaded") != "loaded":
+        return None
+    queued = int(inst.get("queued") or 0)
+    depth = inst.get("queue_depth")
+    if depth is not None and queued >= int(depth):
+        return None
+    if inst.get("queue_delay_s") is not None:
+        return float(inst["queue_delay_s"])
+    ahead = int(inst.get("active_requests") or 0) + queued
+    return ahead * float(inst.get("service_s") or 0.0)
+
+
+def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallbacks: dict[str, float],
+                   repository: dict[str, int]) -> list[Estimate]:
+    """Every way `view`'s node could serve `model`; holders: node -> size of each node's copy."""
+    state = view.state or {}
+    q = float(state.get("queue_delay_s") or 0.0)
+    info = _models(state).get(model)
+    out: list[Estimate] = []
+    if info is not None and not info.get("error") and info.get("state") not in ("broken", "failed", "importing"):
+        tiers = info.get("tiers") or []
+        inst = _instance(state, model)
+        if inst is not None and "device" in tiers:
+            delay = instance_delay(inst)
+            if delay is not None:
+                out.append(Estimate(view.name, "instance", delay,
+                                    {"active": int(inst.get("active_requests") or 0),
+                                     "queued": int(inst.get("queued") or 0)}))
+            return out   # loaded (saturated or not): loading it again here is no option
+        size = _size(info)
+        if "dram" in tiers:
+            bw, measured = _bandwidth(state, "dram_device", fallbacks)
+            out.append(Estimate(view.name, "dram", q + size / bw,
+                                {"q_s": q, "bytes": size, "bandwidth": bw, "via": "dram_device",
+                                 "measured": measured}))
+        elif "ssd" in tiers:
+            bw, via = _ssd_rate(state, fallbacks)
+            out.append(Estimate(view.name, "ssd", q + size / bw,
+                                {"q_s": q, "bytes": size, "bandwidth": bw, "via": via,
+                                 "measured": via in (state.get("bandwidths") or {})}))
+        return out
+    ssd_bw, _ = _ssd_rate(state, fallbacks)
+    bws = state.get("bandwidths") or {}
+    others = {n: s for n, s in holders.items() if n != view.name}
+    if others and bws.get("peer_ssd"):   # only a node that can fetch from peers
+        source = min(others, key=lambda n: (others[n], n))
+        size = others[source]
+        bw = float(bws["peer_ssd"])
+        out.append(Estimate(view.name, "peer", q + size / bw + size / ssd_bw,
+                            {"q_s": q, "bytes": size, "bandwidth": bw, "from": source}))
+    if model in repository and bws.get("repo_ssd"):
+        size = repository[model]
+        bw = float(bws["repo_ssd"])
+        out.append(Estimate(view.name, "repo", q + size / bw + size / ssd_bw,
+                            {"q_s": q, "bytes": size, "bandwidth": bw}))
+    return out
+
+
+def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float = 10.0,
+          exclude: set[str] | frozenset[str] = frozenset(), migration: Callable | None = None,
+          prefer: str | None = None, repository: dict[str, int] | None = None) -> Decision:
+    """The candidates for `model` over `views` (alive, not excluded), in the order to try them.
+    `now` is on the same clock as NodeView.fetched_at. migration(model, view) -> Estimate | None
+    adds the option of moving a running request away (section 9)."""
+    live = [v for v in views if v.status in CANDIDATE_STATUS and v.name not in exclude]
+    fallbacks = _fallbacks(live)
+    holders: dict[str, int] = {}
+    for v in live:
+        info = _models(v.state or {}).get(model)
+        if info is not None and "ssd" in (info.get("tiers") or []) and now - v.fetched_at <= stale_after_s:
+            holders[v.name] = _size(info)
+    known: list[Estimate] = []
+    stale: list[Estimate] = []
+    for v in live:
+        estimates = node_estimates(model, v, holders, fallbacks, repository or {})
+        if migration is not None:
+            extra = migration(model, v)
+            if extra is not None:
+                estimates.append(extra)
+        age = now - v.fetched_at
+        if age > stale_after_s:
+            for e in estimates:
+                e.detail = dict(e.detail, stale=True, age_s=age)
+            stale.extend(estimates)
+        else:
+            known.extend(estimates)
+
+    def order(e: Estimate) -> tuple:
+        return (e.seconds, e.node != prefer, PATH_RANK.get(e.path, 9), e.node)
+
+    candidates = sorted(known, key=order) + sorted(stale, key=order)
+    first_per_node: list[Estimate] = []
+    seen: set[str] = set()
+    for e in candidates:
+        if e.node not in seen:
+            seen.add(e.node)
+            first_per_node.append(e)
+    winner = first_per_node[0] if first_per_node else None
+    runner_up = first_per_node[1] if len(first_per_node) > 1 else None
+    return Decision(winner=winner, candidates=first_per_node, runner_up=runner_up)
