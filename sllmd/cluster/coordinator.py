@@ -303,11 +303,9 @@ class Cluster:
                     raise NodeNotFoundError(f"node {forced!r} {state}; see `sllmctl nodes`")
             return None, [forced]
         from sllmd.cluster.placement import place
-        decision = place(model, self.views(), time.monotonic(), stale_after_s=STALE_AFTER_S)
-        order = [c.node for c in sorted(decision.candidates, key=lambda c: c.seconds)]
-        if decision.winner is not None:
-            order = [decision.winner.node] + [n for n in order if n != decision.winner.node]
-        order = list(dict.fromkeys(order))
+        decision = place(model, self.views(), time.monotonic(), stale_after_s=STALE_AFTER_S,
+                         prefer=self.name)   # a tie is served here: no forwarding for nothing
+        order = list(dict.fromkeys(c.node for c in decision.candidates))   # place() orders them: known, then stale
         if not order:
             order = [self.name]   # nobody is known to hold it: this node answers (model_not_found, or runs it)
         return decision, order
