@@ -1,0 +1,191 @@
+"""Three real sllmd processes, each with its own Serf agent, on loopback.
+
+The fixture starts A, B and C in parallel (A first joins nobody; B and C join A), imports the
+SmolLM2 checkpoint on B and C, leaves it in B's DRAM (loaded, then evicted from the device) and
+only on C's SSD. A holds nothing, so a request reaching A must be placed and forwarded.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from daemon_helpers import DaemonProcess, remove_tree, short_tempdir, sllmctl
+from sllmd.client import Client
+
+pytestmark = pytest.mark.skipif(shutil.which("serf") is None, reason="serf is not installed (make setup installs it)")
+
+MODEL = "smol"
+PROMPT = "Name three colours."
+FAIL_BOUND_S = 30.0     # Serf's failure detection with -profile=local, with room for a loaded machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+class ClusterNode(DaemonProcess):
+    def __init__(self, root: Path, name: str, key: Path, join: str | None):
+        self.name = name
+        self.gossip = f"127.0.0.1:{_free_port()}"
+        self.peer = f"tcp://127.0.0.1:{_free_port()}"
+        args = ["--node-name", name, "--peer-listen", self.peer, "--gossip-listen", self.gossip,
+                "--cluster-key", str(key), "--serf-profile", "local", "--state-dir", str(root / "state")]
+        if join:
+            args += ["--join", join]
+        super().__init__(root, *args)
+        self.child_pids: list[int] = []
+
+    def client(self) -> Client:
+        return Client(self.socket, timeout=120.0)
+
+    def ctl(self, *args: str):
+        return sllmctl(*args, socket_path=self.socket)
+
+    def kill9(self) -> None:
+        self.child_pids = _children(self.proc.pid)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def reap_children(self) -> None:
+        """A child agent that outlived a kill -9 (it must not: the test fails first) is not left behind."""
+        for pid in self.child_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _write_key(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+
+
+def _generate(node: ClusterNode, **kw) -> tuple[str, dict]:
+    with node.client() as c, c.infer(MODEL, PROMPT, max_tokens=12, temperature=0.0, **kw) as stream:
+        text = "".join(stream)
+        return text, stream.stats
+
+
+def _nodes(node: ClusterNode) -> dict[str, dict]:
+    out = node.ctl("nodes", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    return {r["name"]: r for r in rows}
+
+
+def _wait(what, predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+
+
+def _model_tiers(node: ClusterNode) -> list[str]:
+    with node.client() as c:
+        for m in c.models():
+            if m["name"] == MODEL:
+                return list(m.get("tiers") or [])
+    return []
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm2_checkpoint):
+    root = short_tempdir("sllm-cl-")
+    key = root / "cluster.key"
+    _write_key(key)
+    a = ClusterNode(root / "a", "A", key, None)
+    b = ClusterNode(root / "b", "B", key, a.gossip)
+    c = ClusterNode(root / "c", "C", key, a.gossip)
+    nodes = [a, b, c]
+    try:
+        with ThreadPoolExecutor(3) as pool:   # in parallel: start-up dominates the module's time
+            list(pool.map(lambda n: n.start(), nodes))
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda n: n.client().import_model(MODEL, str(smollm2_checkpoint)), (b, c)))
+        with b.client() as cb:
+            cb.load(MODEL)
+            cb.evict(MODEL, tier="device")
+        assert "dram" in _model_tiers(b) and "device" not in _model_tiers(b), _model_tiers(b)
+        with c.client() as cc:
+            if "dram" in _model_tiers(c):
+                cc.evict(MODEL, tier="dram")
+        yield {"A": a, "B": b, "C": c}
+    finally:
+        for n in nodes:
+            try:
+                n.close()
+            except Exception:
+                n.kill()
+            n.reap_children()
+        remove_tree(root)
+
+
+def test_three_nodes_list_each_other_alive(cluster):
+    for node in cluster.values():
+        rows = _wait(f"{node.name} sees three alive nodes",
+                     lambda: (lambda r: r if sorted(k for k, v in r.items() if v["status"] == "alive")
+                              == ["A", "B", "C"] else None)(_nodes(node)), 30)
+        assert all(r.get("public_key") for r in rows.values())   # operators can check each node's key
+
+
+def test_request_at_a_is_placed_on_b_holding_it_in_dram(cluster):
+    a, b, c = cluster["A"], cluster["B"], cluster["C"]
+
+    def sees_b_dram():   # A's placement works from B's pulled state: it must show the DRAM copy
+        state = _nodes(a).get("B", {}).get("state") or {}
+        return any(m.get("name") == MODEL and "dram" in (m.get("tiers") or []) for m in state.get("models") or [])
+    _wait("A has B's state with the model in DRAM", sees_b_dram, 30)
+    text, stats = _generate(a)
+    placement = stats["placement"]
+    assert placement["node"] == "B", placement
+    assert placement["winner"]["path"] == "dram", placement
+    assert {e["node"] for e in placement["candidates"]} >= {"B", "C"}, placement
+    direct, direct_stats = _generate(b, node="B")
+    assert direct_stats["placement"]["node"] == "B"
+    assert text == direct and text.strip()
+
+
+def test_forced_node_runs_there(cluster):
+    _, stats = _generate(cluster["A"], node="C")
+    assert stats["placement"]["node"] == "C" and stats["placement"]["forced"]
+
+
+def test_unknown_forced_node_is_a_clear_error(cluster):
+    out = cluster["A"].ctl("infer", MODEL, PROMPT, "--node", "nosuch", "--max-tokens", "2")
+    assert out.returncode == 1
+    assert "nosuch" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_killed_node_shows_failed_and_the_next_request_goes_to_c(cluster):
+    a, b = cluster["A"], cluster["B"]
+    b.kill9()
+    _wait("A sees B failed", lambda: _nodes(a).get("B", {}).get("status") == "failed", FAIL_BOUND_S)
+    text, stats = _generate(a)
+    assert stats["placement"]["node"] == "C", stats["placement"]
+    assert text.strip()
