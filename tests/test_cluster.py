@@ -6,19 +6,15 @@ only on C's SSD. A holds nothing, so a request reaching A must be placed and for
 """
 from __future__ import annotations
 
-import base64
 import json
-import os
 import shutil
-import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from daemon_helpers import DaemonProcess, remove_tree, short_tempdir, sllmctl
+from cluster_helpers import ClusterNode, write_cluster_key
+from daemon_helpers import remove_tree, short_tempdir
 from sllmd.client import Client
 
 pytestmark = pytest.mark.skipif(shutil.which("serf") is None, reason="serf is not installed (make setup installs it)")
@@ -26,60 +22,6 @@ pytestmark = pytest.mark.skipif(shutil.which("serf") is None, reason="serf is no
 MODEL = "smol"
 PROMPT = "Name three colours."
 FAIL_BOUND_S = 30.0     # Serf's failure detection with -profile=local, with room for a loaded machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-class ClusterNode(DaemonProcess):
-    def __init__(self, root: Path, name: str, key: Path, join: str | None):
-        self.name = name
-        self.gossip = f"127.0.0.1:{_free_port()}"
-        self.peer = f"tcp://127.0.0.1:{_free_port()}"
-        args = ["--node-name", name, "--peer-listen", self.peer, "--gossip-listen", self.gossip,
-                "--cluster-key", str(key), "--serf-profile", "local", "--state-dir", str(root / "state")]
-        if join:
-            args += ["--join", join]
-        super().__init__(root, *args)
-        self.child_pids: list[int] = []
-
-    def client(self) -> Client:
-        return Client(self.socket, timeout=120.0)
-
-    def ctl(self, *args: str):
-        return sllmctl(*args, socket_path=self.socket)
-
-    def kill9(self) -> None:
-        self.child_pids = _children(self.proc.pid)
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def reap_children(self) -> None:
-        """A child agent that outlived a kill -9 (it must not: the test fails first) is not left behind."""
-        for pid in self.child_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _write_key(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
 
 
 def _generate(node: ClusterNode, **kw) -> tuple[str, dict]:
@@ -118,7 +60,7 @@ def _model_tiers(node: ClusterNode) -> list[str]:
 def cluster(smollm2_checkpoint):
     root = short_tempdir("sllm-cl-")
     key = root / "cluster.key"
-    _write_key(key)
+    write_cluster_key(key)
     a = ClusterNode(root / "a", "A", key, None)
     b = ClusterNode(root / "b", "B", key, a.gossip)
     c = ClusterNode(root / "c", "C", key, a.gossip)
