@@ -11,7 +11,7 @@ import threading
 
 PATHS = ("ssd_dram", "dram_device", "ssd_device", "peer_ssd", "repo_ssd")
 ALPHA = 0.3            # weight of the newest observation
-MIN_BYTES = 1 << 20    # a smaller transfer measures latency, not bandwidth
+MIN_BYTES = 64 << 10   # a smaller transfer measures latency, not bandwidth
 
 
 class Ewma:
