@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 	$(PY) bench/daemon_bench.py
 	$(PY) bench/compute_dtype.py --chunks
+	$(PY) bench/cluster_bench.py
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so
