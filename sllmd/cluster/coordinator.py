@@ -362,6 +362,9 @@ class Cluster:
                     stats = dict(ev.get("stats") or {})
                     stats["placement"] = placement
                     yield dict(ev, stats=stats)
+                    if name == self.name:   # the node's generator ends on its own (its cleanup runs first)
+                        for extra in events:
+                            log.warning("ignoring %r after done", extra.get("type"))
                     return
                 else:
                     yield ev
