@@ -48,37 +48,73 @@ class Decision:
     runner_up: Estimate | None
 
 
+class _Index:
+    """A state's models and instances by name, built once per state dict: a pulled state is
+    never changed in place (a new pull is a new dict), so its identity names its contents."""
+    __slots__ = ("state", "models", "instances")
+
+    def __init__(self, state: dict):
+        self.state = state    # kept alive, so its id() stays its own while cached
+        models = state.get("models") or []
+        if isinstance(models, dict):
+            self.models = {k: dict(v, name=k) for k, v in models.items() if isinstance(v, dict)}
+        else:
+            self.models = {m["name"]: m for m in models if isinstance(m, dict) and "name" in m}
+        self.instances = {i["name"]: i for i in state.get("instances") or [] if isinstance(i, dict) and "name" in i}
+
+
+_INDEX: dict[int, _Index] = {}
+_INDEX_MAX = 8192
+
+
+def _index(state: dict) -> _Index:
+    key = id(state)
+    ix = _INDEX.get(key)
+    if ix is None or ix.state is not state:
+        if len(_INDEX) >= _INDEX_MAX:
+            _INDEX.clear()
+        ix = _INDEX[key] = _Index(state)
+    return ix
+
+
+def _fetches(state: dict) -> bool:
+    bws = state.get("bandwidths")
+    return bool(bws and (bws.get("peer_ssd") or bws.get("repo_ssd")))
+
+
 def _models(state: dict) -> dict[str, dict]:
-    models = state.get("models") or []
-    if isinstance(models, dict):
-        return {k: dict(v, name=k) for k, v in models.items() if isinstance(v, dict)}
-    return {m["name"]: m for m in models if isinstance(m, dict) and "name" in m}
+    return _index(state).models
 
 
 def _instance(state: dict, model: str) -> dict | None:
-    for inst in state.get("instances") or []:
-        if isinstance(inst, dict) and inst.get("name") == model:
-            return inst
-    return None
+    return _index(state).instances.get(model)
 
 
 def _size(info: dict) -> int:
     return int(info.get("checkpoint_bytes") or info.get("ssd_bytes") or info.get("size_bytes") or 0)
 
 
-def _fallbacks(views: Iterable[NodeView]) -> dict[str, float]:
-    """Per path, the median of the nodes' measured bandwidths (else the default)."""
-    seen: dict[str, list[float]] = {}
-    for v in views:
-        for path, bw in ((v.state or {}).get("bandwidths") or {}).items():
-            if isinstance(bw, (int, float)) and bw > 0:
-                seen.setdefault(path, []).append(float(bw))
-    out = dict(DEFAULT_BANDWIDTHS)
-    out.update({p: statistics.median(b) for p, b in seen.items()})
-    return out
+class _Fallbacks:
+    """Per path, the median of the nodes' measured bandwidths (else the default); computed on
+    first use only, since most decisions find every path measured."""
+
+    def __init__(self, views: Iterable[NodeView]):
+        self._views = views
+        self._values: dict[str, float] | None = None
+
+    def get(self, path: str, default: float) -> float:
+        if self._values is None:
+            seen: dict[str, list[float]] = {}
+            for v in self._views:
+                for p, bw in ((v.state or {}).get("bandwidths") or {}).items():
+                    if isinstance(bw, (int, float)) and bw > 0:
+                        seen.setdefault(p, []).append(float(bw))
+            self._values = dict(DEFAULT_BANDWIDTHS)
+            self._values.update({p: statistics.median(b) for p, b in seen.items()})
+        return self._values.get(path, default)
 
 
-def _bandwidth(state: dict, path: str, fallbacks: dict[str, float]) -> tuple[float, bool]:
+def _bandwidth(state: dict, path: str, fallbacks: _Fallbacks) -> tuple[float, bool]:
     """(bytes/s, measured on this node)."""
     bw = (state.get("bandwidths") or {}).get(path)
     if isinstance(bw, (int, float)) and bw > 0:
@@ -86,7 +122,7 @@ def _bandwidth(state: dict, path: str, fallbacks: dict[str, float]) -> tuple[flo
     return fallbacks.get(path, DEFAULT_BANDWIDTHS.get(path, 1e9)), False
 
 
-def _ssd_rate(state: dict, fallbacks: dict[str, float]) -> tuple[float, str]:
+def _ssd_rate(state: dict, fallbacks: _Fallbacks) -> tuple[float, str]:
     """SSD -> device: the measured end-to-end rate, else the slowest measured stage."""
     bw, measured = _bandwidth(state, "ssd_device", fallbacks)
     if measured:
@@ -112,7 +148,7 @@ def instance_delay(inst: dict) -> float | None:
     return ahead * float(inst.get("service_s") or 0.0)
 
 
-def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallbacks: dict[str, float],
+def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallbacks: _Fallbacks,
                    repository: dict[str, int]) -> list[Estimate]:
     """Every way `view`'s node could serve `model`; holders: node -> size of each node's copy."""
     state = view.state or {}
@@ -164,16 +200,28 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
     """The candidates for `model` over `views` (alive, not excluded), in the order to try them.
     `now` is on the same clock as NodeView.fetched_at. migration(model, view) -> Estimate | None
     adds the option of moving a running request away (section 9)."""
-    live = [v for v in views if v.status in CANDIDATE_STATUS and v.name not in exclude]
-    fallbacks = _fallbacks(live)
+    live: list[NodeView] = []
     holders: dict[str, int] = {}
-    for v in live:
-        info = _models(v.state or {}).get(model)
-        if info is not None and "ssd" in (info.get("tiers") or []) and now - v.fetched_at <= stale_after_s:
-            holders[v.name] = _size(info)
+    relevant: list[NodeView] = []   # nodes with a copy, or able to fetch one, or asked about by the hook
+    for v in views:
+        if v.status not in CANDIDATE_STATUS or v.name in exclude:
+            continue
+        live.append(v)
+        state = v.state or {}
+        ix = _INDEX.get(id(state))
+        if ix is None or ix.state is not state:
+            ix = _index(state)
+        info = ix.models.get(model)
+        if info is not None:
+            relevant.append(v)
+            if "ssd" in (info.get("tiers") or ()) and now - v.fetched_at <= stale_after_s:
+                holders[v.name] = _size(info)
+        elif migration is not None or _fetches(state):
+            relevant.append(v)
+    fallbacks = _Fallbacks(live)
     known: list[Estimate] = []
     stale: list[Estimate] = []
-    for v in live:
+    for v in relevant:
         estimates = node_estimates(model, v, holders, fallbacks, repository or {})
         if migration is not None:
             extra = migration(model, v)
