@@ -122,12 +122,13 @@ def cmd_load(args) -> int:
     if args.json:
         print_json(info)
         return 0
-    until = fmt_until(info.get("expires_at"), time.time())
+    expires = info.get("expires_at")
+    kept = "kept loaded until stopped" if expires is None else f"unloaded when idle {fmt_until(expires, time.time())}"
     if already_loaded(info):
-        print(f"{args.name} is already loaded, until {until}")
+        print(f"{args.name} is already loaded; {kept}")
     else:
         load = f" from {info['load_tier']} in {info['load_s']:.2f}s" if info.get("load_tier") else ""
-        print(f"{args.name} loaded{load}, until {until}")
+        print(f"{args.name} loaded{load}; {kept}")
     return 0
 
 
