@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,7 @@ class Cluster:
     def __init__(self, config, node, *, membership=None, transport_keys: tuple[bytes, bytes] | None = None):
         self.config = config
         self.node = node
-        self.name: str = config.node_name
+        self.name: str = getattr(config, "node_name", None) or socket.gethostname()
         self._membership = membership
         self._keys = transport_keys
         self._views: dict[str, Any] = {}              # peer name -> NodeView (last pulled)
@@ -227,8 +228,8 @@ class Cluster:
                 "state": state if mine else (view.state if view is not None else None),
                 "state_age_s": 0.0 if mine else (now - view.fetched_at if view is not None else None)})
         if not any(n["self"] for n in out):   # Serf has not listed us yet
-            out.insert(0, {"name": self.name, "status": "alive", "address": self.config.gossip_listen,
-                           "endpoint": self.config.peer_listen, "public_key": _key_text(self._keys[0]),
+            out.insert(0, {"name": self.name, "status": "alive", "address": getattr(self.config, "gossip_listen", None),
+                           "endpoint": getattr(self.config, "peer_listen", None), "public_key": _key_text(self._keys[0]),
                            "version": version, "self": True, "last_heard": now_wall, "state": state,
                            "state_age_s": 0.0})
         return out
