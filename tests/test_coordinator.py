@@ -14,6 +14,7 @@ from sllmd.cluster.locality import NodeView, local_state
 from sllmd.errors import ModelNotFoundError, NodeNotFoundError
 from sllmd.inference import InferRequest, SamplingParams
 from test_node import infer, node_factory, sources, tok  # noqa: F401  (fixtures)
+from test_server import serve  # noqa: F401  (fixture)
 
 
 @dataclasses.dataclass
@@ -99,3 +100,17 @@ def test_nodes_lists_this_node_with_its_key_before_serf_does(node_factory):
     rows = cluster_of(node, Roster()).nodes()
     assert [(r["name"], r["status"], r["self"], r["public_key"]) for r in rows] == [("here", "alive", True, "P" * 40)]
     assert rows[0]["state"]["version"] == node.version
+
+
+def test_the_server_sends_infer_through_the_cluster_with_the_clients_node(node_factory, sources, serve):
+    from sllmd.client import Client
+    node = node_factory()
+    node.import_model("m0", str(sources["m0"]))
+    served = serve(node, cluster=cluster_of(node, Roster(Member("here", "alive"))))
+    with Client(served.socket, timeout=60) as c:
+        with c.infer("m0", "héllo", max_tokens=4, node="here") as stream:
+            "".join(stream)
+        assert stream.stats["placement"]["node"] == "here" and stream.stats["placement"]["forced"]
+        with pytest.raises(NodeNotFoundError, match="ghost"):
+            with c.infer("m0", "héllo", max_tokens=4, node="ghost") as stream:
+                "".join(stream)
