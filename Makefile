@@ -6,9 +6,16 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: setup demo test bench clean
+.PHONY: setup serf demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) serf
+
+# The cluster's membership runs on Serf (Debian's package). As root it is installed directly; otherwise
+# through sudo -n, which fails at once instead of prompting (CI has no terminal).
+serf:
+	@command -v serf >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q serf; }
 
 # torch is pinned to the CPU build that lies on this machine's disk; an unpinned
 # torch would pull a multi-GB CUDA build. The extension is built without build
@@ -24,10 +31,10 @@ $(STAMP): $(SOURCES)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) serf
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) serf
 	$(PIP) install -q --no-build-isolation -e '.[bench]'
 	@command -v fio >/dev/null || apt-get install -y -q fio >/dev/null 2>&1 || \
 		echo "note: fio is not installed (apt-get install fio); the disk limit is measured with preadv only"
