@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import re
+import socket as _socket
 import tempfile
 import tomllib
 from dataclasses import dataclass
@@ -104,6 +105,19 @@ class Config:
     prefault: bool = False              # fault the whole DRAM pool in at start (background) instead of on use
     load_wait_s: float = 300.0          # how long a request waits for its model's load before load_timeout
     room_wait_s: float = 30.0           # how long a load waits for busy instances to leave device room
+    # the cluster (DESIGN.md 8): all off unless peer_listen is set
+    node_name: str = dataclasses.field(default_factory=lambda: _socket.gethostname())
+    peer_listen: str | None = None      # tcp://HOST:PORT, CurveZMQ; enables the cluster
+    gossip_listen: str | None = None    # Serf bind HOST:PORT; 127.0.0.1:7946 when the cluster is on
+    serf_rpc: str | None = None         # attach to a running agent's RPC instead of starting one
+    join: tuple[str, ...] = ()          # Serf addresses to join, retried until one answers
+    cluster_key: Path | None = None     # Serf's gossip encryption key (sllmctl keygen), mode 0600
+    state_dir: Path | None = None       # the node's Curve key pair; default STORE/.state
+    serf_profile: str = "lan"           # lan, wan or local (Serf's timing profiles)
+
+    @property
+    def cluster_enabled(self) -> bool:
+        return self.peer_listen is not None
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,7 @@ class Setting:
     help: str
     metavar: str = "VALUE"
     default: str | None = None     # the default as --help states it; None: taken from Config
+    repeat: bool = False           # a flag given several times (a list; comma-separated in the environment)
 
     @property
     def env(self) -> str:
@@ -162,6 +177,66 @@ SETTINGS: list[Setting] = [
             "before answering load_timeout (exit 75)", "DUR", "5m"),
     Setting("room_wait", "room_wait_s", parse_duration, "how long a load waits for busy instances to leave "
             "room on the device before answering out_of_memory (exit 75)", "DUR", "30s"),
+]
+
+
+def parse_host_port(value: str) -> str:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def parse_peer_listen(value: str) -> str:
+    text = str(value).strip()
+    if not text.startswith("tcp://"):
+        raise ConfigError(f"expected tcp://HOST:PORT, got {text!r}")
+    parse_host_port(text.removeprefix("tcp://"))
+    return text
+
+
+def parse_join(value) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        out += [parse_host_port(part) for part in str(item).split(",") if part.strip()]
+    return tuple(out)
+
+
+def parse_node_name(value: str) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", text):
+        raise ConfigError(f"expected letters, digits, '.', '_' or '-' (at most 63), got {text!r}")
+    return text
+
+
+def parse_serf_profile(value: str) -> str:
+    text = str(value).strip().lower()
+    if text not in ("lan", "wan", "local"):
+        raise ConfigError(f"expected lan, wan or local, got {text!r}")
+    return text
+
+
+def _path(value) -> Path:
+    return Path(str(value)).expanduser()
+
+
+SETTINGS += [
+    Setting("node_name", "node_name", parse_node_name, "this node's name in the cluster", "NAME", "the host name"),
+    Setting("peer_listen", "peer_listen", parse_peer_listen, "peer socket (CurveZMQ); setting it joins a cluster",
+            "tcp://HOST:PORT", "none: a single node"),
+    Setting("gossip_listen", "gossip_listen", parse_host_port, "Serf gossip bind address", "HOST:PORT",
+            "127.0.0.1:7946 with --peer-listen"),
+    Setting("serf_rpc", "serf_rpc", parse_host_port, "attach to a running Serf agent's RPC instead of starting one",
+            "HOST:PORT", "none: sllmd runs its own agent"),
+    Setting("join", "join", parse_join, "a cluster member's gossip address to join (repeatable; retried)",
+            "HOST:PORT", "none", repeat=True),
+    Setting("cluster_key", "cluster_key", _path, "cluster key file (sllmctl keygen; mode 0600), needed with "
+            "--peer-listen", "FILE", "none"),
+    Setting("state_dir", "state_dir", _path, "node state: the Curve key pair", "DIR", "STORE/.state"),
+    Setting("serf_profile", "serf_profile", parse_serf_profile, "Serf timing profile: lan, wan or local", "NAME",
+            "lan"),
 ]
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -304,6 +379,9 @@ def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] |
     values.setdefault("dram_bytes", default_dram_bytes(values.get("chunk_size", Config.chunk_size)))
     if "device_memory_bytes" not in values:
         values["device_memory_bytes"] = _default_device_memory(device)
+    if values.get("peer_listen"):
+        values.setdefault("gossip_listen", "127.0.0.1:7946")
+        values.setdefault("state_dir", values["store_dir"] / ".state")
     config = Config(**values)
     validate(config)
     check_host(config)
@@ -410,6 +488,14 @@ def validate(config: Config) -> None:
     need(0.05 <= config.heartbeat_s <= 60, "heartbeat: must be between 50ms and 60s")
     need(config.load_wait_s > 0, "load_wait: must be positive")
     need(config.room_wait_s >= 0, "room_wait: cannot be negative")
+    if config.cluster_enabled:
+        need(config.cluster_key is not None, "cluster_key: needed with peer_listen (make one: sllmctl keygen FILE)")
+        from sllmd.cluster.cluster_key import load_cluster_key
+        load_cluster_key(config.cluster_key)     # refuses a key readable by group or others
+    else:
+        for key in ("gossip_listen", "serf_rpc", "cluster_key"):
+            need(getattr(config, key) is None, f"{key}: only with peer_listen (the cluster is off without it)")
+        need(not config.join, "join: only with peer_listen (the cluster is off without it)")
 
 
 def as_dict(config: Config) -> dict[str, Any]:
@@ -421,6 +507,8 @@ def as_dict(config: Config) -> dict[str, Any]:
             value = str(value)
         elif s.key == "socket_mode":
             value = f"{value:04o}"
+        elif isinstance(value, tuple):
+            value = list(value)
         out[s.key] = value
     return out
 
@@ -432,6 +520,8 @@ def add_flags(parser) -> None:
         text = f"{s.help} (default: {default_help(s)})".replace("%", "%%")
         if s.parse is parse_bool:
             group.add_argument(s.flag, dest=s.key, default=None, action=argparse.BooleanOptionalAction, help=text)
+        elif s.repeat:
+            group.add_argument(s.flag, dest=s.key, default=None, action="append", metavar=s.metavar, help=text)
         else:
             group.add_argument(s.flag, dest=s.key, default=None, metavar=s.metavar, help=text)
 
