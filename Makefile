@@ -42,6 +42,7 @@ bench: $(STAMP) serf
 	$(PY) bench/daemon_bench.py
 	$(PY) bench/compute_dtype.py --chunks
 	$(PY) bench/cluster_bench.py
+	$(PY) bench/placement_bench.py
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so

@@ -126,7 +126,7 @@ def test_a_node_whose_measured_bandwidth_changed():
     for _ in range(4):
         bws.observe("ssd_device", 1 * GB, 1.0)
     assert bws.get("ssd_device") < 4 * GB
-    b.state["bandwidths"] = bws.to_dict()
+    b = view("b", [model(["ssd"], size=4 * GB)], bw=bws.to_dict())   # its next pulled state
     d = place(M, [b, c], NOW)
     assert d.winner.node == "c" and d.runner_up.node == "b"
     assert d.runner_up.seconds == pytest.approx(4 * GB / bws.get("ssd_device"))

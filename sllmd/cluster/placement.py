@@ -21,6 +21,7 @@ kind, then the node name, so the decision is deterministic.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import statistics
 from typing import Callable, Iterable
 
@@ -31,6 +32,7 @@ DEFAULT_BANDWIDTHS = {"dram_device": 4e9, "ssd_device": 1e9, "ssd_dram": 1e9, "p
                       "repo_ssd": 0.1e9}
 PATH_RANK = {"instance": 0, "dram": 1, "ssd": 2, "peer": 3, "repo": 4, "migration": 5}
 CANDIDATE_STATUS = ("alive",)
+MAX_CANDIDATES = 8     # tried in turn; more only bloats the request's stats
 
 
 @dataclasses.dataclass
@@ -51,7 +53,7 @@ class Decision:
 class _Index:
     """A state's models and instances by name, built once per state dict: a pulled state is
     never changed in place (a new pull is a new dict), so its identity names its contents."""
-    __slots__ = ("state", "models", "instances")
+    __slots__ = ("state", "models", "instances", "fetches")
 
     def __init__(self, state: dict):
         self.state = state    # kept alive, so its id() stays its own while cached
@@ -61,6 +63,7 @@ class _Index:
         else:
             self.models = {m["name"]: m for m in models if isinstance(m, dict) and "name" in m}
         self.instances = {i["name"]: i for i in state.get("instances") or [] if isinstance(i, dict) and "name" in i}
+        self.fetches = _fetches(state)
 
 
 _INDEX: dict[int, _Index] = {}
@@ -148,6 +151,25 @@ def instance_delay(inst: dict) -> float | None:
     return ahead * float(inst.get("service_s") or 0.0)
 
 
+UNSERVABLE = ("broken", "failed", "importing")
+
+
+def _holder_cost(state: dict, info: dict, inst: dict | None, fallbacks: _Fallbacks) -> tuple[str, float] | None:
+    """(path, seconds) for a node holding the model; None when it cannot serve it now."""
+    if info.get("error") or info.get("state") in UNSERVABLE:
+        return None
+    tiers = info.get("tiers") or ()
+    if inst is not None and "device" in tiers:
+        delay = instance_delay(inst)   # loaded (saturated or not): loading it again here is no option
+        return None if delay is None else ("instance", delay)
+    q = float(state.get("queue_delay_s") or 0.0)
+    if "dram" in tiers:
+        return "dram", q + _size(info) / _bandwidth(state, "dram_device", fallbacks)[0]
+    if "ssd" in tiers:
+        return "ssd", q + _size(info) / _ssd_rate(state, fallbacks)[0]
+    return None
+
+
 def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallbacks: _Fallbacks,
                    repository: dict[str, int]) -> list[Estimate]:
     """Every way `view`'s node could serve `model`; holders: node -> size of each node's copy."""
@@ -155,27 +177,22 @@ def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallback
     q = float(state.get("queue_delay_s") or 0.0)
     info = _models(state).get(model)
     out: list[Estimate] = []
-    if info is not None and not info.get("error") and info.get("state") not in ("broken", "failed", "importing"):
-        tiers = info.get("tiers") or []
+    if info is not None:
         inst = _instance(state, model)
-        if inst is not None and "device" in tiers:
-            delay = instance_delay(inst)
-            if delay is not None:
-                out.append(Estimate(view.name, "instance", delay,
-                                    {"active": int(inst.get("active_requests") or 0),
-                                     "queued": int(inst.get("queued") or 0)}))
-            return out   # loaded (saturated or not): loading it again here is no option
-        size = _size(info)
-        if "dram" in tiers:
+        cost = _holder_cost(state, info, inst, fallbacks)
+        if cost is None:
+            return out
+        path, seconds = cost
+        if path == "instance":
+            detail = {"active": int(inst.get("active_requests") or 0), "queued": int(inst.get("queued") or 0)}
+        elif path == "dram":
             bw, measured = _bandwidth(state, "dram_device", fallbacks)
-            out.append(Estimate(view.name, "dram", q + size / bw,
-                                {"q_s": q, "bytes": size, "bandwidth": bw, "via": "dram_device",
-                                 "measured": measured}))
-        elif "ssd" in tiers:
+            detail = {"q_s": q, "bytes": _size(info), "bandwidth": bw, "via": "dram_device", "measured": measured}
+        else:
             bw, via = _ssd_rate(state, fallbacks)
-            out.append(Estimate(view.name, "ssd", q + size / bw,
-                                {"q_s": q, "bytes": size, "bandwidth": bw, "via": via,
-                                 "measured": via in (state.get("bandwidths") or {})}))
+            detail = {"q_s": q, "bytes": _size(info), "bandwidth": bw, "via": via,
+                      "measured": via in (state.get("bandwidths") or {})}
+        out.append(Estimate(view.name, path, seconds, detail))
         return out
     ssd_bw, _ = _ssd_rate(state, fallbacks)
     bws = state.get("bandwidths") or {}
@@ -196,13 +213,16 @@ def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallback
 
 def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float = 10.0,
           exclude: set[str] | frozenset[str] = frozenset(), migration: Callable | None = None,
-          prefer: str | None = None, repository: dict[str, int] | None = None) -> Decision:
-    """The candidates for `model` over `views` (alive, not excluded), in the order to try them.
-    `now` is on the same clock as NodeView.fetched_at. migration(model, view) -> Estimate | None
-    adds the option of moving a running request away (section 9)."""
+          prefer: str | None = None, repository: dict[str, int] | None = None,
+          max_candidates: int | None = MAX_CANDIDATES) -> Decision:
+    """The best option per node for `model` over `views` (alive, not excluded), in the order to
+    try them, at most max_candidates of them (None: all). `now` is on the same clock as
+    NodeView.fetched_at. migration(model, view) -> Estimate | None adds the option of moving a
+    running request away (section 9)."""
     live: list[NodeView] = []
+    holding: list[tuple[NodeView, dict, dict | None]] = []
     holders: dict[str, int] = {}
-    relevant: list[NodeView] = []   # nodes with a copy, or able to fetch one, or asked about by the hook
+    others: list[NodeView] = []     # no copy, but able to fetch one or asked about by the hook
     for v in views:
         if v.status not in CANDIDATE_STATUS or v.name in exclude:
             continue
@@ -213,38 +233,43 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
             ix = _index(state)
         info = ix.models.get(model)
         if info is not None:
-            relevant.append(v)
+            holding.append((v, info, ix.instances.get(model)))
             if "ssd" in (info.get("tiers") or ()) and now - v.fetched_at <= stale_after_s:
                 holders[v.name] = _size(info)
-        elif migration is not None or _fetches(state):
-            relevant.append(v)
+        elif ix.fetches or migration is not None:
+            others.append(v)
     fallbacks = _Fallbacks(live)
-    known: list[Estimate] = []
-    stale: list[Estimate] = []
-    for v in relevant:
-        estimates = node_estimates(model, v, holders, fallbacks, repository or {})
-        if migration is not None:
-            extra = migration(model, v)
-            if extra is not None:
-                estimates.append(extra)
-        age = now - v.fetched_at
-        if age > stale_after_s:
-            for e in estimates:
-                e.detail = dict(e.detail, stale=True, age_s=age)
-            stale.extend(estimates)
-        else:
-            known.extend(estimates)
+    best: dict[str, tuple] = {}     # node -> (order key, Estimate or the view to estimate later)
 
-    def order(e: Estimate) -> tuple:
-        return (e.seconds, e.node != prefer, PATH_RANK.get(e.path, 9), e.node)
+    def offer(key: tuple, payload) -> None:
+        old = best.get(key[4])
+        if old is None or key < old[0]:
+            best[key[4]] = (key, payload)
 
-    candidates = sorted(known, key=order) + sorted(stale, key=order)
-    first_per_node: list[Estimate] = []
-    seen: set[str] = set()
-    for e in candidates:
-        if e.node not in seen:
-            seen.add(e.node)
-            first_per_node.append(e)
-    winner = first_per_node[0] if first_per_node else None
-    runner_up = first_per_node[1] if len(first_per_node) > 1 else None
-    return Decision(winner=winner, candidates=first_per_node, runner_up=runner_up)
+    repo = repository or {}
+    for v, info, inst in holding:
+        cost = _holder_cost(v.state or {}, info, inst, fallbacks)
+        if cost is not None:
+            offer((now - v.fetched_at > stale_after_s, cost[1], v.name != prefer, PATH_RANK[cost[0]], v.name), (v, None))
+    for v in others:
+        for e in node_estimates(model, v, holders, fallbacks, repo):
+            offer((now - v.fetched_at > stale_after_s, e.seconds, v.name != prefer, PATH_RANK.get(e.path, 9),
+                   v.name), (v, e))
+    if migration is not None:
+        for v in live:
+            e = migration(model, v)
+            if e is not None:
+                offer((now - v.fetched_at > stale_after_s, e.seconds, e.node != prefer, PATH_RANK.get(e.path, 9),
+                       e.node), (v, e))
+    ranked = (sorted(best.values(), key=lambda kp: kp[0]) if max_candidates is None
+              else heapq.nsmallest(max_candidates, best.values(), key=lambda kp: kp[0]))
+    candidates: list[Estimate] = []
+    for key, (v, e) in ranked:
+        if e is None:   # a holder: its estimate with details, from the same formula
+            e = node_estimates(model, v, holders, fallbacks, repo)[0]
+        if key[0]:
+            e.detail = dict(e.detail, stale=True, age_s=now - v.fetched_at)
+        candidates.append(e)
+    winner = candidates[0] if candidates else None
+    runner_up = candidates[1] if len(candidates) > 1 else None
+    return Decision(winner=winner, candidates=candidates, runner_up=runner_up)
