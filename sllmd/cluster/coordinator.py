@@ -77,6 +77,11 @@ class Cluster:
         if self._keys is None:
             self._keys = curve_keys.load_or_create(self.config.state_dir)
         public, secret = self._keys
+        try:
+            from sllmd.cluster.bandwidth import probe
+            log.info("bandwidth probe: %s", probe(self.node))   # seeds the EWMAs real loads then refine
+        except Exception:
+            log.exception("the bandwidth probe failed; placement uses the cluster's measurements")
         if self._membership is None:
             self._membership = Membership(self.config, on_change=lambda _member: self._wake.set())
         self._endpoint = bind_peer(self.config.peer_listen, public, secret, admitted=self._admitted)
