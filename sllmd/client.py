@@ -239,11 +239,23 @@ class Client:
     def status(self) -> dict:
         return self._call(lambda i: Status(id=i))
 
-    def models(self) -> list[dict]:
-        return self._call(lambda i: Models(id=i))
+    def models(self, all: bool = False) -> list[dict]:
+        """This node's models; all=True: every cluster node's, each row with its "node"."""
+        return self._call(lambda i: Models(id=i, all=all))
 
-    def ps(self) -> list[dict]:
-        return self._call(lambda i: Ps(id=i))
+    def ps(self, all: bool = False) -> list[dict]:
+        """This node's instances; all=True: every cluster node's, each row with its "node"."""
+        return self._call(lambda i: Ps(id=i, all=all))
+
+    def requests(self, all: bool = False) -> list[dict]:
+        """Running and queued requests (id, model, tokens_in, tokens_out, state, age_s, node)."""
+        from sllmd.protocol.messages import Requests
+        return self._call(lambda i: Requests(id=i, all=all))
+
+    def nodes(self) -> list[dict]:
+        """The cluster's members (name, status, addresses, public key); without a cluster, this node."""
+        from sllmd.protocol.messages import Nodes
+        return self._call(lambda i: Nodes(id=i))
 
     def show(self, name: str) -> dict:
         """`models`' entry for NAME plus architecture, parameters, context length, dtype, chat template, path."""

@@ -391,6 +391,11 @@ class Node:
         self._check_open()
         return [self._slot_info(s) for s in self.device.slots()]
 
+    def requests(self) -> list[dict]:
+        """Every running and queued request on this node's instances (sllmctl requests)."""
+        self._check_open()
+        return [r for s in self.device.slots() if s.instance is not None for r in s.instance.requests()]
+
     def evict(self, name: str, tier: str = "device", force: bool = False) -> dict:
         """Evicts `name` from `tier`: device unloads the instance, dram drops the cached
         copy, ssd removes the model from every tier (as rm; a pinned one only with force,

@@ -25,6 +25,7 @@ import collections
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -113,6 +114,7 @@ class Server:
             "status": self._read, "models": self._read, "ps": self._read, "load": self._load,
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
             "import": self._import, "infer": self._infer, "show": self._show,
+            "requests": self._requests, "nodes": self._nodes,
         }
 
     # --- lifecycle (any thread) -----------------------------------------------------------------------
@@ -233,7 +235,7 @@ class Server:
         if isinstance(msg, Ping):
             self._send(peer, encode(Result(id=msg.id, data={"time": time.time()})))
             return
-        if msg.TYPE in READ_ONLY and self._answer_from_snapshot(peer, msg):
+        if msg.TYPE in READ_ONLY and not getattr(msg, "all", False) and self._answer_from_snapshot(peer, msg):
             return
         long = msg.TYPE in LONG_RUNNING
         with self._lock:
@@ -423,8 +425,16 @@ class Server:
         self.endpoint.wake()
 
     # --- handlers: one protocol request -> one Node call ----------------------------------------------------
-    def _read(self, msg, call) -> bytes:
-        """status, models, ps when the snapshot was stale: retaken here, then answered from."""
+    def _read(self, msg, call) -> Message | bytes:
+        """status, models, ps when the snapshot was stale: retaken here, then answered from.
+        models/ps with `all` gather every cluster node's (this node's alone without a cluster)."""
+        if getattr(msg, "all", False):
+            local = self.node.models if msg.TYPE == "models" else self.node.ps
+            if self.cluster is not None:
+                rows = self.cluster.models_all() if msg.TYPE == "models" else self.cluster.ps_all()
+            else:
+                rows = [dict(r, node=self._node_name()) for r in local()]
+            return Result(id=msg.id, data=rows)
         snap = self._snapshots.take(kind=msg.TYPE)
         with self._lock:
             in_flight = len(self._calls) - 1   # not counting this request
@@ -435,6 +445,22 @@ class Server:
                 "socket": self.endpoint.address, "started_at": self._started_at,
                 "uptime_s": time.time() - self._started_at, "requests_in_flight": in_flight,
                 "clients": len(self._clients)}
+
+    def _node_name(self) -> str:
+        return getattr(self.node.config, "node_name", None) or socket.gethostname()
+
+    def _requests(self, msg, call) -> Message:
+        if msg.all and self.cluster is not None:
+            return Result(id=msg.id, data=self.cluster.requests_all())
+        return Result(id=msg.id, data=[dict(r, node=self._node_name()) for r in self.node.requests()])
+
+    def _nodes(self, msg, call) -> Message:
+        """The cluster's members; without a cluster, this node alone."""
+        if self.cluster is not None:
+            return Result(id=msg.id, data=self.cluster.nodes())
+        return Result(id=msg.id, data=[{"name": self._node_name(), "status": "alive", "address": None,
+                                        "endpoint": None, "public_key": None, "version": getattr(self.node, "version", 0),
+                                        "self": True, "last_heard": time.time(), "state_age_s": 0.0}])
 
     def _show(self, msg, call) -> Message:
         return Result(id=msg.id, data=self.node.show(msg.name))

@@ -91,7 +91,7 @@ def cmd_import(args) -> int:
 
 def cmd_models(args) -> int:
     with _client(args) as c:
-        models = c.models()
+        models = c.models(all=True) if getattr(args, "all", False) else c.models()
         on_device = {}
         if not args.json and any("device" in (m.get("tiers") or []) and "device_bytes" not in m for m in models):
             on_device = {i.get("name"): i.get("size_bytes") for i in c.ps()}   # an older daemon: ask ps
@@ -103,10 +103,12 @@ def cmd_models(args) -> int:
     for m in models:
         disk, dram, device = tier_sizes(m)
         device = device if device is not None else on_device.get(m.get("name"))
-        rows.append([m.get("name", "?"), fmt_bytes(disk), fmt_bytes(dram), fmt_bytes(device),
-                     str(m.get("state", "?")), "yes" if m.get("pinned") else "no", fmt_ago(m.get("last_used"), now),
-                     fmt_eviction(m.get("last_evicted"), now)])
-    print_table(["NAME", "DISK", "DRAM", "DEVICE", "STATE", "PINNED", "LAST USED", "LAST EVICTED"], rows)
+        rows.append(([str(m.get("node", "?"))] if args.all else []) + [
+            m.get("name", "?"), fmt_bytes(disk), fmt_bytes(dram), fmt_bytes(device),
+            str(m.get("state", "?")), "yes" if m.get("pinned") else "no", fmt_ago(m.get("last_used"), now),
+            fmt_eviction(m.get("last_evicted"), now)])
+    print_table((["NODE"] if args.all else []) + ["NAME", "DISK", "DRAM", "DEVICE", "STATE", "PINNED", "LAST USED",
+                                                  "LAST EVICTED"], rows)
     return 0
 
 
@@ -134,15 +136,16 @@ def cmd_load(args) -> int:
 
 def cmd_ps(args) -> int:
     with _client(args) as c:
-        instances = c.ps()
+        instances = c.ps(all=True) if getattr(args, "all", False) else c.ps()
     if args.json:
         print_json(instances)
         return 0
     now = time.time()
-    rows = [[i.get("name", "?"), fmt_bytes(i.get("device_bytes", i.get("size_bytes"))), str(i.get("device", "-")),
+    rows = [([str(i.get("node", "?"))] if args.all else []) + [i.get("name", "?"), fmt_bytes(i.get("device_bytes", i.get("size_bytes"))), str(i.get("device", "-")),
              str(i.get("state", "?")), str(i.get("active_requests", 0)), str(i.get("queued", 0)),
              fmt_until(i.get("expires_at"), now)] for i in instances]
-    print_table(["NAME", "DEVICE SIZE", "DEVICE", "STATE", "ACTIVE", "QUEUED", "UNTIL"], rows)
+    print_table((["NODE"] if args.all else []) + ["NAME", "DEVICE SIZE", "DEVICE", "STATE", "ACTIVE", "QUEUED",
+                                                  "UNTIL"], rows)
     return 0
 
 
@@ -327,7 +330,8 @@ def register(subparsers) -> None:
     p.add_argument("source")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="accept a model that has no tokenizer (default: refused, as it could not serve text)")
-    verb("models", cmd_models, "list the models in the store: size on disk, in DRAM, on the device, state")
+    p = verb("models", cmd_models, "list the models in the store: size on disk, in DRAM, on the device, state")
+    p.add_argument("--all", action="store_true", help="every cluster node's models, with a NODE column")
     p = verb("show", cmd_show, "show NAME: architecture, parameters, context length, dtype, size per tier, "
                                "chat template")
     p.add_argument("name")
@@ -337,7 +341,8 @@ def register(subparsers) -> None:
     p.add_argument("--keep-alive", type=_duration, metavar="DUR",
                    help="stay loaded this long once idle: 5m, 30s, -1 = forever, 0 = unload after "
                         "(default: the daemon's keep_alive, 5m unless configured)")
-    verb("ps", cmd_ps, "list the running instances")
+    p = verb("ps", cmd_ps, "list the running instances")
+    p.add_argument("--all", action="store_true", help="every cluster node's instances, with a NODE column")
     p = verb("evict", cmd_evict, "evict NAME from a tier")
     p.add_argument("name")
     p.add_argument("--tier", choices=["device", "dram", "ssd"], default="device",

@@ -152,6 +152,25 @@ class Instance:
         with self._lock:
             return 1 if self._running is not None else 0
 
+    def requests(self) -> list[dict[str, Any]]:
+        """The running request, then the queued ones in order: id, model, tokens in/out, state, age."""
+        with self._lock:
+            handles = ([(self._running, "running")] if self._running is not None else []) \
+                + [(h, "queued") for h in self._queue]
+        now = time.perf_counter()
+        out = []
+        for h, state in handles:
+            st = h.state
+            if state == "running" and st is None:
+                state = "starting"
+            elif state == "running" and h.prefill_chunks_done < h.prefill_chunks_total:
+                state = "prefill"
+            out.append({"id": h.request.request_id, "model": self.name, "state": state,
+                        "tokens_in": len(h.prompt_ids) if h.prompt_ids is not None else None,
+                        "tokens_out": len(st.output_ids) if st is not None else 0,
+                        "max_tokens": h.request.sampling.max_tokens, "age_s": now - h.arrived_at})
+        return out
+
     @property
     def busy(self) -> bool:
         with self._lock:

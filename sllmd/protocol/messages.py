@@ -83,13 +83,27 @@ class Status(Envelope):
 @request("models")
 @dataclass(frozen=True, kw_only=True)
 class Models(Envelope):
-    pass
+    all: bool = False           # every cluster node's models, each with its "node"
 
 
 @request("ps")
 @dataclass(frozen=True, kw_only=True)
 class Ps(Envelope):
-    pass
+    all: bool = False           # every cluster node's instances, each with its "node"
+
+
+@request("requests")
+@dataclass(frozen=True, kw_only=True)
+class Requests(Envelope):
+    """Running and queued requests (id, model, tokens in/out, state, age)."""
+
+    all: bool = False           # every cluster node's, each with its "node"
+
+
+@request("nodes")
+@dataclass(frozen=True, kw_only=True)
+class Nodes(Envelope):
+    """The cluster's members (a node without a cluster lists itself)."""
 
 
 @request("import")

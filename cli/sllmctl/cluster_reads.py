@@ -1,0 +1,53 @@
+"""sllmctl's cluster-wide reads: `nodes` (the members) and `requests [--all]` (running and queued)."""
+from __future__ import annotations
+
+import time
+
+from sllmd.client import Client
+
+from .output import fmt_ago, fmt_span, print_json, print_table
+
+
+def _client(args) -> Client:
+    return Client(args.socket, timeout=args.timeout)
+
+
+def _short_key(key: str | None) -> str:
+    return "-" if not key else key[:12] + "…"
+
+
+def cmd_nodes(args) -> int:
+    with _client(args) as c:
+        nodes = c.nodes()
+    if args.json:
+        print_json(nodes)
+        return 0
+    now = time.time()
+    rows = [[str(n.get("name", "?")) + (" *" if n.get("self") else ""), str(n.get("status", "?")),
+             str(n.get("endpoint") or "-"), str(n.get("address") or "-"), _short_key(n.get("public_key")),
+             str(n.get("version", "-")), fmt_ago(n.get("last_heard"), now)] for n in nodes]
+    print_table(["NAME", "STATUS", "PEER", "GOSSIP", "KEY", "VERSION", "LAST HEARD"], rows)
+    return 0
+
+
+def cmd_requests(args) -> int:
+    with _client(args) as c:
+        reqs = c.requests(all=args.all)
+    if args.json:
+        print_json(reqs)
+        return 0
+    rows = [[str(r.get("node", "?")), str(r.get("id", "?"))[:12], str(r.get("model", "?")), str(r.get("state", "?")),
+             "-" if r.get("tokens_in") is None else str(r["tokens_in"]), str(r.get("tokens_out", 0)),
+             "-" if r.get("age_s") is None else fmt_span(float(r["age_s"]))] for r in reqs]
+    print_table(["NODE", "ID", "MODEL", "STATE", "TOKENS IN", "TOKENS OUT", "AGE"], rows)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("nodes", help="list the cluster's nodes (this node alone without a cluster)",
+                              description="list the cluster's nodes (this node alone without a cluster)")
+    p.set_defaults(func=cmd_nodes)
+    p = subparsers.add_parser("requests", help="list the running and queued requests",
+                              description="list the running and queued requests: id, model, state, tokens, age")
+    p.add_argument("--all", action="store_true", help="every cluster node's requests")
+    p.set_defaults(func=cmd_requests)
