@@ -177,3 +177,24 @@ def test_malformed_key_and_missing_key_are_refused(tmp_path):
         load_config({"peer_listen": "tcp://127.0.0.1:1", "store": str(tmp_path), "cluster_key": str(bad)}, env={})
     cfg = load_config({"store": str(tmp_path)}, env={})
     assert not cfg.cluster_enabled and cfg.join == ()
+
+
+def test_attach_mode_uses_a_running_agent_and_leaves_it_running(tmp_path):
+    rpc_port, bind_port = free_port(), free_port()
+    proc = subprocess.Popen(["serf", "agent", "-node=ext", f"-bind=127.0.0.1:{bind_port}",
+                             f"-rpc-addr=127.0.0.1:{rpc_port}", "-profile=local"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: subprocess.run(["serf", "members", f"-rpc-addr=127.0.0.1:{rpc_port}"],
+                                        capture_output=True).returncode == 0, what="external agent up")
+        m = Membership(Config(node_name="ext", peer_listen="tcp://127.0.0.1:1",
+                              serf_rpc=f"127.0.0.1:{rpc_port}", serf_profile="local"), poll_s=0.2)
+        m.start()
+        m.publish(endpoint="tcp://127.0.0.1:9103", public_key=b"Q" * 40, version=1)
+        wait_for(lambda: m.get("ext") is not None and m.get("ext").endpoint == "tcp://127.0.0.1:9103",
+                 what="own tags seen")
+        m.stop()
+        assert proc.poll() is None     # the agent it attached to is not its to stop
+    finally:
+        proc.terminate()
+        proc.wait(10)
