@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: setup serf demo test bench clean
+.PHONY: setup serf demo demo-cluster test bench clean
 
 setup: $(STAMP) serf
 
@@ -30,6 +30,9 @@ $(STAMP): $(SOURCES)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+demo-cluster: $(STAMP) serf
+	$(PY) scripts/demo_cluster.py
 
 test: $(STAMP) serf
 	$(PY) -m pytest -q
