@@ -3,6 +3,7 @@ a real engine for the request list, a real sllmd for the verbs (the node lists i
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -79,3 +80,39 @@ def test_requests_and_the_all_reads_carry_the_node(daemon, tiny_models, tmp_path
     run = sllmctl("requests", socket_path=daemon.socket)
     assert run.returncode == 0 and run.stdout.split()[:3] == ["NODE", "ID", "MODEL"]
     assert json.loads(sllmctl("requests", "--all", "--json", socket_path=daemon.socket).stdout) == []
+
+
+# --- the same verbs across three real nodes (the cluster fixture of test_cluster.py) ------------------------------
+from test_cluster import MODEL, _MISSING, _wait, cluster  # noqa: E402,F401  (a module-scoped cluster of our own)
+
+needs_cluster = [pytest.mark.skipif(shutil.which("serf") is None, reason="serf is not installed"),
+                 pytest.mark.skipif(bool(_MISSING), reason=f"cluster parts not built yet: {', '.join(_MISSING)}")]
+
+
+@needs_cluster[0]
+@needs_cluster[1]
+def test_all_reads_and_nodes_span_the_cluster(cluster):
+    a = cluster["A"]
+    rows = _wait("A lists B's and C's models", lambda: (lambda r: r if {x["node"] for x in r if x["name"] == MODEL}
+                                                       >= {"B", "C"} else None)(
+        json.loads(a.ctl("models", "--all", "--json").stdout)), 30)
+    assert not [x for x in rows if x["node"] == "A"]   # A holds nothing
+    table = a.ctl("models", "--all").stdout.splitlines()
+    assert table[0].split()[:2] == ["NODE", "NAME"] and {ln.split()[0] for ln in table[1:]} >= {"B", "C"}
+    nodes = a.ctl("nodes").stdout.splitlines()
+    assert nodes[0].split()[:2] == ["NAME", "STATUS"] and len(nodes) == 4, nodes
+
+    with a.client() as ca:   # a long request forced onto C shows in A's `requests --all`, with C's name
+        stream = ca.infer(MODEL, "Count from one to one hundred.", max_tokens=400, node="C")
+        with stream:
+            events = stream.events()
+            next(e for e in events if e["type"] == "token")
+            seen = _wait("A lists C's running request", lambda: [
+                r for r in json.loads(a.ctl("requests", "--all", "--json").stdout)
+                if r.get("node") == "C" and r.get("model") == MODEL and r.get("state") in ("running", "prefill")], 30)
+            assert seen[0]["tokens_in"] > 0
+            with cluster["C"].client() as cc:
+                (local,) = cc.requests()
+                assert local["node"] == "C" and local["state"] == "running"
+            _wait("A lists C's instance", lambda: [r for r in ca.ps(all=True)
+                                                   if r["node"] == "C" and r["name"] == MODEL], 30)
