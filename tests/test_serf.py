@@ -198,3 +198,60 @@ def test_attach_mode_uses_a_running_agent_and_leaves_it_running(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _serf_children(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [c for c in out if Path(f"/proc/{c}/comm").exists() and Path(f"/proc/{c}/comm").read_text().strip() == "serf"]
+
+
+def _gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def test_the_child_agent_dies_with_its_parent_even_by_kill_9(key_file):
+    code = ("import sys, time\nfrom sllmd.cluster.serf_agent import SerfAgent, free_port\n"
+            f"a = SerfAgent('orphan', f'127.0.0.1:{{free_port()}}', {load_cluster_key(key_file)!r}, {{}}, "
+            "profile='local')\na.start()\nprint(a.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        agent_pid = int(parent.stdout.readline())
+        assert not _gone(agent_pid)
+        parent.kill()
+        parent.wait(10)
+        wait_for(lambda: _gone(agent_pid), timeout=10, what="the agent to die with its parent")
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+
+def test_sllmd_runs_its_agent_restarts_it_and_takes_it_down_when_killed(tmp_path, key_file):
+    pytest.importorskip("sllmd.cluster.curve_keys")   # the peer layer sllmd's cluster start needs
+    from daemon_helpers import DaemonProcess
+    root = tmp_path / "n"
+    root.mkdir()
+    node = DaemonProcess(root, "--node-name", "solo", "--peer-listen", f"tcp://127.0.0.1:{free_port()}",
+                         "--gossip-listen", f"127.0.0.1:{free_port()}", "--cluster-key", str(key_file),
+                         "--serf-profile", "local", "--state-dir", str(root / "state"))
+    node.start()
+    try:
+        wait_for(lambda: len(_serf_children(node.proc.pid)) == 1, what="sllmd's serf child")
+        first = _serf_children(node.proc.pid)[0]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: [p for p in _serf_children(node.proc.pid) if p != first], what="the agent restarted")
+        second = [p for p in _serf_children(node.proc.pid) if p != first][0]
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        wait_for(lambda: _gone(second), timeout=10, what="the agent to die with sllmd")
+    finally:
+        for pid in _serf_children(node.proc.pid) if node.proc.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        node.close()

@@ -5,11 +5,13 @@ config file), never the command line, so other users cannot read it from ps.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -18,6 +20,14 @@ import time
 from sllmd.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends SIGTERM when sllmd dies, even by kill -9 (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -55,7 +65,7 @@ class SerfAgent:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"serf-{self.node_name}.log"), "ab")
         self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=_die_with_parent)
         if out is not subprocess.DEVNULL:
             out.close()
         self.starts += 1
