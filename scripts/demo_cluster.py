@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -45,7 +46,7 @@ class Node:
         self.error: BaseException | None = None
 
     def ctl(self, env: dict, *args: str, show: bool = True, check: bool = True):
-        run = sllmctl(env, *args, "--socket", self.socket, show=f"{' '.join(args)}    # at {self.name}",
+        run = sllmctl(env, *args, "--socket", self.socket, show=f"{shlex.join(args)}    # at {self.name}",
                       check=check, quiet=not show)
         return run
 
