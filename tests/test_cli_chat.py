@@ -21,11 +21,13 @@ QUESTION = "What is the capital of France?"
 def served(smollm2_checkpoint):
     root = short_tempdir()
     daemon = DaemonProcess(root, "--keep-alive", "-1", dram="1GiB", device_memory="1GiB").start()
-    run = sllmctl("import", "smol", str(smollm2_checkpoint), socket_path=daemon.socket)
-    assert run.returncode == 0, run.stderr
-    yield daemon
-    daemon.close()
-    remove_tree(root)
+    try:   # a failed import must not leave the daemon running
+        run = sllmctl("import", "smol", str(smollm2_checkpoint), socket_path=daemon.socket)
+        assert run.returncode == 0, run.stderr
+        yield daemon
+    finally:
+        daemon.close()
+        remove_tree(root)
 
 
 def cells(table: str, name: str, header: str) -> str:

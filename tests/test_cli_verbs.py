@@ -29,11 +29,13 @@ def tiny_checkpoint(tmp_path_factory, tiny_models):
 def daemon(tiny_checkpoint):
     root = short_tempdir()
     proc = DaemonProcess(root).start()
-    run = sllmctl("import", "tiny", str(tiny_checkpoint), socket_path=proc.socket)
-    assert run.returncode == 0, run.stderr
-    yield proc
-    proc.close()
-    remove_tree(root)
+    try:   # a failed import must not leave the daemon running
+        run = sllmctl("import", "tiny", str(tiny_checkpoint), socket_path=proc.socket)
+        assert run.returncode == 0, run.stderr
+        yield proc
+    finally:
+        proc.close()
+        remove_tree(root)
 
 
 def clean_env(**extra: str) -> dict:
