@@ -162,7 +162,7 @@ def test_a_negative_duration_is_a_value_not_an_option(daemon):
     run = sllmctl("load", "tiny", "--keep-alive", "-1m", "--json", socket_path=daemon.socket)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["expires_at"] is None              # negative: loaded forever
-    assert "until forever" in sllmctl("load", "tiny", "--keep-alive", "-1s", socket_path=daemon.socket).stdout
+    assert "kept loaded until stopped" in sllmctl("load", "tiny", "--keep-alive", "-1s", socket_path=daemon.socket).stdout
     assert sllmctl("evict", "tiny", socket_path=daemon.socket).returncode == 0
     run = sllmctl("load", "tiny", "--keep-alive", "-soon", socket_path=daemon.socket)
     assert run.returncode == 2 and "not a duration: '-soon'" in run.stderr
