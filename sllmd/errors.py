@@ -68,6 +68,7 @@ CODES: dict[str, int] = {
     "load_timeout": 41,
     "node_not_found": 42,
     "peer_failed": 43,
+    "serf_rpc": 44,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -355,6 +356,12 @@ class PeerFailedError(SllmError):
 
     code = "peer_failed"
     exit_code = Exit.TEMPFAIL
+
+
+class SerfRpcError(ConfigError):
+    """Serf's agent refused a call or is unreachable (a configuration or host problem)."""
+
+    code = "serf_rpc"
 
 
 class RemoteError(SllmError):

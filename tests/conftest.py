@@ -161,6 +161,18 @@ def tiny_models():
     return make_tiny_model
 
 
+@pytest.fixture(scope="module")
+def tiny_servable_checkpoint(tmp_path_factory):
+    """A tiny llama checkpoint with a tokenizer: what a daemon accepts at import (it imports only
+    what it can serve)."""
+    from sllmd import store
+    from test_inference import tiny_tokenizer
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    tok = tiny_tokenizer()
+    store.save_model(make_tiny_model("llama", vocab_size=len(tok)), path, tokenizer=tok)
+    return path
+
+
 @pytest.fixture(params=TINY_KINDS)
 def tiny_model(request):
     """Each tiny shape in turn (llama, gpt2, opt), seed 0."""

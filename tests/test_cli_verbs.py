@@ -16,21 +16,11 @@ from sllmctl.__main__ import build_parser, main
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tiny_models):
-    from sllmd import store
-    from test_inference import tiny_tokenizer
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    tok = tiny_tokenizer()  # the daemon imports only what it can serve: a tokenizer comes with it
-    store.save_model(tiny_models("llama", vocab_size=len(tok)), path, tokenizer=tok)
-    return path
-
-
-@pytest.fixture(scope="module")
-def daemon(tiny_checkpoint):
+def daemon(tiny_servable_checkpoint):
     root = short_tempdir()
     proc = DaemonProcess(root).start()
     try:   # a failed import must not leave the daemon running
-        run = sllmctl("import", "tiny", str(tiny_checkpoint), socket_path=proc.socket)
+        run = sllmctl("import", "tiny", str(tiny_servable_checkpoint), socket_path=proc.socket)
         assert run.returncode == 0, run.stderr
         yield proc
     finally:
@@ -53,15 +43,15 @@ def test_socket_and_json_go_before_the_verb_too(daemon):
     assert run.returncode == 0 and json.loads(run.stdout)["daemon"]["pid"] == daemon.proc.pid
 
 
-def test_json_on_pin_unpin_and_rm(daemon, tiny_checkpoint):
+def test_json_on_pin_unpin_and_rm(daemon, tiny_servable_checkpoint):
     assert json.loads(sllmctl("--json", "pin", "tiny", socket_path=daemon.socket).stdout) == \
         {"name": "tiny", "pinned": True}
     assert json.loads(sllmctl("unpin", "tiny", "--json", socket_path=daemon.socket).stdout) == \
         {"name": "tiny", "pinned": False}
-    assert sllmctl("import", "gone", str(tiny_checkpoint), socket_path=daemon.socket).returncode == 0
+    assert sllmctl("import", "gone", str(tiny_servable_checkpoint), socket_path=daemon.socket).returncode == 0
     run = sllmctl("rm", "gone", "--json", socket_path=daemon.socket)
     assert run.returncode == 0 and {"name": "gone", "removed": True}.items() <= json.loads(run.stdout).items()
-    run = sllmctl("import", "again", str(tiny_checkpoint), "--json", socket_path=daemon.socket)
+    run = sllmctl("import", "again", str(tiny_servable_checkpoint), "--json", socket_path=daemon.socket)
     assert run.returncode == 0 and json.loads(run.stdout)["name"] == "again"
     assert sllmctl("rm", "again", socket_path=daemon.socket).returncode == 0
 
@@ -105,10 +95,10 @@ def test_infer_reads_the_prompt_from_stdin_and_refuses_an_empty_one(daemon):
     assert run.returncode == 2 and "stdin is empty" in run.stderr
 
 
-def test_convert_says_overwrite_the_cli_way(tiny_checkpoint, tmp_path, capsys):
+def test_convert_says_overwrite_the_cli_way(tiny_servable_checkpoint, tmp_path, capsys):
     dest = tmp_path / "exists"
     dest.mkdir()
-    assert main(["convert", str(tiny_checkpoint), str(dest)]) == 1
+    assert main(["convert", str(tiny_servable_checkpoint), str(dest)]) == 1
     err = capsys.readouterr().err
     assert "use --overwrite" in err and "overwrite=True" not in err
 

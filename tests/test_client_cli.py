@@ -24,16 +24,6 @@ from sllmd.transport import ZmqTransport
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tiny_models):
-    from sllmd import store
-    from test_inference import tiny_tokenizer
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    tok = tiny_tokenizer()  # the daemon imports only what it can serve: a tokenizer comes with it
-    store.save_model(tiny_models("llama", vocab_size=len(tok)), path, tokenizer=tok)
-    return path
-
-
-@pytest.fixture(scope="module")
 def daemon():
     root = short_tempdir()
     proc = DaemonProcess(root).start()
@@ -73,8 +63,8 @@ def test_socket_is_private_and_found_through_the_environment(daemon):
     assert run.returncode == 0 and isinstance(json.loads(run.stdout), list)
 
 
-def test_catalog_verbs(daemon, tiny_checkpoint):
-    run = sllmctl("import", "tiny", str(tiny_checkpoint), socket_path=daemon.socket)
+def test_catalog_verbs(daemon, tiny_servable_checkpoint):
+    run = sllmctl("import", "tiny", str(tiny_servable_checkpoint), socket_path=daemon.socket)
     assert run.returncode == 0, run.stderr
     assert "importing tiny" in run.stderr and "100%" in run.stderr and run.stdout == ""
     models = json.loads(sllmctl("models", "--json", socket_path=daemon.socket).stdout)
@@ -183,12 +173,12 @@ def test_sigterm_and_sigint_stop_cleanly_and_notify_systemd():
         remove_tree(root)
 
 
-def test_one_daemon_per_socket_and_the_store_survives_a_restart(tiny_checkpoint):
+def test_one_daemon_per_socket_and_the_store_survives_a_restart(tiny_servable_checkpoint):
     root = short_tempdir()
     try:
         with DaemonProcess(root) as first:
             with Client(first.socket) as c:
-                c.import_model("keepme", tiny_checkpoint)
+                c.import_model("keepme", tiny_servable_checkpoint)
             second = DaemonProcess(root)
             second.start(expect_ready=False)
             assert second.proc.wait(60) == 1
@@ -203,7 +193,7 @@ def test_one_daemon_per_socket_and_the_store_survives_a_restart(tiny_checkpoint)
         remove_tree(root)
 
 
-def test_a_client_recovers_when_the_daemon_restarts(tiny_checkpoint):
+def test_a_client_recovers_when_the_daemon_restarts(tiny_servable_checkpoint):
     root = short_tempdir()
     try:
         daemon = DaemonProcess(root).start()

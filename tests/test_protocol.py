@@ -141,7 +141,10 @@ def _all_error_classes(base=core_errors.SllmError):
 
 def test_every_error_class_has_its_own_registered_code():
     # import every module that raises, so that any class declared outside sllmd.errors is seen too
-    import sllmd.config, sllmd.node, sllmd.server, sllmd.client  # noqa: F401
+    import pkgutil, importlib, sllmd
+    for mod in pkgutil.walk_packages(sllmd.__path__, "sllmd."):
+        if not mod.name.startswith("sllmd._native"):
+            importlib.import_module(mod.name)
     classes = [c for c in _all_error_classes() if c is not RemoteError]
     codes = [c.code for c in classes]
     assert len(codes) == len(set(codes)), "two classes share a code"

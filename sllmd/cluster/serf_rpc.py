@@ -16,16 +16,12 @@ from typing import Callable
 
 import msgpack
 
-from sllmd.errors import ConfigError
+from sllmd.errors import SerfRpcError
 
 log = logging.getLogger(__name__)
 
 IPC_VERSION = 1
 BODY_REPLIES = {"members", "members-filtered", "join", "stats", "get-coordinate"}
-
-
-class SerfRpcError(ConfigError):
-    """Serf's agent refused a call or is unreachable (a configuration or host problem)."""
 
 
 def _address_text(addr) -> str:
