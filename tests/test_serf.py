@@ -201,13 +201,8 @@ def test_attach_mode_uses_a_running_agent_and_leaves_it_running(tmp_path):
 
 
 def _serf_children(pid):
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return [c for c in out if Path(f"/proc/{c}/comm").exists() and Path(f"/proc/{c}/comm").read_text().strip() == "serf"]
+    from cluster_helpers import _children
+    return [c for c in _children(pid) if Path(f"/proc/{c}/comm").exists() and Path(f"/proc/{c}/comm").read_text().strip() == "serf"]
 
 
 def _gone(pid):
