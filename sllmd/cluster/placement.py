@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import statistics
+import threading
 from typing import Callable, Iterable
 
 from sllmd.cluster.locality import NodeView
@@ -52,8 +54,10 @@ class Decision:
 
 class _Index:
     """A state's models and instances by name, built once per state dict: a pulled state is
-    never changed in place (a new pull is a new dict), so its identity names its contents."""
-    __slots__ = ("state", "models", "instances", "fetches")
+    never changed in place (a new pull is a new dict), so its identity names its contents.
+    What depends on the state alone is memoized here too: a holder's cost per model and a
+    fetching node's parameters, when they need no other node's bandwidths."""
+    __slots__ = ("state", "models", "instances", "fetches", "costs", "fetch")
 
     def __init__(self, state: dict):
         self.state = state    # kept alive, so its id() stays its own while cached
@@ -64,6 +68,49 @@ class _Index:
             self.models = {m["name"]: m for m in models if isinstance(m, dict) and "name" in m}
         self.instances = {i["name"]: i for i in state.get("instances") or [] if isinstance(i, dict) and "name" in i}
         self.fetches = _fetches(state)
+        self.costs: dict[str, object] = {}
+        self.fetch: tuple | None = None
+
+    def holder(self, model: str, fallbacks: "_Fallbacks") -> tuple:
+        """(_holder_cost for `model`, held here; the size of its SSD copy or None), memoized unless
+        the cost borrowed another node's bandwidth."""
+        memo = self.costs.get(model)
+        if memo is None:
+            info = self.models[model]
+            cost = _holder_cost(self.state, info, self.instances.get(model), _OWN_ONLY)
+            if cost is not None and math.isnan(cost[1]):
+                cost = _DYNAMIC
+            memo = self.costs[model] = (cost, _size(info) if "ssd" in (info.get("tiers") or ()) else None)
+        if memo[0] is _DYNAMIC:
+            return _holder_cost(self.state, self.models[model], self.instances.get(model), fallbacks), memo[1]
+        return memo
+
+    def fetch_params(self, fallbacks: "_Fallbacks") -> tuple:
+        """(q, peer_ssd bytes/s or None, repo_ssd bytes/s or None, SSD->device rate) of a fetching node."""
+        if self.fetch is None:
+            bws = self.state.get("bandwidths") or {}
+            q = float(self.state.get("queue_delay_s") or 0.0)
+            ssd_bw = _ssd_rate(self.state, _OWN_ONLY)[0]
+            if math.isnan(ssd_bw):
+                ssd_bw = None
+            self.fetch = (q, float(bws["peer_ssd"]) if bws.get("peer_ssd") else None,
+                          float(bws["repo_ssd"]) if bws.get("repo_ssd") else None, ssd_bw)
+        if self.fetch[3] is None:
+            return self.fetch[:3] + (_ssd_rate(self.state, fallbacks)[0],)
+        return self.fetch
+
+
+_DYNAMIC = object()    # a memo marker: computed per call (it borrows the cluster's median)
+
+
+class _OwnOnly:
+    """Fallbacks that answer NaN: a value computed with them is the state's own unless it is NaN."""
+
+    def get(self, path: str, default: float) -> float:
+        return math.nan
+
+
+_OWN_ONLY = _OwnOnly()
 
 
 _INDEX: dict[int, _Index] = {}
@@ -211,6 +258,64 @@ def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallback
     return out
 
 
+class _Holders:
+    """Which positions of the views list hold each model, kept across calls: the list of states
+    the coordinator passes changes a few states at a time, so only the positions whose state
+    dict changed are re-indexed (states are never changed in place; they are kept alive here, so
+    an id() seen again is the same dict). place() then visits the nodes that hold the model and
+    the nodes that can fetch it, not every node."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.ixs: list[_Index] = []
+        self.by_model: dict[str, dict[int, None]] = {}    # model -> positions (an ordered set)
+        self.fetchers: dict[int, None] = {}
+        self.lock = threading.Lock()
+
+    def sync(self, states: list[dict]) -> None:
+        ids = list(map(id, states))
+        if ids == self.ids:
+            return
+        old, ixs = self.ids, list(self.ixs)
+        for p in range(max(len(old), len(ids))):
+            if p < len(old) and p < len(ids) and old[p] == ids[p]:
+                continue
+            if p < len(old):
+                for m in ixs[p].models:
+                    where = self.by_model[m]
+                    del where[p]
+                    if not where:
+                        del self.by_model[m]
+                self.fetchers.pop(p, None)
+            if p < len(ids):
+                ix = _index(states[p])
+                if p < len(ixs):
+                    ixs[p] = ix
+                else:
+                    ixs.append(ix)
+                for m in ix.models:
+                    self.by_model.setdefault(m, {})[p] = None
+                if ix.fetches:
+                    self.fetchers[p] = None
+        del ixs[len(ids):]
+        self.ids, self.ixs = ids, ixs    # a new list: a reader holding the old one keeps a consistent one
+
+    def lookup(self, views: list[NodeView], model: str, fetching: bool) -> tuple[list, list]:
+        """([(position, index)] of the holders of `model`, [(position, index)] of the other fetching nodes)."""
+        states = [v.state or _EMPTY for v in views]
+        with self.lock:
+            self.sync(states)
+            ixs = self.ixs
+            where = self.by_model.get(model, {})
+            hold = [(p, ixs[p]) for p in sorted(where)]
+            fetch = [(p, ixs[p]) for p in sorted(self.fetchers) if p not in where] if fetching else []
+        return hold, fetch
+
+
+_EMPTY: dict = {}      # the state of a view without one (never changed)
+_HOLDERS = _Holders()
+
+
 def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float = 10.0,
           exclude: set[str] | frozenset[str] = frozenset(), migration: Callable | None = None,
           prefer: str | None = None, repository: dict[str, int] | None = None,
@@ -218,28 +323,16 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
     """The best option per node for `model` over `views` (alive, not excluded), in the order to
     try them, at most max_candidates of them (None: all). `now` is on the same clock as
     NodeView.fetched_at. migration(model, view) -> Estimate | None adds the option of moving a
-    running request away (section 9)."""
-    live: list[NodeView] = []
-    holding: list[tuple[NodeView, dict, dict | None]] = []
-    holders: dict[str, int] = {}
-    others: list[NodeView] = []     # no copy, but able to fetch one or asked about by the hook
-    for v in views:
-        if v.status not in CANDIDATE_STATUS or v.name in exclude:
-            continue
-        live.append(v)
-        state = v.state or {}
-        ix = _INDEX.get(id(state))
-        if ix is None or ix.state is not state:
-            ix = _index(state)
-        info = ix.models.get(model)
-        if info is not None:
-            holding.append((v, info, ix.instances.get(model)))
-            if "ssd" in (info.get("tiers") or ()) and now - v.fetched_at <= stale_after_s:
-                holders[v.name] = _size(info)
-        elif ix.fetches or migration is not None:
-            others.append(v)
-    fallbacks = _Fallbacks(live)
-    best: dict[str, tuple] = {}     # node -> (order key, Estimate or the view to estimate later)
+    running request away (section 9).
+
+    Only the nodes that hold `model`, the nodes that can fetch it (a measured peer_ssd or
+    repo_ssd) and, with a hook, every live node for the hook are visited: a node that neither
+    holds nor can fetch the model has no option of its own."""
+    views = views if isinstance(views, list) else list(views)
+    hold, fetch = _HOLDERS.lookup(views, model, True)
+    fallbacks = _Fallbacks(v for v in views if v.status in CANDIDATE_STATUS and v.name not in exclude)
+    holders: dict[str, int] = {}    # node -> size of its SSD copy (fresh views only): the peers' sources
+    best: dict[str, tuple] = {}     # node -> (order key, (view, None | a path to estimate | Estimate))
 
     def offer(key: tuple, payload) -> None:
         old = best.get(key[4])
@@ -247,16 +340,26 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
             best[key[4]] = (key, payload)
 
     repo = repository or {}
-    for v, info, inst in holding:
-        cost = _holder_cost(v.state or {}, info, inst, fallbacks)
+    for p, ix in hold:   # inlined for speed: this loop runs once per holder
+        v = views[p]
+        name = v.name
+        if v.status not in CANDIDATE_STATUS or name in exclude:
+            continue
+        stale = now - v.fetched_at > stale_after_s
+        cost, ssd_size = ix.holder(model, fallbacks)
+        if ssd_size is not None and not stale:
+            holders[name] = ssd_size
         if cost is not None:
-            offer((now - v.fetched_at > stale_after_s, cost[1], v.name != prefer, PATH_RANK[cost[0]], v.name), (v, None))
-    for v in others:
-        for e in node_estimates(model, v, holders, fallbacks, repo):
-            offer((now - v.fetched_at > stale_after_s, e.seconds, v.name != prefer, PATH_RANK.get(e.path, 9),
-                   v.name), (v, e))
+            key = (stale, cost[1], name != prefer, PATH_RANK[cost[0]], name)
+            old = best.get(name)
+            if old is None or key < old[0]:
+                best[name] = (key, (v, None))
+    if fetch:
+        _offer_fetches(model, views, fetch, holders, repo, now, stale_after_s, exclude, prefer, fallbacks, offer)
     if migration is not None:
-        for v in live:
+        for v in views:
+            if v.status not in CANDIDATE_STATUS or v.name in exclude:
+                continue
             e = migration(model, v)
             if e is not None:
                 offer((now - v.fetched_at > stale_after_s, e.seconds, e.node != prefer, PATH_RANK.get(e.path, 9),
@@ -267,9 +370,33 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
     for key, (v, e) in ranked:
         if e is None:   # a holder: its estimate with details, from the same formula
             e = node_estimates(model, v, holders, fallbacks, repo)[0]
+        elif isinstance(e, str):   # a fetch: the estimate of that path, from the same formula
+            e = next(x for x in node_estimates(model, v, holders, fallbacks, repo) if x.path == e)
         if key[0]:
             e.detail = dict(e.detail, stale=True, age_s=now - v.fetched_at)
         candidates.append(e)
     winner = candidates[0] if candidates else None
     runner_up = candidates[1] if len(candidates) > 1 else None
     return Decision(winner=winner, candidates=candidates, runner_up=runner_up)
+
+
+def _offer_fetches(model, views, fetch, holders, repo, now, stale_after_s, exclude, prefer, fallbacks, offer):
+    """Offer the peer and repository options of the fetching nodes that do not hold `model`, with
+    node_estimates' formulas (q + size/b(fetch) + size/b(ssd_device)); their details come later."""
+    by_size = sorted(holders, key=lambda n: (holders[n], n))[:2]   # a node's source: the smallest copy not its own
+    repo_size = repo.get(model)
+    for p, ix in fetch:
+        v = views[p]
+        if v.status not in CANDIDATE_STATUS or v.name in exclude:
+            continue
+        stale = now - v.fetched_at > stale_after_s
+        q, peer_bw, repo_bw, ssd_bw = ix.fetch_params(fallbacks)
+        if peer_bw is not None:
+            source = next((n for n in by_size if n != v.name), None)
+            if source is not None:
+                size = holders[source]
+                offer((stale, q + size / peer_bw + size / ssd_bw, v.name != prefer, PATH_RANK["peer"], v.name),
+                      (v, "peer"))
+        if repo_size is not None and repo_bw is not None:
+            offer((stale, q + repo_size / repo_bw + repo_size / ssd_bw, v.name != prefer, PATH_RANK["repo"], v.name),
+                  (v, "repo"))
