@@ -89,22 +89,36 @@ class Client:
         self._ep = None
         self.welcome: Welcome | None = None
         try:
-            try:
-                self._ep = self._transport.connect(self.address)
-            except PermissionError:
-                raise DaemonUnreachableError(f"permission denied on {self.socket} "
-                                             "(is this user in the daemon's group?)") from None
-            except DaemonUnreachableError:
-                if explicit or transport is not None:
-                    raise
-                tried = " or ".join(socket_candidates(os.environ))
-                raise DaemonUnreachableError(
-                    f"sllmd is not running (no daemon at {tried}); start it with `sllmd` or "
-                    "`systemctl start sllmd`, or point --socket / $SLLMD_SOCKET at its socket") from None
+            self._ep = self._connect(explicit=bool(explicit) or transport is not None)
             self._handshake()
         except BaseException:
             self.close()
             raise
+
+    # --- what a client of another protocol (sllmd.cluster.peer_server.PeerClient) replaces -------------
+    def _connect(self, explicit: bool):
+        try:
+            return self._transport.connect(self.address)
+        except PermissionError:
+            raise DaemonUnreachableError(f"permission denied on {self.socket} "
+                                         "(is this user in the daemon's group?)") from None
+        except DaemonUnreachableError:
+            if explicit:
+                raise
+            tried = " or ".join(socket_candidates(os.environ))
+            raise DaemonUnreachableError(
+                f"sllmd is not running (no daemon at {tried}); start it with `sllmd` or "
+                "`systemctl start sllmd`, or point --socket / $SLLMD_SOCKET at its socket") from None
+
+    def _hello_message(self, rid: int) -> Message:
+        return Hello(id=rid, version=PROTOCOL_VERSION, client=self._client_name)
+
+    def _cancel_message(self, rid: int) -> Message:
+        return Cancel(id=rid)
+
+    @staticmethod
+    def _decode_reply(frame: bytes) -> Message:
+        return decode_reply(frame)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -124,7 +138,7 @@ class Client:
         self.close()
 
     def _handshake(self) -> None:
-        msg = Hello(id=next(self._ids), version=PROTOCOL_VERSION, client=self._client_name)
+        msg = self._hello_message(next(self._ids))
         self._send(msg)
         reply = self._wait(msg.id, self.timeout)
         if not isinstance(reply, Welcome):
@@ -154,7 +168,7 @@ class Client:
         try:
             if len(frames) != 1:
                 raise BadMessageError(f"expected one frame, got {len(frames)}")
-            msg = decode_reply(frames[0])
+            msg = self._decode_reply(frames[0])
         except BadMessageError as e:
             log.warning("ignoring a malformed reply: %s", e)
             return True
@@ -209,7 +223,7 @@ class Client:
             self._finish(rid)
             if self._ep is not None:
                 try:
-                    self._ep.send(encode(Cancel(id=rid)), 0.5)
+                    self._ep.send(encode(self._cancel_message(rid)), 0.5)
                 except Exception:   # best effort: the daemon also notices a closed connection
                     log.debug("could not send cancel for %d", rid, exc_info=True)
 
@@ -363,7 +377,7 @@ class InferStream:
         try:
             for msg in self._replies:
                 if isinstance(msg, Token):
-                    yield {"type": "token", "text": msg.text, "token_id": msg.token_id}
+                    yield {"type": "token", "text": msg.text, "token_id": msg.token_id, "index": msg.index}
                 elif isinstance(msg, Event):
                     yield {"type": msg.event, **(msg.data or {})}
                 elif isinstance(msg, Done):

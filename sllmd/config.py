@@ -492,10 +492,6 @@ def validate(config: Config) -> None:
         need(config.cluster_key is not None, "cluster_key: needed with peer_listen (make one: sllmctl keygen FILE)")
         from sllmd.cluster.cluster_key import load_cluster_key
         load_cluster_key(config.cluster_key)     # refuses a key readable by group or others
-        import importlib.util
-        need(importlib.util.find_spec("sllmd.cluster.peer_transport") is not None,
-             "peer_listen: this version has no peer socket yet (CurveZMQ between nodes), so it cannot run a "
-             "cluster; see sllmd/cluster/README.md")
     else:
         for key in ("gossip_listen", "serf_rpc", "cluster_key"):
             need(getattr(config, key) is None, f"{key}: only with peer_listen (the cluster is off without it)")

@@ -83,6 +83,14 @@ class _Client:
 
 
 class Server:
+    """Serves the client protocol; sllmd.cluster.peer_server.PeerServer serves the peer protocol
+    with the same machinery by naming its own messages and handlers."""
+
+    PROTOCOL = PROTOCOL_VERSION
+    HELLO: type[Message] = Hello
+    CANCEL: type[Message] = Cancel
+    LONG = LONG_RUNNING
+
     def __init__(self, node: Any, endpoint: ServerEndpoint, *, max_frame_bytes: int = 16 << 20,
                  heartbeat_s: float = 1.0, max_streams: int = 64, control_workers: int = 4, cluster: Any = None):
         self.node = node
@@ -110,19 +118,25 @@ class Server:
         self._accepting = True
         self._stop = False
         self._closed = False
-        self._handlers: dict[str, Callable[[Message, _Call], Message | bytes]] = {
+        self._handlers: dict[str, Callable[[Message, _Call], Message | bytes]] = self._make_handlers()
+
+    def _make_handlers(self) -> dict[str, Callable[[Message, _Call], Message | bytes]]:
+        return {
             "status": self._read, "models": self._read, "ps": self._read, "load": self._load,
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
             "import": self._import, "infer": self._infer, "show": self._show,
             "requests": self._requests, "nodes": self._nodes,
         }
 
+    def _decode(self, frame: bytes) -> Message:
+        return decode_request(frame, self.max_frame_bytes)
+
     # --- lifecycle (any thread) -----------------------------------------------------------------------
     def start(self) -> None:
         for t in self._control_threads:
             t.start()
         self._io_thread.start()
-        log.info("serving on %s (protocol %d)", self.endpoint.address, PROTOCOL_VERSION)
+        log.info("serving on %s (protocol %d)", self.endpoint.address, self.PROTOCOL)
 
     def stop_accepting(self) -> None:
         """New requests get a `shutting_down` error from now on; in-flight ones go on."""
@@ -208,12 +222,12 @@ class Server:
             self._send_error(peer, None, BadMessageError(f"expected one frame per message, got {len(frames)}"))
             return
         try:
-            msg = decode_request(frames[0], self.max_frame_bytes)
+            msg = self._decode(frames[0])
         except BadMessageError as e:
             log.debug("bad message from %s: %s", peer.hex(), e)
             self._send_error(peer, getattr(e, "request_id", None), e)
             return
-        if isinstance(msg, Hello):
+        if isinstance(msg, self.HELLO):
             self._hello(peer, msg, credentials)
             return
         client = self._clients.get(peer)
@@ -222,7 +236,7 @@ class Server:
             self._send_error(peer, msg.id, HandshakeRequiredError("say hello first"))
             return
         self._clients.move_to_end(peer)
-        if isinstance(msg, Cancel):
+        if isinstance(msg, self.CANCEL):
             with self._lock:
                 call = self._calls.get((peer, msg.id))
             if call is not None:
@@ -237,7 +251,7 @@ class Server:
             return
         if msg.TYPE in READ_ONLY and not getattr(msg, "all", False) and self._answer_from_snapshot(peer, msg):
             return
-        long = msg.TYPE in LONG_RUNNING
+        long = msg.TYPE in self.LONG
         with self._lock:
             if (peer, msg.id) in self._calls:
                 problem: SllmError | None = BadMessageError(f"request id {msg.id} is already in flight")
@@ -276,20 +290,20 @@ class Server:
         self._send(peer, frame)
         return True
 
-    def _hello(self, peer: bytes, msg: Hello, credentials: Credentials | None) -> None:
-        if msg.version != PROTOCOL_VERSION:
+    def _hello(self, peer: bytes, msg: Message, credentials: Credentials | None) -> None:
+        if msg.version != self.PROTOCOL:
             self._send_error(peer, msg.id, VersionMismatchError(
-                f"this daemon speaks protocol {PROTOCOL_VERSION}, the client speaks {msg.version}"))
+                f"this daemon speaks protocol {self.PROTOCOL}, the client speaks {msg.version}"))
             return
         if not self._accepting:
             self._send_error(peer, msg.id, ShuttingDownError("the daemon is shutting down"))
             return
         known = self._clients.get(peer)
         if known is None or known.credentials != credentials:
-            self._clients[peer] = _Client(msg.client, credentials)
+            self._clients[peer] = _Client(getattr(msg, "client", None) or getattr(msg, "node", ""), credentials)
             self._forget_idle_clients()
         self._clients.move_to_end(peer)
-        self._send(peer, encode(Welcome(id=msg.id, version=PROTOCOL_VERSION, server=self._version,
+        self._send(peer, encode(Welcome(id=msg.id, version=self.PROTOCOL, server=self._version,
                                         max_frame_bytes=self.max_frame_bytes, heartbeat_s=self.heartbeat_s)))
 
     def _forget_idle_clients(self) -> None:
@@ -511,14 +525,21 @@ class Server:
             events = self.cluster.infer(msg.to_request(), call.cancelled, node=getattr(msg, "node", None))
         else:
             events = self.node.infer(msg.to_request(), cancelled=call.cancelled)  # a cancel stops a prefill too
+        return self._stream(msg, call, events)
+
+    def _stream(self, msg, call, events) -> Message:
+        """Sends an infer's token/event stream (tokens numbered from 0); returns its done reply."""
         done: Message | None = None
+        index = 0
         try:
             for ev in events:
                 if call.cancelled.is_set():
                     raise CancelledError("request cancelled")
                 kind = ev.get("type")
                 if kind == "token":
-                    self._emit(call, Token(id=msg.id, text=ev.get("text") or "", token_id=ev.get("token_id")))
+                    self._emit(call, Token(id=msg.id, text=ev.get("text") or "", token_id=ev.get("token_id"),
+                                           index=index))
+                    index += 1
                 elif kind == "done":
                     done = Done(id=msg.id, stats=ev.get("stats"))
                     break

@@ -30,6 +30,7 @@ def _children(pid: int) -> list[int]:
 class ClusterNode(DaemonProcess):
     def __init__(self, root: Path, name: str, key: Path, join: str | None, *extra: str, **sizes):
         self.name = name
+        root.mkdir(parents=True, exist_ok=True)
         self.gossip = f"127.0.0.1:{free_port()}"
         self.peer = f"tcp://127.0.0.1:{free_port()}"
         args = ["--node-name", name, "--peer-listen", self.peer, "--gossip-listen", self.gossip,

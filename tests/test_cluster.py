@@ -29,8 +29,8 @@ PROMPT = "Name three colours."
 FAIL_BOUND_S = 30.0     # Serf's failure detection with -profile=local, with room for a loaded machine
 
 
-def _generate(node: ClusterNode, **kw) -> tuple[str, dict]:
-    with node.client() as c, c.infer(MODEL, PROMPT, max_tokens=12, temperature=0.0, **kw) as stream:
+def _generate(at: ClusterNode, **kw) -> tuple[str, dict]:
+    with at.client() as c, c.infer(MODEL, PROMPT, max_tokens=12, temperature=0.0, **kw) as stream:
         text = "".join(stream)
         return text, stream.stats
 
@@ -66,9 +66,10 @@ def cluster(smollm2_checkpoint):
     root = short_tempdir("sllm-cl-")
     key = root / "cluster.key"
     write_cluster_key(key)
-    a = ClusterNode(root / "a", "A", key, None)
-    b = ClusterNode(root / "b", "B", key, a.gossip)
-    c = ClusterNode(root / "c", "C", key, a.gossip)
+    sizes = {"dram": "1GiB", "device_memory": "1GiB"}   # room for SmolLM2 (~270 MB in bf16) in each tier
+    a = ClusterNode(root / "a", "A", key, None, **sizes)
+    b = ClusterNode(root / "b", "B", key, a.gossip, **sizes)
+    c = ClusterNode(root / "c", "C", key, a.gossip, **sizes)
     nodes = [a, b, c]
     try:
         with ThreadPoolExecutor(3) as pool:   # in parallel: start-up dominates the module's time

@@ -250,14 +250,3 @@ def test_sllmd_runs_its_agent_restarts_it_and_takes_it_down_when_killed(tmp_path
         for pid in _serf_children(node.proc.pid) if node.proc.poll() is None else []:
             os.kill(pid, signal.SIGKILL)
         node.close()
-
-
-def test_without_the_peer_socket_a_cluster_node_refuses_to_start_in_one_line(tmp_path, key_file):
-    import importlib.util
-    if importlib.util.find_spec("sllmd.cluster.peer_transport") is not None:
-        pytest.skip("the peer socket exists: test_sllmd_runs_its_agent... covers a cluster start")
-    out = subprocess.run([sys.executable, "-m", "sllmd", "--store", str(tmp_path / "store"), "--socket",
-                          str(tmp_path / "s"), "--peer-listen", "tcp://127.0.0.1:1", "--cluster-key", str(key_file)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == Exit.CONFIG and "no peer socket yet" in out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -67,13 +67,14 @@ class Cluster:
         self._peer_server = None
         self._endpoint = None
         self._published: int | None = None
+        self._advertised: str | None = None      # the peer endpoint gossiped (the bound one, never a wildcard)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         from sllmd.cluster import curve_keys
         from sllmd.cluster.membership import Membership
         from sllmd.cluster.peer_server import PeerServer
-        from sllmd.cluster.peer_transport import bind_peer
+        from sllmd.cluster.peer_transport import advertised_endpoint, bind_peer
         if self._keys is None:
             self._keys = curve_keys.load_or_create(self.config.state_dir)
         public, secret = self._keys
@@ -85,6 +86,7 @@ class Cluster:
         if self._membership is None:
             self._membership = Membership(self.config, on_change=lambda _member: self._wake.set())
         self._endpoint = bind_peer(self.config.peer_listen, public, secret, admitted=self._admitted)
+        self._advertised = advertised_endpoint(self._endpoint.address, getattr(self.config, "gossip_listen", None))
         self._peer_server = PeerServer(self.node, self._endpoint, state_provider=self._local_state)
         self._peer_server.start()
         self._membership.start()
@@ -92,7 +94,7 @@ class Cluster:
         self._pulls = ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix="sllmd-cluster-pull")
         self._sync_thread = threading.Thread(target=self._sync_loop, name="sllmd-cluster-sync", daemon=True)
         self._sync_thread.start()
-        log.info("cluster node %s: peer socket %s, public key %s", self.name, self.config.peer_listen,
+        log.info("cluster node %s: peer socket %s, public key %s", self.name, self._advertised,
                  _key_text(public))
 
     def close(self) -> None:
@@ -136,7 +138,7 @@ class Cluster:
 
     def _publish(self) -> None:
         version = self.node.version
-        self._membership.publish(endpoint=self.config.peer_listen, public_key=self._keys[0], version=version)
+        self._membership.publish(endpoint=self._advertised, public_key=self._keys[0], version=version)
         self._published = version
 
     def _sync_loop(self) -> None:
@@ -167,7 +169,7 @@ class Cluster:
     def _pull(self, member) -> None:
         from sllmd.cluster.locality import NodeView
         try:
-            version, state = self._client(member).state(0)
+            version, state = self._client(member).state()
             with self._lock:
                 self._views[member.name] = NodeView(name=member.name, status=member.status, state=state,
                                                     version=version, fetched_at=time.monotonic())
@@ -183,10 +185,10 @@ class Cluster:
         from sllmd.cluster.peer_server import PeerClient
         with self._lock:
             client = self._clients.get(member.name)
-            if client is not None and getattr(client, "address", member.endpoint) == member.endpoint:
+            if client is not None and (client.address, client.server_public) == (member.endpoint, member.public_key):
                 return client
         public, secret = self._keys
-        client = PeerClient(member.endpoint, member.public_key, public, secret)
+        client = PeerClient(member.endpoint, member.public_key, public, secret, node_name=self.name)
         with self._lock:
             old = self._clients.get(member.name)
             self._clients[member.name] = client
@@ -234,7 +236,7 @@ class Cluster:
                 "state_age_s": 0.0 if mine else (now - view.fetched_at if view is not None else None)})
         if not any(n["self"] for n in out):   # Serf has not listed us yet
             out.insert(0, {"name": self.name, "status": "alive", "address": getattr(self.config, "gossip_listen", None),
-                           "endpoint": getattr(self.config, "peer_listen", None), "public_key": _key_text(self._keys[0]),
+                           "endpoint": self._advertised, "public_key": _key_text(self._keys[0]),
                            "version": version, "self": True, "last_heard": now_wall, "state": state,
                            "state_age_s": 0.0})
         return out

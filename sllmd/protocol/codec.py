@@ -97,8 +97,10 @@ def peek_id(frame: bytes) -> int | None:
     return None
 
 
-def _decode(frame: bytes, registry: dict[str, type[Message]], other: dict[str, type[Message]],
-            max_bytes: int | None) -> Message:
+def decode_with(frame: bytes, registry: dict[str, type[Message]], other: dict[str, type[Message]],
+                max_bytes: int | None) -> Message:
+    """A message of `registry`, validated; one of `other` (the opposite direction, or another
+    socket's registry) is refused by name, anything else as unknown."""
     if not isinstance(frame, bytes | bytearray | memoryview):
         raise BadMessageError(f"a frame must be bytes, not {type(frame).__name__}")
     if max_bytes is not None and len(frame) > max_bytes:
@@ -145,9 +147,9 @@ def _refuse_ext(code: int, data: bytes):
 
 def decode_request(frame: bytes, max_bytes: int | None = None) -> Message:
     """A client -> daemon message, validated."""
-    return _decode(frame, REQUESTS, REPLIES, max_bytes)
+    return decode_with(frame, REQUESTS, REPLIES, max_bytes)
 
 
 def decode_reply(frame: bytes, max_bytes: int | None = None) -> Message:
     """A daemon -> client message, validated."""
-    return _decode(frame, REPLIES, REQUESTS, max_bytes)
+    return decode_with(frame, REPLIES, REQUESTS, max_bytes)

@@ -216,6 +216,8 @@ class Result(Envelope):
 class Token(Envelope):
     text: str
     token_id: int | None = None
+    index: int | None = checked(at_least(0), default=None)   # 0-based position in the answer: a relay
+                                                             # (or a migration) drops a duplicate by it
 
 
 @reply("progress")

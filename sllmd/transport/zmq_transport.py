@@ -74,8 +74,10 @@ def _prepare_ipc_bind(path: str) -> None:
 
 def make_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
                 linger_ms: int = 0, sndhwm: int = DEFAULT_HWM, rcvhwm: int = DEFAULT_HWM,
-                max_msg_size: int | None = None, router_mandatory: bool = False, mode: int = 0o600) -> zmq.Socket:
-    """Makes, configures and binds or connects one ZeroMQ socket (the only place sockets are made)."""
+                max_msg_size: int | None = None, router_mandatory: bool = False, mode: int = 0o600,
+                options: dict[int, object] | None = None) -> zmq.Socket:
+    """Makes, configures and binds or connects one ZeroMQ socket (the only place sockets are made).
+    `options`: further socket options set before the bind or connect (e.g. CurveZMQ keys)."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind and connect")
     sock = ctx.socket(kind)
@@ -87,6 +89,8 @@ def make_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect
             sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
         if router_mandatory:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        for option, value in (options or {}).items():
+            sock.setsockopt(option, value)
         if connect is not None:
             sock.connect(connect)
             return sock
@@ -108,12 +112,14 @@ def make_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect
 
 
 class ZmqServerEndpoint(ServerEndpoint):
-    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int, mode: int):
-        check_listen_address(address)
+    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int, mode: int,
+                 options: dict[int, object] | None = None):
+        if not (options or {}).get(zmq.CURVE_SERVER):   # tcp:// only as a CurveZMQ server (the peer socket)
+            check_listen_address(address)
         self.address = address
         self._credentials: dict[str, Credentials | None] = {}
         self._sock = make_socket(ctx, zmq.ROUTER, bind=address, linger_ms=1000, router_mandatory=True,
-                                 max_msg_size=max_frame_bytes * HARD_CAP_FACTOR, mode=mode)
+                                 max_msg_size=max_frame_bytes * HARD_CAP_FACTOR, mode=mode, options=options)
         path = ipc_path(address)
         self._inode = os.stat(path).st_ino if path else None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -191,9 +197,9 @@ class ZmqServerEndpoint(ServerEndpoint):
 
 
 class ZmqClientEndpoint(ClientEndpoint):
-    def __init__(self, ctx: zmq.Context, address: str):
+    def __init__(self, ctx: zmq.Context, address: str, options: dict[int, object] | None = None):
         self.address = address
-        self._sock = make_socket(ctx, zmq.DEALER, connect=address, linger_ms=0)
+        self._sock = make_socket(ctx, zmq.DEALER, connect=address, linger_ms=0, options=options)
         self._closed = False
 
     def send(self, frame, timeout=None):

@@ -1,0 +1,119 @@
+"""The peer protocol: what one sllmd may ask another over the peer socket, declared once.
+
+A registry of its own, built with the client protocol's machinery (sllmd.protocol.schema):
+every message typed and validated on arrival. The two registries never mix: the client
+socket decodes only client requests (a peer message there is an unknown type) and the peer
+socket only these (a client request there is refused by name), so a local client can never
+send a peer message and a peer can never send a client-only one. Type names are
+append-only. Replies reuse the client protocol's shapes (welcome, result, token with its
+index, event, done, heartbeat, error): a relayed stream is the same stream.
+
+    peer_hello -> welcome                 (first, on every connection; PEER_PROTOCOL_VERSION)
+    state_pull -> result {"version", "serial", "state"} | {"version", "serial", "since", "delta"}
+    peer_infer -> (token | event)* -> done | error     (admitted or refused at once: busy)
+    peer_cancel                           (no reply: the cancelled request ends with an error)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sllmd.errors import BadMessageError, InvalidRequestError
+from sllmd.inference.request import InferRequest
+from sllmd.protocol import codec
+from sllmd.protocol.messages import REPLIES, REQUESTS, Envelope
+from sllmd.protocol.schema import Message, at_least, checked, max_len, model_name
+
+PEER_PROTOCOL_VERSION = 1
+
+PEER_REQUESTS: dict[str, type[Message]] = {}
+# Replies are the client protocol's own classes: the same shapes travel back.
+PEER_REPLIES: dict[str, type[Message]] = {name: REPLIES[name] for name in
+                                          ("welcome", "result", "token", "event", "done", "heartbeat", "error")}
+_CLIENT_MESSAGES = {**REQUESTS, **REPLIES}
+
+
+def peer_request(name: str):
+    """Declares a peer -> peer request."""
+    def register(cls):
+        if name in PEER_REQUESTS or name in _CLIENT_MESSAGES:
+            raise TypeError(f"peer message type {name!r} declared twice (or shadows a client message)")
+        cls.TYPE = name
+        PEER_REQUESTS[name] = cls
+        return cls
+    return register
+
+
+@peer_request("peer_hello")
+@dataclass(frozen=True, kw_only=True)
+class PeerHello(Envelope):
+    version: int
+    node: str = checked(max_len(200), default="")     # the caller's node name, for logs
+
+
+@peer_request("state_pull")
+@dataclass(frozen=True, kw_only=True)
+class StatePull(Envelope):
+    """This node's locality state; `since`: the serial of the answer the caller holds (0: none),
+    so the answer may be a delta from it (sllmd.cluster.state_delta)."""
+
+    since: int = checked(at_least(0), default=0)
+
+
+@peer_request("peer_infer")
+@dataclass(frozen=True, kw_only=True)
+class PeerInfer(Envelope):
+    """Runs a request placed here by `origin` (the coordinating node), streaming its events.
+    The fields are InferRequest's wire map (request_id kept, so every node names it alike)."""
+
+    model: str = checked(model_name)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    raw: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    keep_alive: float | None = None
+    request_id: str | None = checked(max_len(128), default=None)
+    origin: str = checked(max_len(200), default="")
+
+    def check(self) -> None:
+        try:
+            self.to_request()
+        except InvalidRequestError as e:
+            raise BadMessageError(f"peer_infer: {e}") from None
+
+    def to_request(self) -> InferRequest:
+        fields = {k: v for k, v in self.to_fields().items() if k not in ("type", "id", "origin")}
+        return InferRequest.from_dict(fields)
+
+    @classmethod
+    def of(cls, rid: int, request: dict, origin: str) -> "PeerInfer":
+        """From InferRequest.to_dict()'s map."""
+        stop = request.get("stop")
+        return cls(id=rid, model=request["model"], prompt=request.get("prompt"), messages=request.get("messages"),
+                   raw=bool(request.get("raw", False)), max_tokens=request.get("max_tokens"),
+                   temperature=request.get("temperature"), top_p=request.get("top_p"), seed=request.get("seed"),
+                   stop=list(stop) if stop else None, keep_alive=request.get("keep_alive"),
+                   request_id=request.get("request_id"), origin=origin)
+
+
+@peer_request("peer_cancel")
+@dataclass(frozen=True, kw_only=True)
+class PeerCancel(Envelope):
+    """Cancels the in-flight request with this id on this connection."""
+
+
+# Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).
+PEER_LONG_RUNNING = frozenset({"peer_infer"})
+
+
+def decode_peer_request(frame: bytes, max_bytes: int | None = None) -> Message:
+    """A peer request, validated; a client message is refused by name."""
+    return codec.decode_with(frame, PEER_REQUESTS, _CLIENT_MESSAGES, max_bytes)
+
+
+def decode_peer_reply(frame: bytes, max_bytes: int | None = None) -> Message:
+    return codec.decode_with(frame, PEER_REPLIES, PEER_REQUESTS, max_bytes)
