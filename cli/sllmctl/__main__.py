@@ -19,7 +19,8 @@ from sllmd.client import DEFAULT_TIMEOUT
 from sllmd.errors import Exit, SllmError
 
 # Verb modules, in the order their verbs appear in --help.
-VERB_MODULES = ["sllmctl.offline", "sllmctl.daemon_verbs", "sllmctl.chat", "sllmctl.cluster_verbs", "sllmctl.cluster_reads"]
+VERB_MODULES = ["sllmctl.offline", "sllmctl.daemon_verbs", "sllmctl.chat", "sllmctl.cluster_verbs", "sllmctl.cluster_reads",
+                "sllmctl.simulate"]
 # Options that every verb takes and that may come before the verb as well.
 GLOBAL_OPTIONS = ("socket", "timeout", "json")
 
