@@ -130,6 +130,69 @@ def test_unknown_forced_node_is_a_clear_error(cluster):
     assert "nosuch" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_cancelling_a_forwarded_stream_stops_it_on_the_node_running_it(cluster):
+    a, b = cluster["A"], cluster["B"]
+    with a.client() as c:
+        stream = c.infer(MODEL, "Count from one to one thousand.", max_tokens=4000, node="B")
+        pieces = iter(stream)
+        next(pieces)
+        _wait("B runs the forwarded request",
+              lambda: [r for r in b.client().requests() if r.get("model") == MODEL], 60)
+        stream.close()
+    _wait("B stopped it after the cancel", lambda: not b.client().requests(), 30)
+
+
+def _peer_socket(node: ClusterNode, public: bytes, secret: bytes):
+    import zmq
+    server_public = next(r["public_key"] for r in _nodes(node).values() if r["self"]).encode()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.connect(node.peer)
+    return ctx, sock
+
+
+def test_a_key_that_is_no_members_gets_nothing_from_the_peer_port(cluster):
+    import msgpack
+    import zmq
+    b = cluster["B"]
+    ctx, sock = _peer_socket(b, *zmq.curve_keypair())
+    try:
+        sock.send(msgpack.packb({"type": "peer_hello", "id": 1, "version": 1}))
+        sock.send(msgpack.packb({"type": "state_pull", "id": 2}))
+        assert not sock.poll(2000, zmq.POLLIN)
+    finally:
+        sock.close()
+        ctx.term()
+    text, _ = _generate(cluster["A"], node="B")   # B serves on
+    assert text.strip()
+
+
+def test_a_member_sending_malformed_frames_is_refused_and_served_on(cluster):
+    import msgpack
+    import zmq
+    from sllmd.cluster import curve_keys
+    a, b = cluster["A"], cluster["B"]
+    ctx, sock = _peer_socket(b, *curve_keys.load_or_create(a.root / "state"))   # A's identity: a member's
+    try:
+        def ask(frame: bytes) -> dict:
+            sock.send(frame)
+            assert sock.poll(10_000, zmq.POLLIN), "no answer"
+            return msgpack.unpackb(sock.recv())
+        assert ask(b"\x00\xffnot msgpack")["code"] == "bad_message"
+        assert ask(msgpack.packb({"type": "peer_hello", "id": 1, "version": 1, "node": "A"}))["type"] == "welcome"
+        assert ask(msgpack.packb({"type": "infer", "id": 2, "model": MODEL, "prompt": "x"}))["code"] == "unknown_type"
+        assert ask(msgpack.packb({"type": "peer_infer", "id": 3, "model": "../etc"}))["code"] == "bad_message"
+    finally:
+        sock.close()
+        ctx.term()
+    text, _ = _generate(a, node="B")
+    assert text.strip()
+
+
 def test_killed_node_shows_failed_and_the_next_request_goes_to_c(cluster):
     a, b = cluster["A"], cluster["B"]
     b.kill9()

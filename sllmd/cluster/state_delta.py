@@ -51,7 +51,7 @@ def apply_delta(old: dict, delta: dict) -> dict:
     """`old` changed by `delta` (a new dict; `old` is left as it was). ValueError if malformed."""
     if not isinstance(delta, dict):
         raise ValueError("a state delta is a map")
-    sets, drops, items = delta.get("set") or {}, delta.get("drop") or [], delta.get("items") or {}
+    sets, drops, items = delta.get("set", {}), delta.get("drop", []), delta.get("items", {})
     if not isinstance(sets, dict) or not isinstance(drops, list) or not isinstance(items, dict):
         raise ValueError("a state delta has set (map), drop (list) and items (map)")
     new = {k: v for k, v in old.items() if k not in drops}
