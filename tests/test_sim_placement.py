@@ -148,3 +148,32 @@ def test_random_clusters_with_churn_match_the_formula():
         ex = {f"n{rng.randrange(40)}"} if rng.random() < 0.3 else frozenset()
         d = place(model, views, NOW, repository=repo, exclude=ex, prefer="n3", max_candidates=None)
         assert got(d) == brute(model, views, NOW, repository=repo, exclude=ex, prefer="n3"), step
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_many_fetching_nodes_are_ranked_as_the_formula_ranks_them(seed):
+    """More fetching nodes than placement.LIST_FETCHERS: ranked with arrays, walked fastest first,
+    stopped after max_candidates fresh ones; ties (equal bandwidths), stale, excluded and failed
+    nodes, and a node whose SSD rate borrows the median must still give the formula's top 8."""
+    rng = random.Random(seed)
+    n = 3 * placement.LIST_FETCHERS
+
+    def random_state():
+        bw = rng.choice([dict(FETCH), dict(FETCH), dict(FETCH, peer_ssd=rng.choice((0.5, 2.0)) * GB),
+                         {"repo_ssd": 0.25 * GB, "ssd_dram": 1 * GB},          # borrows ssd_device's median
+                         dict(FETCH, repo_ssd=None), {"ssd_device": 3 * GB}])  # peer only; cannot fetch
+        ms = [held("m", ["ssd"] + (["dram"] if rng.random() < 0.5 else []), size=rng.choice((1, 2)) * GB)] \
+            if rng.random() < 0.1 else []
+        return state(ms, bw=bw, q=rng.choice((0.0, 0.0, 1.0, 7.5)))
+
+    views = [view(f"n{i:03d}", random_state(), age=rng.choice((0.0, 0.0, 30.0))) for i in range(n)]
+    repo = {"m": GB}
+    for step in range(60):
+        i = rng.randrange(n)
+        views[i] = view(views[i].name, random_state(), status=rng.choice(("alive", "alive", "failed")),
+                        age=rng.choice((0.0, 30.0)))
+        ex = {f"n{rng.randrange(n):03d}" for _ in range(rng.randint(0, 3))}
+        prefer = f"n{rng.randrange(n):03d}"
+        for model, r in (("m", repo), ("m", None), ("absent", repo)):
+            d = place(model, views, NOW, repository=r, exclude=ex, prefer=prefer)
+            assert got(d) == brute(model, views, NOW, repository=r, exclude=ex, prefer=prefer)[:8], step

@@ -27,6 +27,8 @@ import statistics
 import threading
 from typing import Callable, Iterable
 
+import numpy as np
+
 from sllmd.cluster.locality import NodeView
 
 # Only used for a path that no node has measured yet (bytes/s); the probe seeds real values.
@@ -35,6 +37,8 @@ DEFAULT_BANDWIDTHS = {"dram_device": 4e9, "ssd_device": 1e9, "ssd_dram": 1e9, "p
 PATH_RANK = {"instance": 0, "dram": 1, "ssd": 2, "peer": 3, "repo": 4, "migration": 5}
 CANDIDATE_STATUS = ("alive",)
 MAX_CANDIDATES = 8     # tried in turn; more only bloats the request's stats
+SMALL = 16             # a views list this short is scanned directly (not through the shared index)
+LIST_FETCHERS = 32     # more fetching nodes than this are ranked with arrays, not visited one by one
 
 
 @dataclasses.dataclass
@@ -85,19 +89,24 @@ class _Index:
             return _holder_cost(self.state, self.models[model], self.instances.get(model), fallbacks), memo[1]
         return memo
 
-    def fetch_params(self, fallbacks: "_Fallbacks") -> tuple:
-        """(q, peer_ssd bytes/s or None, repo_ssd bytes/s or None, SSD->device rate) of a fetching node."""
+    def fetch_static(self) -> tuple:
+        """(q, peer_ssd bytes/s or None, repo_ssd bytes/s or None, SSD->device rate or None when it
+        borrows the cluster's median) of a fetching node: the state's own values, memoized."""
         if self.fetch is None:
             bws = self.state.get("bandwidths") or {}
-            q = float(self.state.get("queue_delay_s") or 0.0)
             ssd_bw = _ssd_rate(self.state, _OWN_ONLY)[0]
-            if math.isnan(ssd_bw):
-                ssd_bw = None
-            self.fetch = (q, float(bws["peer_ssd"]) if bws.get("peer_ssd") else None,
-                          float(bws["repo_ssd"]) if bws.get("repo_ssd") else None, ssd_bw)
-        if self.fetch[3] is None:
-            return self.fetch[:3] + (_ssd_rate(self.state, fallbacks)[0],)
+            self.fetch = (float(self.state.get("queue_delay_s") or 0.0),
+                          float(bws["peer_ssd"]) if bws.get("peer_ssd") else None,
+                          float(bws["repo_ssd"]) if bws.get("repo_ssd") else None,
+                          None if math.isnan(ssd_bw) else ssd_bw)
         return self.fetch
+
+    def fetch_params(self, fallbacks: "_Fallbacks") -> tuple:
+        """fetch_static with the SSD->device rate filled in (borrowed from `fallbacks` where needed)."""
+        f = self.fetch_static()
+        if f[3] is None:
+            return f[:3] + (_ssd_rate(self.state, fallbacks)[0],)
+        return f
 
 
 _DYNAMIC = object()    # a memo marker: computed per call (it borrows the cluster's median)
@@ -263,20 +272,43 @@ class _Holders:
     the coordinator passes changes a few states at a time, so only the positions whose state
     dict changed are re-indexed (states are never changed in place; they are kept alive here, so
     an id() seen again is the same dict). place() then visits the nodes that hold the model and
-    the nodes that can fetch it, not every node."""
+    ranks the nodes that can fetch it with arrays, not node by node. Node names are unique
+    (Serf's are)."""
 
     def __init__(self):
         self.ids: list[int] = []
         self.ixs: list[_Index] = []
         self.by_model: dict[str, dict[int, None]] = {}    # model -> positions (an ordered set)
         self.fetchers: dict[int, None] = {}
+        self.dynamic: dict[int, None] = {}     # fetchers whose SSD rate borrows the cluster's median
+        self.arrays = np.full((4, 0), np.nan)  # per position: q, peer_ssd, repo_ssd, ssd rate (NaN: none)
+        self.names: list[str] = []             # the views' names as last ranked, and their sort order
+        self.name_rank = np.zeros(0, dtype=np.int64)
+        self.name_pos: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    def _set(self, p: int, ix: "_Index | None") -> None:
+        self.fetchers.pop(p, None)
+        self.dynamic.pop(p, None)
+        self.arrays[:, p] = np.nan
+        if ix is not None and ix.fetches:
+            self.fetchers[p] = None
+            q, peer, repo, ssd = ix.fetch_static()
+            if ssd is None:
+                self.dynamic[p] = None
+            else:
+                self.arrays[:, p] = (q, np.nan if peer is None else peer, np.nan if repo is None else repo, ssd)
 
     def sync(self, states: list[dict]) -> None:
         ids = list(map(id, states))
         if ids == self.ids:
             return
         old, ixs = self.ids, list(self.ixs)
+        if len(ids) != len(old):
+            grown = np.full((4, len(ids)), np.nan)
+            keep = min(len(ids), len(old))
+            grown[:, :keep] = self.arrays[:, :keep]
+            self.arrays = grown
         for p in range(max(len(old), len(ids))):
             if p < len(old) and p < len(ids) and old[p] == ids[p]:
                 continue
@@ -287,6 +319,7 @@ class _Holders:
                     if not where:
                         del self.by_model[m]
                 self.fetchers.pop(p, None)
+                self.dynamic.pop(p, None)
             if p < len(ids):
                 ix = _index(states[p])
                 if p < len(ixs):
@@ -295,25 +328,70 @@ class _Holders:
                     ixs.append(ix)
                 for m in ix.models:
                     self.by_model.setdefault(m, {})[p] = None
-                if ix.fetches:
-                    self.fetchers[p] = None
+                self._set(p, ix)
         del ixs[len(ids):]
-        self.ids, self.ixs = ids, ixs    # a new list: a reader holding the old one keeps a consistent one
+        self.ids, self.ixs = ids, ixs    # new lists: a reader holding the old ones keeps consistent ones
 
-    def lookup(self, views: list[NodeView], model: str, fetching: bool) -> tuple[list, list]:
-        """([(position, index)] of the holders of `model`, [(position, index)] of the other fetching nodes)."""
-        states = [v.state or _EMPTY for v in views]
+    def lookup(self, states: list[dict], model: str, listed: int | None):
+        """([(position, index)] of the holders of `model`; [(position, index)] of the other fetching
+        nodes, or None when there are more than `listed` of them (then rank() them); the ids synced)."""
         with self.lock:
             self.sync(states)
             ixs = self.ixs
             where = self.by_model.get(model, {})
             hold = [(p, ixs[p]) for p in sorted(where)]
-            fetch = [(p, ixs[p]) for p in sorted(self.fetchers) if p not in where] if fetching else []
-        return hold, fetch
+            fetch = None
+            if listed is None or len(self.fetchers) - len(where) <= listed:
+                fetch = [(p, ixs[p]) for p in sorted(self.fetchers) if p not in where]
+            return hold, fetch, self.ids
+
+    def rank(self, views: list[NodeView], states: list[dict], ids: list[int], hold: list, peer_size, repo_size,
+             prefer: str | None) -> tuple:
+        """The fetching nodes in placement's order, ignoring staleness: by their best fetch time
+        (q + size/b(fetch) + size/b(ssd_device), the same float operations as node_estimates), then
+        not `prefer`, then peer before repo, then name: (positions, seconds, indexes, dynamic
+        [(position, index)] whose SSD rate borrows the median, so the arrays cannot rank them)."""
+        names = [v.name for v in views]
+        with self.lock:
+            if self.ids is not ids:
+                self.sync(states)
+            if names != self.names:
+                self.names = names
+                self.name_rank = np.empty(len(names), dtype=np.int64)
+                self.name_rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+                self.name_pos = {n: p for p, n in enumerate(names)}
+            q, peer, repo, ssd = self.arrays
+            n = len(self.ids)
+            inf = np.full(n, np.inf)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                peer_s = np.fmin(inf, q + peer_size / peer + peer_size / ssd) if peer_size is not None else inf
+                repo_s = np.fmin(inf, q + repo_size / repo + repo_size / ssd) if repo_size is not None else inf
+            best = np.fmin(peer_s, repo_s)
+            path = np.where(peer_s <= repo_s, PATH_RANK["peer"], PATH_RANK["repo"])
+            held = [p for p, _ in hold]
+            best[held] = np.inf
+            not_preferred = np.ones(n, dtype=np.int8)
+            if prefer in self.name_pos:
+                not_preferred[self.name_pos[prefer]] = 0
+            order = np.lexsort((self.name_rank, path, not_preferred, best))
+            held_set = set(held)
+            dynamic = [(p, self.ixs[p]) for p in self.dynamic if p not in held_set]
+            return order, best, self.ixs, dynamic
 
 
 _EMPTY: dict = {}      # the state of a view without one (never changed)
 _HOLDERS = _Holders()
+
+
+def holding(model: str, views: list[NodeView]) -> set[str]:
+    """The names of the nodes whose state lists `model` (any tier, any state): what a migration
+    hook needs to look at, found through the same index as place()."""
+    views = views if isinstance(views, list) else list(views)
+    states = [v.state or _EMPTY for v in views]
+    if len(views) <= SMALL:
+        return {v.name for v, st in zip(views, states) if model in _index(st).models}
+    hold, _, _ = _HOLDERS.lookup(states, model, 0)
+    return {views[p].name for p, _ in hold}
 
 
 def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float = 10.0,
@@ -329,7 +407,15 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
     repo_ssd) and, with a hook, every live node for the hook are visited: a node that neither
     holds nor can fetch the model has no option of its own."""
     views = views if isinstance(views, list) else list(views)
-    hold, fetch = _HOLDERS.lookup(views, model, True)
+    states = [v.state or _EMPTY for v in views]
+    listed = None if max_candidates is None else LIST_FETCHERS
+    if len(views) <= SMALL:    # a direct scan; the shared index keeps the big list's positions
+        ixs = [_index(st) for st in states]
+        hold = [(p, ix) for p, ix in enumerate(ixs) if model in ix.models]
+        fetch = [(p, ix) for p, ix in enumerate(ixs) if ix.fetches and model not in ix.models]
+        ids = None
+    else:
+        hold, fetch, ids = _HOLDERS.lookup(states, model, listed)
     fallbacks = _Fallbacks(v for v in views if v.status in CANDIDATE_STATUS and v.name not in exclude)
     holders: dict[str, int] = {}    # node -> size of its SSD copy (fresh views only): the peers' sources
     best: dict[str, tuple] = {}     # node -> (order key, (view, None | a path to estimate | Estimate))
@@ -354,8 +440,29 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
             old = best.get(name)
             if old is None or key < old[0]:
                 best[name] = (key, (v, None))
-    if fetch:
-        _offer_fetches(model, views, fetch, holders, repo, now, stale_after_s, exclude, prefer, fallbacks, offer)
+    by_size = sorted(holders, key=lambda n: (holders[n], n))[:2]   # a node's source: the smallest copy not its own
+    repo_size = repo[model] if model in repo else None
+    args = (model, holders, by_size, repo_size, now, stale_after_s, exclude, prefer, fallbacks, offer)
+    if fetch is not None:
+        for p, ix in fetch:
+            _offer_fetch(views[p], ix, *args)
+    else:   # many fetching nodes: walk them fastest first, until max_candidates fresh ones are offered
+        order, seconds, ixs, dynamic = _HOLDERS.rank(views, states, ids, hold,
+                                                      holders[by_size[0]] if by_size else None, repo_size, prefer)
+        for p, ix in dynamic:
+            _offer_fetch(views[p], ix, *args)
+        fresh = 0
+        for p in order.tolist():
+            if seconds[p] == math.inf:
+                break
+            v = views[p]
+            if v.status not in CANDIDATE_STATUS or v.name in exclude:
+                continue
+            _offer_fetch(v, ixs[p], *args)
+            if now - v.fetched_at <= stale_after_s:
+                fresh += 1
+                if fresh == max_candidates:
+                    break    # every fetch option not offered comes after these in placement's order
     if migration is not None:
         for v in views:
             if v.status not in CANDIDATE_STATUS or v.name in exclude:
@@ -380,23 +487,19 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
     return Decision(winner=winner, candidates=candidates, runner_up=runner_up)
 
 
-def _offer_fetches(model, views, fetch, holders, repo, now, stale_after_s, exclude, prefer, fallbacks, offer):
-    """Offer the peer and repository options of the fetching nodes that do not hold `model`, with
+def _offer_fetch(v, ix, model, holders, by_size, repo_size, now, stale_after_s, exclude, prefer, fallbacks, offer):
+    """Offer the peer and repository options of a fetching node that does not hold `model`, with
     node_estimates' formulas (q + size/b(fetch) + size/b(ssd_device)); their details come later."""
-    by_size = sorted(holders, key=lambda n: (holders[n], n))[:2]   # a node's source: the smallest copy not its own
-    repo_size = repo.get(model)
-    for p, ix in fetch:
-        v = views[p]
-        if v.status not in CANDIDATE_STATUS or v.name in exclude:
-            continue
-        stale = now - v.fetched_at > stale_after_s
-        q, peer_bw, repo_bw, ssd_bw = ix.fetch_params(fallbacks)
-        if peer_bw is not None:
-            source = next((n for n in by_size if n != v.name), None)
-            if source is not None:
-                size = holders[source]
-                offer((stale, q + size / peer_bw + size / ssd_bw, v.name != prefer, PATH_RANK["peer"], v.name),
-                      (v, "peer"))
-        if repo_size is not None and repo_bw is not None:
-            offer((stale, q + repo_size / repo_bw + repo_size / ssd_bw, v.name != prefer, PATH_RANK["repo"], v.name),
-                  (v, "repo"))
+    if v.status not in CANDIDATE_STATUS or v.name in exclude:
+        return
+    stale = now - v.fetched_at > stale_after_s
+    q, peer_bw, repo_bw, ssd_bw = ix.fetch_params(fallbacks)
+    if peer_bw is not None:
+        source = next((n for n in by_size if n != v.name), None)
+        if source is not None:
+            size = holders[source]
+            offer((stale, q + size / peer_bw + size / ssd_bw, v.name != prefer, PATH_RANK["peer"], v.name),
+                  (v, "peer"))
+    if repo_size is not None and repo_bw is not None:
+        offer((stale, q + repo_size / repo_bw + repo_size / ssd_bw, v.name != prefer, PATH_RANK["repo"], v.name),
+              (v, "repo"))

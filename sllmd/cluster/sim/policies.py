@@ -118,7 +118,11 @@ class Shepherd(_Victims):
     name = "shepherd"
 
     def hook(self, model, views, now):
+        local = placement.holding(model, views)   # only these nodes can load it without fetching
+
         def preempt(m: str, view: NodeView) -> Estimate | None:
+            if view.name not in local:
+                return None
             state = view.state or {}
             info, victims = self.victims(state, m)
             if not victims:
@@ -144,7 +148,11 @@ class Ours(_Victims):
                 dest_memo[key] = w if w is not None and w.path != "migration" else None
             return dest_memo[key]
 
+        local = placement.holding(model, views)   # only these nodes can load it without fetching
+
         def migrate(m: str, view: NodeView) -> Estimate | None:
+            if view.name not in local:
+                return None
             state = view.state or {}
             info, victims = self.victims(state, m)
             if not victims:
