@@ -173,12 +173,32 @@ def test_inspect_reads_the_default_store_without_a_daemon(smollm2_checkpoint):
         remove_tree(root)
 
 
+# Where readline waits for a key: select() (pselect6 in glibc) on fd 0 alone, so nfds is 1.
+SELECT_SYSCALLS = {"x86_64": {23, 270}, "aarch64": {72}}
+# The child makes the pty its controlling terminal, so a ^C typed on it raises SIGINT as on a user's.
+ON_THE_PTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'sllmctl', *sys.argv[1:]])")
+
+
+def waiting_for_a_key(pid: int) -> bool:
+    """Whether pid's main thread is blocked in readline's select() on stdin.
+
+    CPython's readline checks for signals only when that select() fails with EINTR: a SIGINT
+    arriving after the prompt is drawn but before select() is entered stays pending until the
+    next key (python/cpython#112585), so a ^C sent the instant the prompt appears can go
+    unanswered. A user's ^C comes long after; the test waits until select() is entered."""
+    import platform
+    fields = open(f"/proc/{pid}/syscall").read().split()   # "running", or "NR arg1 ..." (hex args)
+    return fields[0].isdigit() and int(fields[0]) in SELECT_SYSCALLS[platform.machine()] \
+        and int(fields[1], 16) == 1
+
+
 def test_run_on_a_terminal(served):
     """On a terminal: a >>> prompt, Ctrl-C at the prompt keeps the session, Ctrl-D leaves."""
     import pty
     import select
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "sllmctl", "run", "smol", "--max-tokens", "12",
+    proc = subprocess.Popen([sys.executable, "-c", ON_THE_PTY, "run", "smol", "--max-tokens", "12",
                              "--socket", served.socket], stdin=slave, stdout=slave, stderr=slave,
                             start_new_session=True)
     os.close(slave)
@@ -197,10 +217,17 @@ def test_run_on_a_terminal(served):
         assert text in seen, seen
         seen = seen[seen.index(text) + len(text):]
 
+    def wait_for_a_key(timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not waiting_for_a_key(proc.pid):
+            assert time.monotonic() < deadline and proc.poll() is None, "sllmctl run never waited for a key"
+            time.sleep(0.01)
+
     try:
         read_until(b"/bye to leave")
         read_until(b">>> ")
-        proc.send_signal(signal.SIGINT)
+        wait_for_a_key()
+        os.write(master, b"\x03")   # Ctrl-C, as typed: the terminal raises SIGINT
         read_until(b"Use Ctrl-D or /bye to leave.")
         read_until(b">>> ")
         os.write(master, QUESTION.encode() + b"\r")

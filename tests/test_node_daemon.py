@@ -13,13 +13,19 @@ import pytest
 from conftest import make_tiny_model
 from daemon_helpers import DaemonProcess, remove_tree, short_tempdir, sllmctl
 from sllmd import store
+from sllmd.client import Client
 from test_inference import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
+    """A tiny model with no end-of-sequence token (neither its config nor its tokenizer names one) and
+    a 100,000-token context: it answers until max_tokens, so a long stream stays running. (With the
+    tokenizer's EOS it ends after 365 tokens of "x", well under a second.)"""
     tok = tiny_tokenizer()
-    model = make_tiny_model("llama", seed=0, vocab_size=len(tok), max_position_embeddings=100_000)
+    tok.eos_token = None
+    model = make_tiny_model("llama", seed=0, vocab_size=len(tok), max_position_embeddings=100_000,
+                            eos_token_id=None)
     return store.save_model(model, tmp_path_factory.mktemp("src") / "m0", tokenizer=tok)
 
 
@@ -52,13 +58,11 @@ def test_sigterm_answers_a_running_stream_and_a_new_request_alike(root, tiny_sou
                                   text=True)
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # wait until it is generating
-                ps = json.loads(sllmctl("ps", "--json", socket_path=daemon.socket).stdout or "[]")
-                if any(p["active_requests"] for p in ps):
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail("the stream never started:\n" + daemon.log())
+            with Client(daemon.socket) as probe:
+                while not any(p["active_requests"] for p in probe.ps()):  # wait until it is generating
+                    if time.monotonic() > deadline or stream.poll() is not None:
+                        pytest.fail("the stream never started:\n" + daemon.log())
+                    time.sleep(0.05)
             daemon.proc.send_signal(signal.SIGTERM)
             late = sllmctl("infer", "m0", "y", socket_path=daemon.socket)  # in the grace: answered, not taken
             daemon.proc.send_signal(signal.SIGTERM)  # a second signal cuts the grace short
