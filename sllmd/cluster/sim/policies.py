@@ -135,7 +135,19 @@ class Shepherd(_Victims):
 
 
 class Ours(_Victims):
+    """Migrates only to a destination with spare capacity now (an idle instance of the victim's
+    model, or free or idle GPUs for it): moving a request onto a busy node only moves the wait,
+    and the extra load there delays that node's own requests."""
     name = "ours"
+
+    def spare(self, dest: Estimate, views: list[NodeView], victim_model: str) -> bool:
+        if dest.path == "instance":
+            return dest.seconds == 0.0
+        if dest.path == "migration":
+            return False
+        state = next((v.state for v in views if v.name == dest.node), None) or {}
+        g = state.get("gpus") or {}
+        return int(g.get("free", 0)) + int(g.get("idle", 0)) >= self.models[victim_model].gpus
 
     def hook(self, model, views, now):
         dest_memo: dict[tuple[str, str], Estimate | None] = {}
@@ -145,7 +157,7 @@ class Ours(_Victims):
             if key not in dest_memo:
                 d = self.place(victim_model, views, now, exclude={source}, max_candidates=1)
                 w = d.winner
-                dest_memo[key] = w if w is not None and w.path != "migration" else None
+                dest_memo[key] = w if w is not None and self.spare(w, views, victim_model) else None
             return dest_memo[key]
 
         local = placement.holding(model, views)   # only these nodes can load it without fetching
