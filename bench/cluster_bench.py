@@ -13,7 +13,6 @@ loaded on B only.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,16 +30,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _b_state(a) -> dict:
-    out = a.ctl("nodes", "--json")
-    if out.returncode != 0:
-        raise SystemExit(f"sllmctl nodes failed: {out.stderr.strip()}")
-    rows = {r["name"]: r for r in json.loads(out.stdout)}
+def _b_state(ca) -> dict:
+    """B's state as A's placement reads it (A's `nodes`, through a client kept open: polling
+    with a fresh `sllmctl` process would add its start-up to every sample)."""
+    rows = {r["name"]: r for r in ca.nodes()}
     return (rows.get("B") or {}).get("state") or {}
 
 
-def _tiers_on_b(a) -> list[str] | None:
-    for m in _b_state(a).get("models") or []:
+def _tiers_on_b(ca) -> list[str] | None:
+    for m in _b_state(ca).get("models") or []:
         if m.get("name") == NAME:
             return list(m.get("tiers") or [])
     return None
@@ -65,18 +63,18 @@ def forwarding(a, b, runs: int, max_tokens: int) -> dict:
 
 def propagation(a, b, repeats: int) -> list[float]:
     times = []
-    with b.client() as cb:
+    with b.client() as cb, a.client() as ca:
         for _ in range(repeats):
             cb.load(NAME)
             cb.evict(NAME, tier="device")
             deadline = time.monotonic() + 30
-            while "dram" not in (_tiers_on_b(a) or []):
+            while "dram" not in (_tiers_on_b(ca) or []):
                 if time.monotonic() > deadline:
                     raise SystemExit("A never saw B's DRAM copy")
                 time.sleep(0.05)
             t0 = time.perf_counter()
             cb.evict(NAME, tier="dram")
-            while "dram" in (_tiers_on_b(a) or []):
+            while "dram" in (_tiers_on_b(ca) or []):
                 if time.perf_counter() - t0 > 30:
                     raise SystemExit("A never saw B's DRAM eviction")
                 time.sleep(0.005)
@@ -109,10 +107,11 @@ def main(argv=None) -> int:
             cb.import_model(NAME, str(ckpt))
             cb.load(NAME)
         deadline = time.monotonic() + 30
-        while _tiers_on_b(a) is None:
-            if time.monotonic() > deadline:
-                raise SystemExit("A never pulled B's state")
-            time.sleep(0.1)
+        with a.client() as ca:
+            while _tiers_on_b(ca) is None:
+                if time.monotonic() > deadline:
+                    raise SystemExit("A never pulled B's state")
+                time.sleep(0.1)
         f = forwarding(a, b, a_.runs, a_.max_tokens)
         prop = propagation(a, b, a_.propagation_repeats)
     finally:

@@ -111,7 +111,7 @@ def test_request_at_a_is_placed_on_b_holding_it_in_dram(cluster):
     _wait("A has B's state with the model in DRAM", sees_b_dram, 30)
     text, stats = _generate(a)
     placement = stats["placement"]
-    assert placement["node"] == "B", placement
+    assert placement["node"] == "B", json.dumps(placement, indent=1)
     assert placement["winner"]["path"] == "dram", placement
     assert {e["node"] for e in placement["candidates"]} >= {"B", "C"}, placement
     direct, direct_stats = _generate(b, node="B")

@@ -15,8 +15,8 @@ def model(tiers, size=GB, **kw):
                  "tiers": list(tiers), "checkpoint_bytes": size, "ssd_bytes": size}, **kw)
 
 
-def view(name, models=(), instances=(), bw=None, q=0.0, status="alive", age=0.0):
-    state = {"models": list(models), "instances": list(instances), "queue_delay_s": q,
+def view(name, models=(), instances=(), bw=None, q=0.0, status="alive", age=0.0, device=None):
+    state = {"models": list(models), "instances": list(instances), "queue_delay_s": q, "device": device,
              "bandwidths": dict({"dram_device": 10 * GB, "ssd_device": 2 * GB} if bw is None else bw)}
     return NodeView(name=name, status=status, state=state, version=1, fetched_at=NOW - age)
 
@@ -39,8 +39,16 @@ CASES = [
     ("busy instance loses to a dram copy elsewhere",
      [view("a", [model(["ssd", "dram", "device"])], [inst(active=1, queued=3, service=2.0)]),
       view("b", [model(["ssd", "dram"])])], "b", "dram", 0.1),
-    ("ssd stages: slowest measured one", [view("c", [model(["ssd"])], bw={"ssd_dram": 1 * GB, "dram_device": 4 * GB})],
-     "c", "ssd", 1.0),
+    ("ssd stages on a GPU: the slower one (they overlap)",
+     [view("c", [model(["ssd"])], bw={"ssd_dram": 1 * GB, "dram_device": 4 * GB}, device="cuda:0")], "c", "ssd", 1.0),
+    ("ssd stages on a CPU device: their times add (same cores, same memory)",
+     [view("c", [model(["ssd"])], bw={"ssd_dram": 1 * GB, "dram_device": 4 * GB}, device="cpu")], "c", "ssd", 1.25),
+    ("an unmeasured stage counts at its default, never as free",
+     [view("c", [model(["ssd"])], bw={"dram_device": 4 * GB}, device="cpu")], "c", "ssd",
+     1 / DEFAULT_BANDWIDTHS["ssd_dram"] * GB + 0.25),
+    ("a CPU node's DRAM copy beats another's SSD copy over the same copy rate",
+     [view("b", [model(["ssd", "dram"])], bw={"dram_device": 4 * GB}, device="cpu"),
+      view("c", [model(["ssd"])], bw={"dram_device": 4.5 * GB}, device="cpu")], "b", "dram", 0.25),
     ("peer copy when the node can fetch", [view("a", bw={"peer_ssd": 1 * GB, "ssd_device": 2 * GB}),
                                            view("b", [model(["ssd"])], q=10.0)], "a", "peer", 1.5),
     ("failed/left/suspect nodes are no candidates", [view("a", [model(["ssd", "dram"])], status="failed"),

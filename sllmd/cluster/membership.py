@@ -20,6 +20,13 @@ from sllmd.cluster.serf_rpc import SerfRpc, SerfRpcError
 log = logging.getLogger(__name__)
 
 EVENTS = "member-join,member-leave,member-failed,member-update,member-reap"
+# The agent streams member events only after ~1 s of quiet (its coalescing, not configurable),
+# while gossip carries a tag change in ~0.15-0.2 s on loopback: the member list is also read
+# this often, so a peer's new state version is seen in about the gossip time. The interval
+# grows with the cluster (a members call lists everyone), reaching the events' own pace at
+# 500 members.
+def members_poll_s(n_members: int) -> float:
+    return min(1.0, max(0.1, 0.002 * n_members))
 TAG_LIMIT = 512          # Serf's limit on a member's encoded tags
 
 
@@ -98,8 +105,18 @@ class Membership:
         self._refresh()
 
     def _supervise(self) -> None:
-        """Joins until one address answers, restarts a dead agent, reconnects a lost RPC."""
-        while not self._stopping.wait(self.poll_s):
+        """Joins until one address answers, restarts a dead agent, reconnects a lost RPC, and
+        reads the member list between the agent's (coalesced) events."""
+        next_check = time.monotonic()
+        while not self._stopping.wait(min(self.poll_s, members_poll_s(len(self._members)))):
+            if self._rpc is not None and not self._rpc.closed:
+                try:
+                    self._refresh()
+                except SerfRpcError as e:
+                    log.debug("membership: reading members: %s", e)
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + self.poll_s
             try:
                 if self._agent is not None and not self._agent.alive():
                     log.warning("serf agent died; restarting it")
@@ -149,6 +166,9 @@ class Membership:
     def _update(self, member: Member) -> None:
         with self._lock:
             old = self._members.get(member.name)
+            if old is not None and member.status not in ("alive", "suspect") \
+                    and replace(old, last_heard=0) == replace(member, last_heard=0):
+                member = old   # a failed or departed member re-read: last heard when it was still heard
             self._members[member.name] = member
         if self.on_change and (old is None or replace(old, last_heard=0) != replace(member, last_heard=0)):
             try:
