@@ -237,3 +237,21 @@ def test_the_cli_verb_runs_an_example_with_json(tmp_path):
                          env={"PYTHONPATH": f"{ROOT}:{ROOT / 'cli'}", "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 78 and "no such scenario file" in bad.stderr
 
+
+
+def test_the_loopback_scenario_places_on_the_dram_copy_with_the_analytic_latency():
+    """examples/sim/loopback.toml (issue 11 item 4, for the comparison with real nodes): explicit
+    placement (B's DRAM, C's SSD), a trace, one request at a time."""
+    sc = load(ROOT / "examples" / "sim" / "loopback.toml")
+    res = simulate(sc, "ours", 1.0)
+    first, second, third = res["rows"]
+    assert (first["node"], first["path"]) == ("s1", "dram")
+    assert first["first_token"] - first["arrival"] == pytest.approx(0.27 / 6 + 0.05 + 0.003 * 16)
+    assert (second["path"], third["path"]) == ("instance", "instance")
+    assert third["first_token"] - third["arrival"] == pytest.approx(0.05 + 0.003 * 64)
+
+
+def test_explicit_placement_must_name_servers(tmp_path):
+    doc = {"servers": {"count": 2}, "models": [{"name": "m", "bytes": "1GB", "ssd_on": [2]}]}
+    with pytest.raises(ConfigError, match="server indices 0..1"):
+        config.from_dict(doc, base=tmp_path)

@@ -9,7 +9,8 @@
                  network (peer_ssd and repo_ssd unless given), peer_ssd, repo_ssd   (bytes/s)
     [[models]]   name, bytes, gpus (else ceil(bytes / gpu_bytes)), count (replicas: name-00, name-01 ...),
                  ssd_copies (servers holding it on SSD at start), dram_copies, prefill_s_per_token,
-                 prefill_s, tpot_s (time per output token), migration_a, migration_b0 (section 8's a, b0)
+                 prefill_s, tpot_s (time per output token), migration_a, migration_b0 (section 8's a, b0),
+                 ssd_on, dram_on (lists of server indices: where it is at start, instead of at random)
     [workload]   arrival (poisson | gamma | trace), cv (gamma), trace (file: time_s,model[,t_in,t_out]),
                  popularity (uniform | zipf), zipf_s, lengths (gsm8k | sharegpt | fixed | lognormal | a file),
                  t_in, t_out (fixed, or the lognormal means), sigma_in, sigma_out, max_tokens
@@ -56,6 +57,8 @@ class ModelSpec:
     tpot_s: float = 0.03
     migration_a: float = 2e-4
     migration_b0: float = 0.1
+    ssd_on: list | None = None     # server indices holding it on SSD at start (instead of ssd_copies at random)
+    dram_on: list | None = None    # server indices holding it in DRAM (and on SSD) at start
 
 
 @dataclasses.dataclass
@@ -143,6 +146,11 @@ def _models(rows, servers: ServerSpec) -> list[ModelSpec]:
         unknown = set(row) - fields
         if unknown:
             raise ConfigError(f"models.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+        for key in ("ssd_on", "dram_on"):
+            where = row.get(key)
+            if where is not None and (not isinstance(where, list) or
+                                      any(not isinstance(i, int) or not 0 <= i < servers.count for i in where)):
+                raise ConfigError(f"models.{name}.{key}: a list of server indices 0..{servers.count - 1}")
         for i in range(count):
             label = name if count == 1 else f"{name}-{i:0{len(str(count - 1))}d}"
             out.append(ModelSpec(name=label, bytes=size, gpus=gpus, **row))

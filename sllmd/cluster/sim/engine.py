@@ -56,6 +56,12 @@ class Simulation:
     def _seed_tiers(self, rng: random.Random) -> None:
         n = len(self.servers)
         for k, m in enumerate(self.sc.models):
+            if m.ssd_on is not None or m.dram_on is not None:
+                for i in dict.fromkeys([*(m.dram_on or ()), *(m.ssd_on or ())]):
+                    self.servers[i].ssd.insert(m.name, m.bytes)
+                for i in m.dram_on or ():
+                    self.servers[i].dram.insert(m.name, m.bytes)
+                continue
             holders = rng.sample(range(n), min(max(m.ssd_copies, m.dram_copies), n))
             for j, i in enumerate(holders):
                 self.servers[i].ssd.insert(m.name, m.bytes)
