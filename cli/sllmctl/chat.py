@@ -144,9 +144,12 @@ def cmd_run(args) -> int:
             if text.startswith("/") and " " not in text:
                 sys.stderr.write(f"unknown command {text} (/? for help)\n")
                 continue
-            chat.turn(line)
-            if tty:
-                sys.stdout.write("\n")
+            try:
+                chat.turn(line)
+                if tty:
+                    sys.stdout.write("\n")
+            except KeyboardInterrupt:   # pressed just as the answer ended: the session stays
+                sys.stderr.write("\nUse Ctrl-D or /bye to leave.\n")
 
 
 def register(subparsers) -> None:
