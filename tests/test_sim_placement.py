@@ -177,3 +177,13 @@ def test_many_fetching_nodes_are_ranked_as_the_formula_ranks_them(seed):
         for model, r in (("m", repo), ("m", None), ("absent", repo)):
             d = place(model, views, NOW, repository=r, exclude=ex, prefer=prefer)
             assert got(d) == brute(model, views, NOW, repository=r, exclude=ex, prefer=prefer)[:8], step
+
+
+def test_a_borrowed_stage_of_the_ssd_rate_follows_the_other_nodes():
+    # a measured its disk read only: its SSD rate takes the copy stage from the cluster's median
+    a = view("a", state([held("m", ["ssd"])], bw={"ssd_dram": 5 * GB}))
+    x, y = view("x", state(bw={"dram_device": 2 * GB})), view("y", state(bw={"dram_device": 4 * GB}))
+    assert place("m", [a, x, y], NOW).winner.seconds == pytest.approx(GB / (3 * GB))
+    x2 = view("x", state(bw={"dram_device": 8 * GB}))
+    assert place("m", [a, x2, y], NOW).winner.seconds == pytest.approx(GB / (5 * GB))
+    assert got(place("m", [a, x2, y], NOW)) == brute("m", [a, x2, y], NOW)

@@ -81,8 +81,9 @@ class _Index:
         memo = self.costs.get(model)
         if memo is None:
             info = self.models[model]
-            cost = _holder_cost(self.state, info, self.instances.get(model), _OWN_ONLY)
-            if cost is not None and math.isnan(cost[1]):
+            probe = _Probe()
+            cost = _holder_cost(self.state, info, self.instances.get(model), probe)
+            if cost is not None and probe.borrowed:
                 cost = _DYNAMIC
             memo = self.costs[model] = (cost, _size(info) if "ssd" in (info.get("tiers") or ()) else None)
         if memo[0] is _DYNAMIC:
@@ -94,11 +95,12 @@ class _Index:
         borrows the cluster's median) of a fetching node: the state's own values, memoized."""
         if self.fetch is None:
             bws = self.state.get("bandwidths") or {}
-            ssd_bw = _ssd_rate(self.state, _OWN_ONLY)[0]
+            probe = _Probe()
+            ssd_bw = _ssd_rate(self.state, probe)[0]
             self.fetch = (float(self.state.get("queue_delay_s") or 0.0),
                           float(bws["peer_ssd"]) if bws.get("peer_ssd") else None,
                           float(bws["repo_ssd"]) if bws.get("repo_ssd") else None,
-                          None if math.isnan(ssd_bw) else ssd_bw)
+                          None if probe.borrowed else ssd_bw)
         return self.fetch
 
     def fetch_params(self, fallbacks: "_Fallbacks") -> tuple:
@@ -112,14 +114,17 @@ class _Index:
 _DYNAMIC = object()    # a memo marker: computed per call (it borrows the cluster's median)
 
 
-class _OwnOnly:
-    """Fallbacks that answer NaN: a value computed with them is the state's own unless it is NaN."""
+class _Probe:
+    """Fallbacks that note being asked: a value computed with them is the state's own (and can be
+    memoized with it) unless `borrowed`, whatever the formula does with the answer."""
+    __slots__ = ("borrowed",)
+
+    def __init__(self):
+        self.borrowed = False
 
     def get(self, path: str, default: float) -> float:
-        return math.nan
-
-
-_OWN_ONLY = _OwnOnly()
+        self.borrowed = True
+        return DEFAULT_BANDWIDTHS.get(path, default)
 
 
 _INDEX: dict[int, _Index] = {}
