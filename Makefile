@@ -46,7 +46,7 @@ bench: $(STAMP) serf
 	$(PY) bench/compute_dtype.py --chunks
 	$(PY) bench/placement_bench.py
 	$(PY) bench/sim_bench.py --plot bench/sim_latency_vs_rps.png
-	@echo "bench/cluster_bench.py (forwarding, propagation) joins once the peer socket exists (sllmd/cluster/README.md)"
+	$(PY) bench/cluster_bench.py
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so

@@ -472,9 +472,11 @@ class Server:
         """The cluster's members; without a cluster, this node alone."""
         if self.cluster is not None:
             return Result(id=msg.id, data=self.cluster.nodes())
+        from sllmd.cluster.locality import local_state
         return Result(id=msg.id, data=[{"name": self._node_name(), "status": "alive", "address": None,
                                         "endpoint": None, "public_key": None, "version": getattr(self.node, "version", 0),
-                                        "self": True, "last_heard": time.time(), "state_age_s": 0.0}])
+                                        "self": True, "last_heard": time.time(), "state": local_state(self.node),
+                                        "state_age_s": 0.0}])
 
     def _show(self, msg, call) -> Message:
         return Result(id=msg.id, data=self.node.show(msg.name))

@@ -5,7 +5,7 @@ import time
 
 from sllmd.client import Client
 
-from .output import fmt_ago, fmt_span, print_json, print_table
+from .output import fmt_ago, fmt_bytes, fmt_span, print_json, print_table
 
 
 def _client(args) -> Client:
@@ -16,6 +16,27 @@ def _short_key(key: str | None) -> str:
     return "-" if not key else key[:12] + "…"
 
 
+def _use(state: dict | None, tier: str) -> str:
+    t = ((state or {}).get("tiers") or {}).get(tier) or {}
+    if not t.get("capacity_bytes"):
+        return "-"
+    return f"{fmt_bytes(t.get('used_bytes') or 0)}/{fmt_bytes(t['capacity_bytes'])}"
+
+
+def _node_row(n: dict, now: float) -> list[str]:
+    """One `nodes` row; the load columns come from the node's pulled state ("-" before the first pull)."""
+    state = n.get("state")
+    instances = (state or {}).get("instances") or []
+    known = state is not None
+    return [str(n.get("name", "?")) + (" *" if n.get("self") else ""), str(n.get("status", "?")),
+            str(n.get("endpoint") or "-"), str((state or {}).get("device") or "-"),
+            _use(state, "device"), _use(state, "dram"), _use(state, "ssd"),
+            str(len(state.get("models") or [])) if known else "-",
+            str(sum(int(i.get("active_requests") or 0) for i in instances)) if known else "-",
+            str(sum(int(i.get("queued") or 0) for i in instances)) if known else "-",
+            fmt_ago(n.get("last_heard"), now), _short_key(n.get("public_key"))]
+
+
 def cmd_nodes(args) -> int:
     with _client(args) as c:
         nodes = c.nodes()
@@ -23,10 +44,8 @@ def cmd_nodes(args) -> int:
         print_json(nodes)
         return 0
     now = time.time()
-    rows = [[str(n.get("name", "?")) + (" *" if n.get("self") else ""), str(n.get("status", "?")),
-             str(n.get("endpoint") or "-"), str(n.get("address") or "-"), _short_key(n.get("public_key")),
-             str(n.get("version", "-")), fmt_ago(n.get("last_heard"), now)] for n in nodes]
-    print_table(["NAME", "STATUS", "PEER", "GOSSIP", "KEY", "VERSION", "LAST HEARD"], rows)
+    print_table(["NAME", "STATUS", "ADDRESS", "DEVICE", "DEVICE USE", "DRAM USE", "SSD USE", "MODELS", "RUNNING",
+                 "QUEUED", "LAST HEARD", "KEY"], [_node_row(n, now) for n in nodes])
     return 0
 
 

@@ -166,9 +166,9 @@ class Membership:
     def _update(self, member: Member) -> None:
         with self._lock:
             old = self._members.get(member.name)
-            if old is not None and member.status not in ("alive", "suspect") \
-                    and replace(old, last_heard=0) == replace(member, last_heard=0):
-                member = old   # a failed or departed member re-read: last heard when it was still heard
+            if old is not None and member.status not in ("alive", "suspect"):
+                # failed or departed: last heard is when it was last heard alive, not when we learnt it
+                member = replace(member, last_heard=old.last_heard)
             self._members[member.name] = member
         if self.on_change and (old is None or replace(old, last_heard=0) != replace(member, last_heard=0)):
             try:
