@@ -57,6 +57,13 @@ def forwarding(a, b, runs: int, max_tokens: int) -> dict:
             via.append(r)
             direct.append(timed_infer(cb, QUESTION, max_tokens))
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    for label, rs in (("direct", direct), ("relayed", via)):   # where the time goes, from the daemons' stats
+        pl = [(r["daemon"] or {}).get("placement") or {} for r in rs]
+        engine = [(r["daemon"] or {}).get("ttft_s") for r in rs]
+        log(f"{label}: coordinator place {statistics.median(p.get('place_ms', 0) for p in pl):.2f} ms, "
+            f"first event {statistics.median(p.get('first_event_ms', 0) for p in pl):.2f} ms, "
+            f"engine ttft {statistics.median(e for e in engine if e is not None) * 1e3 if any(engine) else 0:.2f} ms, "
+            f"client ttft {med(rs, 'ttft_s') * 1e3:.2f} ms")
     return {"ttft_direct_ms": med(direct, "ttft_s") * 1e3, "ttft_relayed_ms": med(via, "ttft_s") * 1e3,
             "tps_direct": med(direct, "tokens_per_s"), "tps_relayed": med(via, "tokens_per_s"), "runs": runs}
 

@@ -271,11 +271,14 @@ class Cluster:
         Raises before streaming when no candidate accepts it."""
         req = _request_dict(request)
         model = req["model"]
+        t0 = time.perf_counter()
         decision, order = self._candidates(model, node)
+        place_ms = (time.perf_counter() - t0) * 1e3
         tried: list[dict] = []
         for name in order:
             if cancelled is not None and cancelled.is_set():
                 raise CancelledError("request cancelled")
+            t1 = time.perf_counter()
             try:
                 events, first = self._open(name, request, req, cancelled)
             except FINAL:
@@ -293,7 +296,8 @@ class Cluster:
                 log.info("infer %s: %s failed before its first token (%s); trying the next", model, name, e)
                 tried.append({"node": name, "error": "peer_failed", "message": str(e)})
                 continue
-            placement = {"node": name, "forced": node is not None, "tried": tried,
+            placement = {"node": name, "forced": node is not None, "tried": tried, "place_ms": place_ms,
+                         "first_event_ms": (time.perf_counter() - t1) * 1e3,
                          "winner": _estimate(decision.winner) if decision else None,
                          "runner_up": _estimate(decision.runner_up) if decision else None,
                          "candidates": [_estimate(c) for c in decision.candidates] if decision else []}
