@@ -77,3 +77,24 @@ def test_probe_seeds_the_host_copy_rate(node_factory):
     measured = probe(node, nbytes=8 << 20)
     assert measured["dram_device"] > 0
     assert local_state(node)["bandwidths"]["dram_device"] == pytest.approx(measured["dram_device"])
+
+
+@pytest.mark.parametrize("state,problem", [
+    ("x", "not a map"),
+    ({"models": "x"}, "models is not a list"),
+    ({"models": [{"tiers": ["ssd"]}]}, "no name"),
+    ({"models": [{"name": "m", "tiers": "ssd"}]}, "tiers is not a list"),
+    ({"models": [{"name": "m", "checkpoint_bytes": "big"}]}, "not a size"),
+    ({"instances": [{"name": "m", "queued": -1}]}, "not a number"),
+    ({"bandwidths": {"ssd_device": 0}}, "not a positive number"),
+    ({"bandwidths": {"ssd_device": float("nan")}}, "not a positive number"),
+    ({"queue_delay_s": "soon"}, "queue_delay_s"),
+])
+def test_a_peer_state_placement_cannot_use_is_named(state, problem):
+    from sllmd.cluster.locality import state_problem
+    assert problem in state_problem(state)
+
+
+def test_a_real_nodes_state_is_usable(node_factory):
+    from sllmd.cluster.locality import state_problem
+    assert state_problem(local_state(node_factory())) is None

@@ -59,6 +59,7 @@ class Cluster:
         self._views: dict[str, Any] = {}              # peer name -> NodeView (last pulled)
         self._clients: dict[str, Any] = {}            # peer name -> PeerClient
         self._pulling: set[str] = set()
+        self._refused: dict[str, tuple[int, float]] = {}   # peer -> (version, when) of a state placement cannot use
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -163,13 +164,22 @@ class Cluster:
                     continue
                 if view is not None and view.version == m.version and now - view.fetched_at < REFRESH_S:
                     continue
+                refused = self._refused.get(m.name)
+                if refused is not None and refused[0] == m.version and now - refused[1] < REFRESH_S:
+                    continue   # its state at this version was unusable: asked again after a while
                 self._pulling.add(m.name)
             self._pulls.submit(self._pull, m)
 
     def _pull(self, member) -> None:
-        from sllmd.cluster.locality import NodeView
+        from sllmd.cluster.locality import NodeView, state_problem
         try:
             version, state = self._client(member).state()
+            problem = state_problem(state)
+            if problem is not None:   # that peer's view stays as it was (and goes stale): nobody else pays
+                log.warning("ignoring the state pulled from %s: %s", member.name, problem)
+                with self._lock:
+                    self._refused[member.name] = (member.version, time.monotonic())
+                return
             with self._lock:
                 self._views[member.name] = NodeView(name=member.name, status=member.status, state=state,
                                                     version=version, fetched_at=time.monotonic())

@@ -112,3 +112,37 @@ def local_state(node) -> dict:
             log.debug("the node's requests are unavailable", exc_info=True)
             state["requests"] = []
     return state
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0
+
+
+def state_problem(state) -> str | None:
+    """Why a peer's pulled state cannot be used by placement (None: it can). A peer's mistake
+    must cost only that peer's view, never the placement of every request."""
+    if not isinstance(state, dict):
+        return "the state is not a map"
+    for key, kind in (("models", list), ("instances", list), ("tiers", dict), ("bandwidths", dict)):
+        if key in state and not isinstance(state[key], kind):
+            return f"{key} is not a {kind.__name__}"
+    for m in state.get("models") or []:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            return "a model entry has no name"
+        if not isinstance(m.get("tiers") or [], list):
+            return f"model {m['name']!r}: tiers is not a list"
+        for k in ("checkpoint_bytes", "ssd_bytes", "dram_bytes", "device_bytes"):
+            if m.get(k) is not None and not _number(m[k]):
+                return f"model {m['name']!r}: {k} is not a size"
+    for i in state.get("instances") or []:
+        if not isinstance(i, dict) or not isinstance(i.get("name"), str):
+            return "an instance entry has no name"
+        for k in ("active_requests", "queued", "queue_depth", "queue_delay_s", "service_s"):
+            if i.get(k) is not None and not _number(i[k]):
+                return f"instance {i['name']!r}: {k} is not a number"
+    for path, bw in (state.get("bandwidths") or {}).items():
+        if not _number(bw) or bw == 0:
+            return f"bandwidth {path!r} is not a positive number"
+    if state.get("queue_delay_s") is not None and not _number(state["queue_delay_s"]):
+        return "queue_delay_s is not a number"
+    return None
