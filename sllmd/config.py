@@ -95,6 +95,7 @@ class Config:
     compute_dtype: str = "auto"         # the dtype models compute in (sllmd.inference.compute_dtype)
     keep_alive_s: float = 300.0
     queue_depth: int = 16
+    max_batch: int = 8                  # requests one instance decodes together (continuous batching)
     max_frame_bytes: int = 16 * MiB
     verify_checksums: bool = True
     log_level: str = "INFO"
@@ -163,6 +164,9 @@ SETTINGS: list[Setting] = [
     Setting("keep_alive", "keep_alive_s", parse_duration,
             "default keep_alive: 5m, 30s, -1 = forever, 0 = unload after the request", "DUR", "5m"),
     Setting("queue_depth", "queue_depth", parse_int, "per-instance request queue length", "N"),
+    Setting("max_batch", "max_batch", parse_int, "requests one instance decodes together (continuous batching; "
+            "beyond them requests queue); 1 serves one at a time", "N",
+            "8 (measured: bench/batch_bench.py, BENCHMARKS.md)"),
     Setting("max_frame", "max_frame_bytes", parse_size, "largest accepted message", "SIZE"),
     Setting("verify_checksums", "verify_checksums", parse_bool, "verify checkpoint checksums while loading",
             "BOOL"),
@@ -482,6 +486,7 @@ def validate(config: Config) -> None:
     need(config.device_memory_bytes > 0, "device_memory: must be positive")
     need(config.ssd_capacity_bytes is None or config.ssd_capacity_bytes > 0, "ssd_capacity: must be positive")
     need(config.queue_depth >= 1, "queue_depth: must be at least 1")
+    need(1 <= config.max_batch <= 256, "max_batch: must be between 1 and 256")
     need(config.max_streams >= 1, "max_streams: must be at least 1")
     need(64 * KiB <= config.max_frame_bytes <= 1 * GiB, "max_frame: must be between 64KiB and 1GiB")
     need(config.shutdown_grace_s >= 0, "shutdown_grace: cannot be negative")

@@ -27,6 +27,7 @@ from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, L
                      ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
 from .inference.engine import Instance
 from .inference.request import InferRequest
+from .inference.tokenizer_lock import unwrap as unwrap_tokenizer
 from .model_card import model_card
 from .store.format import open_checkpoint
 from .tiers import policy
@@ -44,6 +45,19 @@ log = logging.getLogger(__name__)
 TIMER_CEILING_S = 1.0
 LOAD_WAIT_S = 300.0  # the longest a request waits for its model's load (config: load_wait)
 ROOM_WAIT_S = 30.0  # the longest a load waits for busy instances to leave room (config: room_wait)
+
+
+class _DeviceKv:
+    """An instance's KV cache counted in the device tier's budget (engine.KvBudget)."""
+
+    def __init__(self, device: DeviceTier, name: str):
+        self.device, self.name = device, name
+
+    def try_reserve(self, nbytes: int) -> bool:
+        return self.device.reserve_kv(self.name, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        self.device.release_kv(self.name, nbytes)
 
 
 class Node:
@@ -326,7 +340,7 @@ class Node:
         return self.loads.acquire(name, keep_alive_s, cancelled, check_open=self._check_open)
 
     def _on_loaded(self, name: str, inst: Instance, tier: str, load_s: float) -> None:
-        self._prepared.keep_tokenizer(name, inst.tokenizer)
+        self._prepared.keep_tokenizer(name, unwrap_tokenizer(inst.tokenizer))
         self.ssd.touch(name)
         log.info("%s ready on %s from %s in %.3f s", name, self.config.device, tier, load_s)
 
@@ -362,7 +376,9 @@ class Node:
                 self.bandwidths.observe(f"{loaded.tier}_device", entry.checkpoint_bytes, loaded.seconds)
                 self.service_times.observe_load(name, loaded.seconds)
                 inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
-                                nbytes=nbytes, queue_depth=self.config.queue_depth)
+                                nbytes=nbytes, queue_depth=self.config.queue_depth,
+                                max_batch=int(getattr(self.config, "max_batch", 1)),
+                                kv_budget=_DeviceKv(self.device, name))
             except BaseException:
                 self.device.abort(name)
                 raise
@@ -384,6 +400,8 @@ class Node:
                 "ssd_bytes": e.nbytes if e is not None else None, "dram_bytes": dram_bytes, "device_bytes": s.nbytes,
                 "size_bytes": e.nbytes if e is not None else None,
                 "active_requests": inst.active if inst else 0, "queued": inst.queued if inst else 0,
+                "batch_size": inst.batch_size if inst else 0, "max_batch": inst.max_batch if inst else None,
+                "kv_bytes": s.kv_bytes, "kv_used_bytes": inst.kv_used_bytes if inst else 0,
                 "leases": s.leases, "expires_at": s.expires_at, "loaded_at": s.loaded_at, "last_used": s.last_used,
                 "load_tier": s.load_tier, "load_s": s.load_s}
 

@@ -269,7 +269,7 @@ def test_smollm2_answers_paris(node_factory, smollm2_checkpoint):
 
 
 def test_close_lets_the_running_request_finish_and_fails_the_queued_one(node_factory, sources):
-    node = node_factory(queue_depth=2)
+    node = node_factory(queue_depth=2, max_batch=1)  # one at a time: the second request waits in the queue
     node.import_model("m0", str(sources["m0"]))
     running = node.infer(InferRequest("m0", prompt="x", sampling=SamplingParams(max_tokens=60)))
     first = next(running)

@@ -143,10 +143,18 @@ def cmd_ps(args) -> int:
     now = time.time()
     rows = [([str(i.get("node", "?"))] if args.all else []) + [i.get("name", "?"), fmt_bytes(i.get("device_bytes", i.get("size_bytes"))), str(i.get("device", "-")),
              str(i.get("state", "?")), str(i.get("active_requests", 0)), str(i.get("queued", 0)),
+             _batch_of(i), fmt_bytes(i.get("kv_bytes")) if i.get("kv_bytes") else "-",
              fmt_until(i.get("expires_at"), now)] for i in instances]
-    print_table((["NODE"] if args.all else []) + ["NAME", "DEVICE SIZE", "DEVICE", "STATE", "ACTIVE", "QUEUED",
-                                                  "UNTIL"], rows)
+    print_table((["NODE"] if args.all else []) + ["NAME", "DEVICE SIZE", "DEVICE", "STATE", "RUNNING", "QUEUED",
+                                                  "BATCH", "KV", "UNTIL"], rows)
     return 0
+
+
+def _batch_of(instance: dict) -> str:
+    """"3/8": requests decoding together now, of the instance's max batch ("-" from an older daemon)."""
+    if instance.get("max_batch") is None:
+        return "-"
+    return f"{instance.get('batch_size', 0)}/{instance['max_batch']}"
 
 
 def cmd_evict(args) -> int:
@@ -299,6 +307,11 @@ def cmd_status(args) -> int:
     if loads:
         print("loads: " + ", ".join(f"{loads.get(k, 0)} {k.replace('_', ' ')}"
                                     for k in ("ok", "failed", "busy", "cancelled", "in_flight")))
+    for inst in status.get("instances") or []:
+        if inst.get("max_batch") is not None:
+            kv = f", KV cache {fmt_bytes(inst['kv_bytes'])} reserved" if inst.get("kv_bytes") else ""
+            print(f"instance {inst.get('name', '?')}: batch {_batch_of(inst)} decoding, "
+                  f"{inst.get('active_requests', 0)} running, {inst.get('queued', 0)} queued{kv}")
     return 0
 
 

@@ -7,6 +7,11 @@ sample. The caller (an instance's worker) steps until the request finishes,
 checking for cancellation between tokens; `should_stop` is also asked between
 prefill chunks, so a cancel lands within one chunk of a long prompt.
 
+In a batch (engine.Instance) the pieces are used apart: `prefill_next()` runs
+one chunk at a time into the request's own cache (the engine decodes the batch
+between chunks), and `accept(logits)` samples from the request's row of the
+batch's logits with the request's own generator, stop strings and detokenizer.
+
 The end-of-sequence token ends the request without being emitted: it has no
 token event (unless it releases held-back text, then with token_id None) and
 does not count in `emitted_tokens`.
@@ -63,13 +68,31 @@ class Generation:
             self.prefill_chunks_done += 1
         return logits
 
+    def prefill_next(self) -> torch.Tensor | None:
+        """Runs the next prefill chunk into this request's own cache; the next-token
+        logits [V] once the last chunk ran, else None (more chunks to go)."""
+        spans = prefill_spans(0, len(self.state.all_ids), self.prefill_chunk)
+        lo, hi = spans[self.prefill_chunks_done]
+        with torch.inference_mode():
+            logits = prefill(self.model, self.state.all_ids[lo:hi], self.cache)
+        self.prefill_chunks_done += 1
+        if self.prefill_chunks_done < len(spans):
+            return None
+        self.started = True
+        return logits
+
+    @property
+    def at_limit(self) -> bool:
+        """The context is full: the request ends ("length") without another token."""
+        return self.limit is not None and len(self.state.all_ids) >= self.limit
+
     def step(self, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
         """Produces the next token event, or None once the request has finished
         (finish_reason "cancelled" when should_stop() stopped the prefill)."""
         st = self.state
         if st.finished:
             return None
-        if self.limit is not None and len(st.all_ids) >= self.limit:
+        if self.at_limit:
             st.finish_reason = "length"
             return None
         with torch.inference_mode():
@@ -81,7 +104,14 @@ class Generation:
                 self.started = True
             else:
                 logits = decode_one_token(self.model, st.output_ids[-1], self.cache)
-            token = sample(logits, st.sampling, self.gen)
+        return self.accept(logits)
+
+    def accept(self, logits: torch.Tensor) -> dict[str, Any] | None:
+        """Samples the next token from its logits [V] (from this request's own step or its
+        row of a batch's), records it, and returns its token event (None: an
+        end-of-sequence token with no text to release)."""
+        st = self.state
+        token = sample(logits, st.sampling, self.gen)
         st.output_ids.append(token)
         reason = finish_reason(token, len(st.output_ids), len(st.all_ids), self.eos, st.sampling.max_tokens,
                                self.limit)

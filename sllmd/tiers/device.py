@@ -51,6 +51,7 @@ class Slot:
     expires_at: float | None = None  # None = never (or not yet loaded)
     load_tier: str | None = None
     load_s: float | None = None
+    kv_bytes: int = 0  # the instance's batch KV cache, reserved as requests join (reserve_kv)
 
     @property
     def busy(self) -> bool:
@@ -75,7 +76,7 @@ class DeviceTier:
     @property
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(s.nbytes for s in self._slots.values())
+            return sum(s.nbytes + s.kv_bytes for s in self._slots.values())
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
@@ -184,6 +185,24 @@ class DeviceTier:
                 now = self.clock()
                 s.last_used = now
                 s.expires_at = policy.expires_at(keep_alive_s, now)
+
+    def reserve_kv(self, name: str, nbytes: int) -> bool:
+        """Counts nbytes more of `name`'s KV cache in the budget; False (nothing counted)
+        when the budget has no free room for them. Never evicts: a request that does not
+        fit waits in its instance's queue."""
+        with self._lock:
+            s = self._slots.get(name)
+            if s is None or nbytes > self.budget - self.used_bytes:
+                return False
+            s.kv_bytes += nbytes
+            return True
+
+    def release_kv(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            s = self._slots.get(name) or self._stopping.get(name)
+            if s is not None:
+                s.kv_bytes = max(0, s.kv_bytes - nbytes)
+                self._room.notify_all()
 
     # --- eviction -------------------------------------------------------------------
     def evict(self, name: str, reason: EvictReason = EvictReason.MANUAL) -> bool:
