@@ -61,7 +61,7 @@ class _Index:
     never changed in place (a new pull is a new dict), so its identity names its contents.
     What depends on the state alone is memoized here too: a holder's cost per model and a
     fetching node's parameters, when they need no other node's bandwidths."""
-    __slots__ = ("state", "models", "instances", "fetches", "costs", "fetch")
+    __slots__ = ("state", "models", "instances", "fetches", "costs", "fetch", "rates")
 
     def __init__(self, state: dict):
         self.state = state    # kept alive, so its id() stays its own while cached
@@ -74,6 +74,7 @@ class _Index:
         self.fetches = _fetches(state)
         self.costs: dict[str, object] = {}
         self.fetch: tuple | None = None
+        self.rates: tuple | None = None
 
     def holder(self, model: str, fallbacks: "_Fallbacks") -> tuple:
         """(_holder_cost for `model`, held here; the size of its SSD copy or None), memoized unless
@@ -81,14 +82,36 @@ class _Index:
         memo = self.costs.get(model)
         if memo is None:
             info = self.models[model]
+            rates = self.own_rates()
             probe = _Probe()
-            cost = _holder_cost(self.state, info, self.instances.get(model), probe)
+            cost = _holder_cost(self.state, info, self.instances.get(model), probe, rates)
             if cost is not None and probe.borrowed:
                 cost = _DYNAMIC
             memo = self.costs[model] = (cost, _size(info) if "ssd" in (info.get("tiers") or ()) else None)
         if memo[0] is _DYNAMIC:
             return _holder_cost(self.state, self.models[model], self.instances.get(model), fallbacks), memo[1]
         return memo
+
+    def fill(self) -> None:
+        """Every model's holder memo at once, when the state's rates are its own (the common case):
+        a state is indexed once and then answers every model's decision without computing."""
+        rates = self.own_rates()
+        if rates[1] is None or rates[2] is None:
+            return    # some cost borrows the median: computed per call, on demand
+        state, costs, inst = self.state, self.costs, self.instances.get
+        for name, info in self.models.items():
+            if name not in costs:
+                costs[name] = (_holder_cost(state, info, inst(name), None, rates),
+                               _size(info) if "ssd" in (info.get("tiers") or ()) else None)
+
+    def own_rates(self) -> tuple:
+        """(q, DRAM->device, SSD->device) of this state, None for a rate that borrows the median."""
+        if self.rates is None:
+            dram, ssd = _Probe(), _Probe()
+            d, r = _bandwidth(self.state, "dram_device", dram)[0], _ssd_rate(self.state, ssd)[0]
+            self.rates = (float(self.state.get("queue_delay_s") or 0.0), None if dram.borrowed else d,
+                          None if ssd.borrowed else r)
+        return self.rates
 
     def fetch_static(self) -> tuple:
         """(q, peer_ssd bytes/s or None, repo_ssd bytes/s or None, SSD->device rate or None when it
@@ -219,19 +242,24 @@ def instance_delay(inst: dict) -> float | None:
 UNSERVABLE = ("broken", "failed", "importing")
 
 
-def _holder_cost(state: dict, info: dict, inst: dict | None, fallbacks: _Fallbacks) -> tuple[str, float] | None:
-    """(path, seconds) for a node holding the model; None when it cannot serve it now."""
+def _holder_cost(state: dict, info: dict, inst: dict | None, fallbacks: _Fallbacks,
+                 rates: tuple | None = None) -> tuple[str, float] | None:
+    """(path, seconds) for a node holding the model; None when it cannot serve it now. rates:
+    the state's (q, DRAM->device, SSD->device) as computed below, None where one borrows (an
+    index's memo, so that a state's own values are computed once)."""
     if info.get("error") or info.get("state") in UNSERVABLE:
         return None
     tiers = info.get("tiers") or ()
     if inst is not None and "device" in tiers:
         delay = instance_delay(inst)   # loaded (saturated or not): loading it again here is no option
         return None if delay is None else ("instance", delay)
-    q = float(state.get("queue_delay_s") or 0.0)
+    q = float(state.get("queue_delay_s") or 0.0) if rates is None else rates[0]
     if "dram" in tiers:
-        return "dram", q + _size(info) / _bandwidth(state, "dram_device", fallbacks)[0]
+        bw = rates[1] if rates is not None and rates[1] is not None else _bandwidth(state, "dram_device", fallbacks)[0]
+        return "dram", q + _size(info) / bw
     if "ssd" in tiers:
-        return "ssd", q + _size(info) / _ssd_rate(state, fallbacks)[0]
+        bw = rates[2] if rates is not None and rates[2] is not None else _ssd_rate(state, fallbacks)[0]
+        return "ssd", q + _size(info) / bw
     return None
 
 
@@ -318,9 +346,9 @@ class _Holders:
             keep = min(len(ids), len(old))
             grown[:, :keep] = self.arrays[:, :keep]
             self.arrays = grown
-        for p in range(max(len(old), len(ids))):
-            if p < len(old) and p < len(ids) and old[p] == ids[p]:
-                continue
+        changed = [p for p, (a, b) in enumerate(zip(old, ids)) if a != b]
+        changed += range(min(len(old), len(ids)), max(len(old), len(ids)))
+        for p in changed:
             if p < len(old):
                 for m in ixs[p].models:
                     where = self.by_model[m]
@@ -331,6 +359,7 @@ class _Holders:
                 self.dynamic.pop(p, None)
             if p < len(ids):
                 ix = _index(states[p])
+                ix.fill()
                 if p < len(ixs):
                     ixs[p] = ix
                 else:
@@ -449,7 +478,8 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
             old = best.get(name)
             if old is None or key < old[0]:
                 best[name] = (key, (v, None))
-    by_size = sorted(holders, key=lambda n: (holders[n], n))[:2]   # a node's source: the smallest copy not its own
+    # a fetching node's source: the smallest copy not its own (needed only when some node can fetch)
+    by_size = heapq.nsmallest(2, holders, key=lambda n: (holders[n], n)) if fetch is None or fetch else []
     repo_size = repo[model] if model in repo else None
     args = (model, holders, by_size, repo_size, now, stale_after_s, exclude, prefer, fallbacks, offer)
     if fetch is not None:
