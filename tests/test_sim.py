@@ -255,3 +255,18 @@ def test_explicit_placement_must_name_servers(tmp_path):
     doc = {"servers": {"count": 2}, "models": [{"name": "m", "bytes": "1GB", "ssd_on": [2]}]}
     with pytest.raises(ConfigError, match="server indices 0..1"):
         config.from_dict(doc, base=tmp_path)
+
+
+def test_runs_are_the_same_across_processes_and_hash_seeds(tmp_path):
+    def run(hash_seed):
+        out = subprocess.run([sys.executable, "-m", "sllmctl", "simulate", str(PAPER), "--json", "--duration", "60",
+                              "--rps", "1.5", "--policy", "ours", "--policy", "shepherd"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                             env={"PYTHONPATH": f"{ROOT}:{ROOT / 'cli'}", "PATH": "/usr/bin:/bin",
+                                  "PYTHONHASHSEED": hash_seed})
+        assert out.returncode == 0, out.stderr
+        rep = json.loads(out.stdout)
+        for r in rep["runs"]:
+            r["summary"].pop("decision_ms")    # wall-clock time: the only field that may differ
+        return rep
+    assert run("1") == run("2")
