@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                     "(arrival to first token) per policy and RPS. No daemon is needed.")
     p.add_argument("config", metavar="CONFIG.toml", help="the scenario (see examples/sim/)")
     p.add_argument("--plot", metavar="PNG", help="also write startup latency vs RPS per policy as a PNG "
-                                                 "(needs matplotlib: pip install 'sllmd[sim]')")
+                                                 "(needs matplotlib: pip install 'sllmd[sim]'; default: no plot)")
     p.add_argument("--rps", type=float, nargs="+", metavar="R", help="the RPS values to run (default: the "
                                                                      "scenario's sweep)")
     p.add_argument("--policy", dest="policies", action="append", metavar="P",
