@@ -115,6 +115,9 @@ class Config:
     cluster_key: Path | None = None     # Serf's gossip encryption key (sllmctl keygen), mode 0600
     state_dir: Path | None = None       # the node's Curve key pair; default STORE/.state
     serf_profile: str = "lan"           # lan, wan or local (Serf's timing profiles)
+    # the HTTP front end (DESIGN.md 10): off unless http is set
+    http: str | None = None             # HOST:PORT serving the OpenAI API, /metrics and /healthz
+    api_key_file: Path | None = None    # with http: /v1 needs `Authorization: Bearer KEY` (mode 0600)
 
     @property
     def cluster_enabled(self) -> bool:
@@ -241,6 +244,28 @@ SETTINGS += [
     Setting("state_dir", "state_dir", _path, "node state: the Curve key pair", "DIR", "STORE/.state"),
     Setting("serf_profile", "serf_profile", parse_serf_profile, "Serf timing profile: lan, wan or local", "NAME",
             "lan"),
+]
+
+
+def parse_http_listen(value) -> str:
+    """HOST:PORT for the HTTP front end; a bare PORT (or :PORT) is loopback, 127.0.0.1:PORT. Port 0 asks
+    for a free one (the bound address is logged and in the READY status)."""
+    text = str(value).strip()
+    if text.isdigit() or (text.startswith(":") and text[1:].isdigit()):
+        text = "127.0.0.1:" + text.lstrip(":")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT or PORT, got {str(value).strip()!r}")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise ConfigError(f"an IPv6 host goes in brackets, e.g. [::1]:8000; got {text!r}")
+    return text
+
+
+SETTINGS += [
+    Setting("http", "http", parse_http_listen, "serve the OpenAI API (/v1), /metrics and /healthz over HTTP on "
+            "HOST:PORT; a bare PORT is loopback (127.0.0.1)", "HOST:PORT", "none: off"),
+    Setting("api_key_file", "api_key_file", _path, "with --http: requests to /v1 need `Authorization: Bearer KEY`, "
+            "KEY the file's first line (mode 0600)", "FILE", "none: no key asked"),
 ]
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -501,6 +526,10 @@ def validate(config: Config) -> None:
         for key in ("gossip_listen", "serf_rpc", "cluster_key"):
             need(getattr(config, key) is None, f"{key}: only with peer_listen (the cluster is off without it)")
         need(not config.join, "join: only with peer_listen (the cluster is off without it)")
+    if config.api_key_file is not None:
+        need(config.http is not None, "api_key_file: only with http (the HTTP front end is off without it)")
+        from sllmd.http.auth import load_api_key
+        load_api_key(config.api_key_file)        # refuses a key file readable by group or others
 
 
 def as_dict(config: Config) -> dict[str, Any]:

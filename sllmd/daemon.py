@@ -89,6 +89,7 @@ class Daemon:
         self.node: Any = None
         self.server: Server | None = None
         self.cluster: Any = None   # sllmd.cluster.coordinator.Cluster when the config enables one
+        self.http: Any = None      # sllmd.http.server.HttpServer with --http
         self._endpoint = None
         self._stop_requested: str | None = None   # written by signal handlers: nothing else happens there
         self._stop_count = 0
@@ -130,8 +131,13 @@ class Daemon:
         self.server = Server(self.node, self._endpoint, max_frame_bytes=cfg.max_frame_bytes,
                              heartbeat_s=cfg.heartbeat_s, max_streams=cfg.max_streams, cluster=self.cluster)
         self.server.start()
+        if getattr(cfg, "http", None):   # the OpenAI API: only with --http
+            from sllmd.http.server import HttpServer
+            self.http = HttpServer(cfg, self.node, self.cluster)
+            self.http.start()
         self.state = State.RUNNING
-        sd_notify(f"READY=1\nSTATUS=serving on {cfg.socket}\nMAINPID={os.getpid()}", self._env)
+        http = f"; http on {self.http.url}" if self.http is not None else ""
+        sd_notify(f"READY=1\nSTATUS=serving on {cfg.socket}{http}\nMAINPID={os.getpid()}", self._env)
 
     def run(self) -> int:
         """Starts, serves until a stop is asked for, shuts down. Returns the process exit code."""
@@ -149,8 +155,10 @@ class Daemon:
             return 1
         log.info("sllmd %d ready on %s", os.getpid(), self.config.socket)
         while self._stop_requested is None:
-            if self.server is not None and not self.server.serving:
-                log.error("the server stopped unexpectedly")
+            if (self.server is not None and not self.server.serving) or (self.http is not None
+                                                                          and not self.http.serving):
+                log.error("the %s server stopped unexpectedly",
+                          "HTTP" if self.server is not None and self.server.serving else "IPC")
                 self.shutdown()
                 return 1
             time.sleep(0.1)
@@ -166,13 +174,18 @@ class Daemon:
             self.state = State.STOPPING
         sd_notify("STOPPING=1", self._env)
         try:
+            if self.http is not None:
+                self.http.stop_accepting()
             if self.server is not None:
                 self.server.stop_accepting()
                 self._grace()
             if self.cluster is not None:   # leave (peers see `left`) before the node goes
                 self._close_cluster()
+            http_closer = self._close_http()   # alongside the node's close, within its bound
             if self.node is not None:
                 self._close_node(NODE_CLOSE_S)
+            if http_closer is not None:
+                http_closer.join(NODE_CLOSE_S)
             if self.server is not None:
                 self.server.close(timeout=SERVER_CLOSE_S)
             elif self._endpoint is not None:
@@ -195,6 +208,19 @@ class Daemon:
         if closer.is_alive():
             log.warning("the node did not close within %.0f s; stopping without it", timeout)
 
+    def _close_http(self) -> threading.Thread | None:
+        if self.http is None:
+            return None
+
+        def close():
+            try:
+                self.http.close(timeout=NODE_CLOSE_S / 2)
+            except Exception:
+                log.exception("closing the HTTP server failed")
+        closer = threading.Thread(target=close, name="sllm-http-close", daemon=True)
+        closer.start()
+        return closer
+
     def _close_cluster(self) -> None:
         try:
             self.cluster.close()
@@ -211,12 +237,17 @@ class Daemon:
         count_at_start = self._stop_count
         deadline = time.monotonic() + self.config.shutdown_grace_s
         while True:
-            n = self.server.in_flight()
+            n = self.server.in_flight() + (self.http.in_flight() if self.http is not None else 0)
             if n == 0:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop_count > max(count_at_start, 1):
                 log.warning("cancelling %d in-flight request(s)", n)
                 self.server.cancel_all()
+                if self.http is not None:
+                    self.http.cancel_all()
                 return
-            self.server.wait_idle(min(remaining, 0.1))
+            if self.server.in_flight():
+                self.server.wait_idle(min(remaining, 0.1))
+            else:   # only HTTP requests are running
+                self.http.front.streams.wait_idle(min(remaining, 0.1))

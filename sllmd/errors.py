@@ -69,6 +69,7 @@ CODES: dict[str, int] = {
     "node_not_found": 42,
     "peer_failed": 43,
     "serf_rpc": 44,
+    "unauthorized": 45,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -362,6 +363,13 @@ class SerfRpcError(ConfigError):
     """Serf's agent refused a call or is unreachable (a configuration or host problem)."""
 
     code = "serf_rpc"
+
+
+# --- the HTTP front end ---------------------------------------------------------
+class UnauthorizedError(SllmError):
+    """An HTTP request to /v1 without the key --api-key-file names (HTTP 401)."""
+
+    code = "unauthorized"
 
 
 class RemoteError(SllmError):
