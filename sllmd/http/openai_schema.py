@@ -136,6 +136,15 @@ def _parse(body: Any, kind: str) -> Parsed:
     return Parsed(kind, req, stream, include_usage)
 
 
+def _utf8(text: str, where: str) -> str:
+    """`text` if it can be encoded (JSON's \\ud800 escapes can spell lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{where} holds a lone surrogate (not Unicode text)", where) from None
+    return text
+
+
 def _model(fields: dict) -> str:
     model = fields.get("model")
     if model is None:
@@ -199,6 +208,7 @@ def _sampling(fields: dict, kind: str) -> SamplingParams:
         stop = (stop,)
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
         raise invalid("'stop' must be a non-empty string or a list of them", "stop")
+    stop = [_utf8(s, "stop") for s in stop]
     return SamplingParams(temperature=float(temperature), top_p=float(top_p), seed=seed,
                           max_tokens=SamplingParams.max_tokens if max_tokens is None else max_tokens,
                           stop=tuple(stop))
@@ -253,7 +263,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
 def _content(content: Any, where: str) -> str:
     """A message's text: a string, or a list of text parts (joined by newlines, as vLLM does)."""
     if isinstance(content, str):
-        return content
+        return _utf8(content, where)
     if not isinstance(content, list):
         raise invalid(f"{where} must be a string or a list of text parts", where)
     texts = []
@@ -265,15 +275,15 @@ def _content(content: Any, where: str) -> str:
                           f"{where}[{j}].type")
         if not isinstance(part.get("text"), str):
             raise invalid(f"{where}[{j}].text must be a string", f"{where}[{j}].text")
-        texts.append(part["text"])
+        texts.append(_utf8(part["text"], f"{where}[{j}].text"))
     return "\n".join(texts)
 
 
 def _prompt(prompt: Any) -> str:
     if isinstance(prompt, str):
-        return prompt
+        return _utf8(prompt, "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
+        return _utf8(prompt[0], "prompt")
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         raise invalid("a list of several prompts (a batch) is not supported by sllmd: send one request each",
                       "prompt")
