@@ -271,6 +271,12 @@ class Client:
         from sllmd.protocol.messages import Nodes
         return self._call(lambda i: Nodes(id=i))
 
+    def migrate(self, request_id: str, to: str) -> dict:
+        """Moves the running request `request_id` to cluster node `to` (live migration); returns
+        where it runs now, the tokens sent, the pause at the handoff and the steps' times."""
+        from sllmd.protocol.messages import Migrate
+        return self._call(lambda i: Migrate(id=i, request_id=request_id, to=to))
+
     def show(self, name: str) -> dict:
         """`models`' entry for NAME plus architecture, parameters, context length, dtype, chat template, path."""
         return self._call(lambda i: Show(id=i, name=name))

@@ -70,6 +70,7 @@ CODES: dict[str, int] = {
     "peer_failed": 43,
     "serf_rpc": 44,
     "unauthorized": 45,
+    "request_not_found": 46,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -357,6 +358,13 @@ class PeerFailedError(SllmError):
 
     code = "peer_failed"
     exit_code = Exit.TEMPFAIL
+
+
+class RequestNotFoundError(SllmError):
+    """`migrate REQUEST_ID` names no request running on any node (or one that already finished)."""
+
+    code = "request_not_found"
+    exit_code = Exit.ERROR
 
 
 class SerfRpcError(ConfigError):

@@ -26,7 +26,7 @@ from .cluster.locality import ServiceTimes
 from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError,
                      ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
 from .inference.engine import Instance
-from .inference.request import InferRequest
+from .inference.request import InferRequest, RequestState
 from .inference.tokenizer_lock import unwrap as unwrap_tokenizer
 from .model_card import model_card
 from .store.format import open_checkpoint
@@ -459,13 +459,38 @@ class Node:
         self.ssd.get(request.model)  # an unknown model fails here, before any streaming
         return self._infer(request, arrived, cancelled)
 
-    def _infer(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None) -> Iterator[dict]:
+    def resume(self, state: RequestState | dict, cancelled: threading.Event | None = None) -> Iterator[dict]:
+        """Continues a request from its state (live migration's destination): loads the model like
+        infer, then the instance carries on inside its running batch, streaming only what comes
+        after `state`. The done event's stats say `resumed_at` (the output tokens it came with)."""
+        arrived = time.perf_counter()
+        st = RequestState.from_dict(state) if isinstance(state, dict) else state
+        self._check_open()
+        self.ssd.get(st.model)
+        req = InferRequest(st.model, prompt="", raw=True, sampling=st.sampling, request_id=st.request_id)
+        return self._infer(req, arrived, cancelled, resume_from=st)
+
+    def find_request(self, request_id: str):
+        """(instance, handle) of the running or queued request `request_id` here, or None."""
+        self._check_open()
+        for s in self.device.slots():
+            if s.instance is not None:
+                handle = s.instance.find(request_id)
+                if handle is not None:
+                    return s.instance, handle
+        return None
+
+    def _infer(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None,
+               resume_from: RequestState | None = None) -> Iterator[dict]:
         ka = self._keep_alive(req.keep_alive)
         got = self._acquire(req.model, ka, cancelled.is_set if cancelled is not None else None)
         self._bump()
         handle = None
         try:
-            handle = got.instance.submit(req, arrived_at=arrived, cancelled=cancelled)  # `cancelled` stops a prefill
+            if resume_from is not None:
+                handle = got.instance.resume(resume_from, arrived_at=arrived, cancelled=cancelled)
+            else:
+                handle = got.instance.submit(req, arrived_at=arrived, cancelled=cancelled)  # `cancelled` stops a prefill
             try:
                 for event in handle:
                     if event.get("type") == "done":

@@ -125,7 +125,7 @@ class Server:
             "status": self._read, "models": self._read, "ps": self._read, "load": self._load,
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
             "import": self._import, "infer": self._infer, "show": self._show,
-            "requests": self._requests, "nodes": self._nodes,
+            "requests": self._requests, "nodes": self._nodes, "migrate": self._migrate,
         }
 
     def _decode(self, frame: bytes) -> Message:
@@ -477,6 +477,13 @@ class Server:
                                         "endpoint": None, "public_key": None, "version": getattr(self.node, "version", 0),
                                         "self": True, "last_heard": time.time(), "state": local_state(self.node),
                                         "state_age_s": 0.0}])
+
+    def _migrate(self, msg, call) -> Message:
+        if self.cluster is None:
+            from sllmd.errors import InvalidRequestError
+            raise InvalidRequestError("migration moves a request between cluster nodes: start sllmd with "
+                                      "--peer-listen (see README, A cluster of nodes)")
+        return Result(id=msg.id, data=self.cluster.migrate(msg.request_id, msg.to))
 
     def _show(self, msg, call) -> Message:
         return Result(id=msg.id, data=self.node.show(msg.name))

@@ -13,7 +13,7 @@ from sllmd.protocol import (PROTOCOL_VERSION, REPLIES, REQUESTS, BadMessageError
 SAMPLES = {
     "hello": dict(version=PROTOCOL_VERSION, client="test"),
     "ping": {}, "status": {}, "models": {}, "ps": {}, "cancel": {},
-    "requests": dict(all=True), "nodes": {},
+    "requests": dict(all=True), "nodes": {}, "migrate": dict(request_id="3f2a9c", to="b"),
     "import": dict(name="smol", source="/models/smol.gguf"),
     "load": dict(name="smol", keep_alive=300.0),
     "evict": dict(name="smol", tier="dram"),
@@ -22,7 +22,7 @@ SAMPLES = {
                   keep_alive=-1.0, chat=False),
     "welcome": dict(version=PROTOCOL_VERSION, server="0.1.0", max_frame_bytes=1 << 20, heartbeat_s=1.0),
     "result": dict(data={"models": [{"name": "a", "tiers": ["ssd"]}]}),
-    "token": dict(text="Par", token_id=42),
+    "token": dict(text="Par", token_id=42, index=0),
     "progress": dict(done=5, total=10),
     "event": dict(event="loading", data={"tier": "ssd"}),
     "done": dict(stats={"tokens": 3, "ttft_s": 0.1}),

@@ -1,6 +1,7 @@
 """sllmctl's cluster-wide reads: `nodes` (the members) and `requests [--all]` (running and queued)."""
 from __future__ import annotations
 
+import sys
 import time
 
 from sllmd.client import Client
@@ -62,7 +63,32 @@ def cmd_requests(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    with _client(args) as c:
+        out = c.migrate(args.request_id, args.to)
+    if args.json:
+        print_json(out)
+        return 0
+    where = out.get("ran_on") or out.get("to")
+    pause = out.get("pause_s")
+    print(f"request {out.get('request_id')} moved from {out.get('source')} to {where}: {out.get('rounds')} round(s), "
+          f"{out.get('tokens_sent')} tokens sent, pause {'-' if pause is None else f'{pause * 1e3:.0f} ms'}, "
+          f"{out.get('total_s', 0):.2f} s in all")
+    if out.get("fallback"):
+        print(f"the destination failed after the handoff ({out['fallback']}); it continues on {where}",
+              file=sys.stderr)
+    return 0
+
+
 def register(subparsers) -> None:
+    p = subparsers.add_parser("migrate", help="move a running request to another cluster node (live migration)",
+                              description="Move the running request REQUEST_ID (see `sllmctl requests --all`) to "
+                                          "NODE: NODE loads the model, the request's state (its tokens, not its "
+                                          "KV cache) moves at a token boundary and NODE continues it; the client's "
+                                          "stream goes on without a gap or a repeated token.")
+    p.add_argument("request_id", metavar="REQUEST_ID", help="the request's id, as `sllmctl requests` lists it")
+    p.add_argument("--to", required=True, metavar="NODE", help="the node to move it to (required: no default)")
+    p.set_defaults(func=cmd_migrate)
     p = subparsers.add_parser("nodes", help="list the cluster's nodes (this node alone without a cluster)",
                               description="list the cluster's nodes (this node alone without a cluster)")
     p.set_defaults(func=cmd_nodes)

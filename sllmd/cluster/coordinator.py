@@ -69,6 +69,7 @@ class Cluster:
         self._endpoint = None
         self._published: int | None = None
         self._advertised: str | None = None      # the peer endpoint gossiped (the bound one, never a wildcard)
+        self.migrations = None                   # sllmd.cluster.migration.Migrations once started
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,7 +89,10 @@ class Cluster:
             self._membership = Membership(self.config, on_change=lambda _member: self._wake.set())
         self._endpoint = bind_peer(self.config.peer_listen, public, secret, admitted=self._admitted)
         self._advertised = advertised_endpoint(self._endpoint.address, getattr(self.config, "gossip_listen", None))
-        self._peer_server = PeerServer(self.node, self._endpoint, state_provider=self._local_state)
+        from sllmd.cluster.migration import Migrations
+        self.migrations = Migrations(self.node, self._peer_client, self._is_alive, self.name)
+        self._peer_server = PeerServer(self.node, self._endpoint, state_provider=self._local_state,
+                                       migrations=self.migrations)
         self._peer_server.start()
         self._membership.start()
         self._publish()
@@ -205,6 +209,31 @@ class Cluster:
         if old is not None:
             old.close()
         return client
+
+    def _peer_client(self, name: str):
+        member = self._membership.get(name)
+        if member is None or member.status not in LIVE or not member.endpoint or not member.public_key:
+            raise NodeNotFoundError(f"node {name!r} is not an alive member; see `sllmctl nodes`")
+        return self._client(member)
+
+    def _is_alive(self, name: str) -> bool:
+        member = self._membership.get(name)
+        return member is not None and member.status in LIVE
+
+    def migrate(self, request_id: str, to: str) -> dict:
+        """Moves a running request to node `to`: here if it runs here, else asks the node running it."""
+        from sllmd.errors import RequestNotFoundError
+        if to != self.name and not self._is_alive(to):
+            raise NodeNotFoundError(f"node {to!r} is not an alive member; see `sllmctl nodes`")
+        matches = [r["id"] for r in self.node.requests() if str(r.get("id", "")).startswith(request_id)]
+        if len(matches) == 1:   # `sllmctl requests` shows ids cut short: a unique prefix names one
+            request_id = matches[0]
+        if self.node.find_request(request_id) is not None:
+            return self.migrations.migrate(request_id, to)
+        for row in self.requests_all():
+            if row.get("id") == request_id and row.get("node") != self.name:
+                return self._peer_client(row["node"]).migrate(request_id, to)
+        raise RequestNotFoundError(f"no node runs a request {request_id} (see `sllmctl requests --all`)")
 
     def _drop_client(self, name: str) -> None:
         with self._lock:
@@ -335,7 +364,8 @@ class Cluster:
     def _open(self, name: str, request, req: dict, cancelled) -> tuple[Iterator[dict], dict | None]:
         """Starts the request on `name`; returns its event stream and its first event (None: it ended)."""
         if name == self.name:
-            events = self.node.infer(request, cancelled=cancelled)
+            events = self.migrations.run(request, cancelled) if self.migrations is not None \
+                else self.node.infer(request, cancelled=cancelled)
         else:
             member = self._membership.get(name)
             if member is None or member.status not in LIVE or not member.endpoint:

@@ -12,6 +12,9 @@ index, event, done, heartbeat, error): a relayed stream is the same stream.
     state_pull -> result {"version", "serial", "state"} | {"version", "serial", "since", "delta"}
     peer_infer -> (token | event)* -> done | error     (admitted or refused at once: busy)
     peer_cancel                           (no reply: the cancelled request ends with an error)
+    peer_prepare -> result                (live migration: the destination loads the model)
+    peer_resume  -> (token | event)* -> done | error   (the handoff: continue a request state here)
+    peer_migrate -> result                (move a request this node runs to another node)
 """
 from __future__ import annotations
 
@@ -106,8 +109,43 @@ class PeerCancel(Envelope):
     """Cancels the in-flight request with this id on this connection."""
 
 
+@peer_request("peer_prepare")
+@dataclass(frozen=True, kw_only=True)
+class PeerPrepare(Envelope):
+    """Live migration, first step on the destination: load `model` from its fastest path here."""
+
+    model: str = checked(model_name)
+
+
+@peer_request("peer_resume")
+@dataclass(frozen=True, kw_only=True)
+class PeerResume(Envelope):
+    """Live migration's handoff: continue this request state (RequestState.to_dict()) here, inside
+    the running batch, streaming only what comes after it."""
+
+    state: dict[str, Any]
+    origin: str = checked(max_len(200), default="")
+
+    def check(self) -> None:
+        from sllmd.inference.request import RequestState
+        try:
+            RequestState.from_dict(self.state)
+        except InvalidRequestError as e:
+            raise BadMessageError(f"peer_resume: {e}") from None
+
+
+@peer_request("peer_migrate")
+@dataclass(frozen=True, kw_only=True)
+class PeerMigrate(Envelope):
+    """Asks the node running `request_id` to move it to node `to` (sllmctl migrate, reaching
+    another node first)."""
+
+    request_id: str = checked(max_len(128))
+    to: str = checked(max_len(200))
+
+
 # Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).
-PEER_LONG_RUNNING = frozenset({"peer_infer"})
+PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_resume", "peer_migrate"})
 
 
 def decode_peer_request(frame: bytes, max_bytes: int | None = None) -> Message:

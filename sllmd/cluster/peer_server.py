@@ -21,12 +21,12 @@ import threading
 from typing import Any, Iterator
 
 from sllmd.client import Client, InferStream
-from sllmd.errors import BadMessageError
+from sllmd.errors import BadMessageError, SllmError
 from sllmd.protocol import Message, Result
 from sllmd.server import Server
 
-from .peer_messages import (PEER_LONG_RUNNING, PEER_PROTOCOL_VERSION, PeerCancel, PeerHello, PeerInfer, StatePull,
-                            decode_peer_reply, decode_peer_request)
+from .peer_messages import (PEER_LONG_RUNNING, PEER_PROTOCOL_VERSION, PeerCancel, PeerHello, PeerInfer, PeerMigrate,
+                            PeerPrepare, PeerResume, StatePull, decode_peer_reply, decode_peer_request)
 from .peer_transport import PeerTransport
 from .state_delta import StateHistory, apply_delta
 
@@ -45,14 +45,16 @@ class PeerServer(Server):
     LONG = PEER_LONG_RUNNING
 
     def __init__(self, node: Any, endpoint, state_provider, *, heartbeat_s: float = 1.0, max_streams: int = 64,
-                 max_frame_bytes: int = 16 << 20):
+                 max_frame_bytes: int = 16 << 20, migrations: Any = None):
         self._state_provider = state_provider
+        self._migrations = migrations   # sllmd.cluster.migration.Migrations: streams that can move
         self._history = StateHistory()
         super().__init__(node, endpoint, max_frame_bytes=max_frame_bytes, heartbeat_s=heartbeat_s,
                          max_streams=max_streams, control_workers=2)
 
     def _make_handlers(self):
-        return {"state_pull": self._state_pull, "peer_infer": self._peer_infer}
+        return {"state_pull": self._state_pull, "peer_infer": self._peer_infer, "peer_prepare": self._peer_prepare,
+                "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate}
 
     def _decode(self, frame: bytes) -> Message:
         return decode_peer_request(frame, self.max_frame_bytes)
@@ -64,7 +66,24 @@ class PeerServer(Server):
     def _peer_infer(self, msg: PeerInfer, call) -> Message:
         request = msg.to_request()
         log.debug("peer_infer %s for %s from %s", request.request_id, request.model, msg.origin or "?")
+        if self._migrations is not None:
+            return self._stream(msg, call, self._migrations.run(request, cancelled=call.cancelled))
         return self._stream(msg, call, self.node.infer(request, cancelled=call.cancelled))
+
+    def _peer_prepare(self, msg: PeerPrepare, call) -> Message:
+        info = self.node.load(msg.model)
+        return Result(id=msg.id, data={k: info.get(k) for k in ("name", "load_tier", "load_s", "state")})
+
+    def _peer_resume(self, msg: PeerResume, call) -> Message:
+        log.info("resuming request %s from %s", msg.state.get("request_id"), msg.origin or "?")
+        if self._migrations is not None:
+            return self._stream(msg, call, self._migrations.resume(msg.state, cancelled=call.cancelled))
+        return self._stream(msg, call, self.node.resume(msg.state, cancelled=call.cancelled))
+
+    def _peer_migrate(self, msg: PeerMigrate, call) -> Message:
+        if self._migrations is None:
+            raise BadMessageError("this node cannot migrate requests")
+        return Result(id=msg.id, data=self._migrations.migrate(msg.request_id, msg.to))
 
 
 class _Connection(Client):
@@ -166,9 +185,12 @@ class PeerClient:
     def infer(self, request: dict, reservation: str | None = None) -> Iterator[dict]:
         """Runs `request` (InferRequest.to_dict()'s map) on the peer: its events as Client.infer's
         (tokens with their index). Closing the iterator early cancels the request there."""
+        return self._events(lambda i: PeerInfer.of(i, request, self.node_name))
+
+    def _events(self, make) -> Iterator[dict]:
         conn = self._checkout()
         healthy = False
-        stream = InferStream(conn, conn._stream(lambda i: PeerInfer.of(i, request, self.node_name)))
+        stream = InferStream(conn, conn._stream(make))
         try:
             for event in stream.events():
                 yield event
@@ -178,6 +200,31 @@ class PeerClient:
             raise
         finally:
             stream.close()
+            self._checkin(conn, healthy)
+
+    def prepare(self, model: str) -> dict:
+        """Live migration: the peer loads `model` (from its fastest path)."""
+        return self._call(lambda i: PeerPrepare(id=i, model=model))
+
+    def migrate(self, request_id: str, to: str) -> dict:
+        """Asks the peer, which runs `request_id`, to move it to node `to`."""
+        return self._call(lambda i: PeerMigrate(id=i, request_id=request_id, to=to))
+
+    def resume(self, state: dict) -> Iterator[dict]:
+        """Live migration's handoff: the peer continues `state`; its events as infer's."""
+        return self._events(lambda i: PeerResume(id=i, state=state, origin=self.node_name))
+
+    def _call(self, make) -> Any:
+        conn = self._checkout()
+        healthy = False
+        try:
+            data = conn._call(make)
+            healthy = True
+            return data
+        except SllmError:
+            healthy = True     # an error reply: the connection is fine
+            raise
+        finally:
             self._checkin(conn, healthy)
 
     def close(self) -> None:

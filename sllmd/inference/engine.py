@@ -149,6 +149,27 @@ class Instance:
         return self._enqueue(RequestHandle(request, arrived_at, list(state.prompt_ids), cancelled,
                                            resume_from=copy.deepcopy(state)))
 
+    def find(self, request_id: str) -> RequestHandle | None:
+        """The handle of the running or queued request `request_id`, or None."""
+        with self._lock:
+            for h in [r.handle for r in self._batch + self._prefilling] + list(self._queue):
+                if h.request.request_id == request_id and not h.done.is_set():
+                    return h
+        return None
+
+    def handoff(self, handle: RequestHandle, timeout: float) -> RequestState | None:
+        """Live migration: stops `handle`'s request at its next token boundary and returns its
+        whole state (a queued one hands over its prompt); the handle then yields one
+        {"type": "migrated", "state": ...} event and ends. None when it finished first."""
+        handle.handoff_wanted = True
+        with self._wake:
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        while not handle.handed_off.wait(0.02):
+            if handle.done.is_set() or time.monotonic() > deadline:
+                return handle.handoff_state if handle.handed_off.is_set() else None
+        return handle.handoff_state
+
     def _enqueue(self, handle: RequestHandle) -> RequestHandle:
         with self._lock:
             if self._closing:
@@ -215,7 +236,8 @@ class Instance:
         for h, state, r in handles:
             st = h.state
             base = r.base_tokens if r is not None else 0
-            out.append({"id": h.request.request_id, "model": self.name, "state": state,
+            out.append({"id": h.request.request_id, "model": self.name,
+                        "state": "migrating" if h.handoff_wanted else state,
                         "tokens_in": len(h.prompt_ids) if h.prompt_ids is not None else None,
                         "tokens_out": max(0, len(st.output_ids) - base) if st is not None else 0,
                         "max_tokens": h.request.sampling.max_tokens, "age_s": now - h.arrived_at})
@@ -264,6 +286,7 @@ class Instance:
                     return  # closing and drained
             try:
                 self._drop_cancelled()
+                self._hand_off()
                 self._admit()
                 self._prefill_one()
                 self._decode_step()
@@ -340,6 +363,24 @@ class Instance:
                          r.handle.request.request_id, self.name, r.gen.prefill_chunks_done,
                          r.gen.prefill_chunks_total)
         self._leave(gone)
+
+    def _hand_off(self) -> None:
+        """Requests asked to move (Instance.handoff) leave with their state, between two steps."""
+        with self._lock:
+            rows = [r for r in self._batch + self._prefilling if r.handle.handoff_wanted]
+            queued = [h for h in self._queue if h.handoff_wanted]
+            for h in queued:
+                self._queue.remove(h)
+        for h in queued:
+            h.handoff_state = self._initial_state(h)
+            h.finish_reason = "migrated"
+            h.handed_off.set()
+            self._complete(h, {"type": "migrated", "state": h.handoff_state})
+        for r in rows:
+            r.handle.handoff_state = r.gen.snapshot()   # at a token boundary: the worker is between steps
+            r.gen.state.finish_reason = "migrated"
+            r.handle.handed_off.set()
+        self._leave(rows)
 
     def _prefill_one(self) -> None:
         """One prefill chunk of the oldest request still prefilling; when it was the last,
@@ -438,6 +479,8 @@ class Instance:
         h.finish_reason = st.finish_reason
         if st.finish_reason == "cancelled":
             return RequestCancelledError(f"request {h.request.request_id} was cancelled")
+        if st.finish_reason == "migrated":
+            return {"type": "migrated", "state": h.handoff_state}
         if st.finish_reason == "error":
             e = r.extra.get("error")
             return e if isinstance(e, SllmError) else InferenceError(f"{type(e).__name__}: {e}")

@@ -38,6 +38,10 @@ class RequestHandle:
         self._withdraw: Callable[["RequestHandle"], None] | None = None  # frees a queued request's slot
         self.prefill_chunks_done = 0  # progress of the prompt's prefill (chunks of the instance's prefill_chunk)
         self.prefill_chunks_total = 0
+        # live migration (Instance.handoff): asked to stop at a token boundary and hand over its state
+        self.handoff_wanted = False
+        self.handoff_state: RequestState | None = None
+        self.handed_off = threading.Event()
 
     @property
     def cancelled(self) -> bool:

@@ -181,6 +181,15 @@ class Infer(Envelope):
                             sampling=sampling, keep_alive=self.keep_alive).validate()
 
 
+@request("migrate")
+@dataclass(frozen=True, kw_only=True)
+class Migrate(Envelope):
+    """Moves a running request to another cluster node (live migration, DESIGN.md section 9)."""
+
+    request_id: str = checked(non_empty, max_len(128))
+    to: str = checked(non_empty, max_len(200))
+
+
 @request("show")
 @dataclass(frozen=True, kw_only=True)
 class Show(Envelope):
@@ -258,4 +267,4 @@ class Error(Envelope):
 
 
 # Requests that may run for long: each gets its own thread, at most `max_streams` at once.
-LONG_RUNNING = frozenset({"import", "infer", "load", "evict", "remove"})
+LONG_RUNNING = frozenset({"import", "infer", "load", "evict", "remove", "migrate"})

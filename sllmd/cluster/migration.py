@@ -1,0 +1,168 @@
+"""Live migration of a running request (DESIGN.md section 9), the source's side and the relay.
+
+    client ◄── this node's stream (unchanged connection) ◄── follow(): tokens from here ...
+                                                              └─ after the handoff: tokens from D
+    migrate(rid, D):  D loads the model (peer_prepare)
+                      the instance stops the request at a token boundary and hands over its state
+                      follow() sends the state to D (peer_resume) and relays D's stream
+
+Token-based: what crosses the wire is the request state (prompt and output token ids, sampler
+state, detokenizer position: kilobytes), never the KV cache; D prefills it inside its running
+batch. The node that ran the request keeps relaying its stream, so the client's connection
+never changes and no token is lost or repeated (the instance stops exactly at a token
+boundary; D streams only what comes after the state). If D fails or refuses before its first
+token, the request resumes here from the same state: the client sees a pause, not an error.
+
+This is one round (stop, then hand over). The multi-round refinement (D prefilling deltas while
+the source keeps decoding, so the pause shrinks to about one decode step) builds on the same
+handoff and relay.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from sllmd.errors import InvalidRequestError, NodeNotFoundError, PeerFailedError, RequestNotFoundError
+
+log = logging.getLogger(__name__)
+
+HANDOFF_TIMEOUT_S = 30.0     # the instance reaches a token boundary within one step; this bounds a stuck one
+RESUME_TIMEOUT_S = 120.0     # the destination's first token after the handoff (a prefill of the whole state)
+
+
+@dataclass
+class _Move:
+    """One migration in flight: where to, and what happened (filled by follow())."""
+    to: str
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict = field(default_factory=dict)
+
+
+class Migrations:
+    """Owned by the Cluster. `follow` wraps every stream this node runs; `migrate` moves one."""
+
+    def __init__(self, node, peer_client: Callable[[str], Any], is_alive: Callable[[str], bool], name: str):
+        self.node = node
+        self._peer = peer_client          # node name -> PeerClient
+        self._alive = is_alive
+        self.name = name
+        self._moves: dict[str, _Move] = {}
+        self._lock = threading.Lock()
+
+    # --- the streams ------------------------------------------------------------------------------
+    def run(self, request, cancelled: threading.Event | None = None) -> Iterator[dict]:
+        """A request run on this node, followed across a migration."""
+        return self.follow(request.request_id, self.node.infer(request, cancelled=cancelled), cancelled)
+
+    def resume(self, state: dict, cancelled: threading.Event | None = None) -> Iterator[dict]:
+        """A request state continued on this node (the destination's side), itself movable again."""
+        return self.follow(str(state.get("request_id")), self.node.resume(state, cancelled=cancelled), cancelled)
+
+    def follow(self, request_id: str, events: Iterator[dict], cancelled) -> Iterator[dict]:
+        last_token_at = None
+        try:
+            for ev in events:
+                if ev.get("type") == "migrated":
+                    yield from self._hand_over(request_id, ev["state"], last_token_at, cancelled)
+                    return
+                if ev.get("type") == "token":
+                    last_token_at = time.perf_counter()
+                yield ev
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def _hand_over(self, request_id: str, state, last_token_at, cancelled) -> Iterator[dict]:
+        """Relays the destination's stream; on a failure before its first token, resumes here."""
+        with self._lock:
+            move = self._moves.get(request_id)
+        to = move.to if move is not None else None
+        wire_state = state.to_dict() if hasattr(state, "to_dict") else dict(state)
+        started = time.perf_counter()
+        stream = None
+        first = None
+        if to is not None:
+            try:
+                stream = iter(self._peer(to).resume(wire_state))
+                first = next((e for e in stream if e.get("type") != "heartbeat"), None)
+                if first is None:
+                    raise PeerFailedError(f"node {to} ended the resumed stream at once")
+            except Exception as e:
+                log.warning("migrating %s to %s failed after the handoff (%s); resuming it here", request_id, to, e)
+                if stream is not None and hasattr(stream, "close"):
+                    stream.close()
+                stream, to = None, None
+                if move is not None:
+                    move.result["fallback"] = f"{type(e).__name__}: {e}"
+        if stream is None:   # resume here, from the very state handed over
+            stream = iter(self.follow(request_id, self.node.resume(wire_state, cancelled=cancelled), cancelled))
+            first = next(stream, None)
+        now = time.perf_counter()
+        if move is not None:
+            move.result.update(ran_on=to or self.name, handoff_to_first_s=now - started,
+                               pause_s=(now - last_token_at) if last_token_at is not None else None,
+                               tokens_sent=len(wire_state.get("prompt_ids") or []) +
+                               len(wire_state.get("output_ids") or []),
+                               output_tokens_before=len(wire_state.get("output_ids") or []))
+            move.done.set()
+        try:
+            ev = first
+            while ev is not None:
+                if ev.get("type") == "done" and move is not None:
+                    stats = dict(ev.get("stats") or {})
+                    stats["migration"] = {k: v for k, v in move.result.items()}
+                    ev = dict(ev, stats=stats)
+                if ev.get("type") == "token":   # D numbers its stream from 0; the server numbering
+                    ev = {k: v for k, v in ev.items() if k != "index"}   # this stream continues its own
+                if ev.get("type") != "heartbeat":
+                    yield ev
+                if ev.get("type") == "done":
+                    return
+                ev = next(stream, None)
+            raise PeerFailedError(f"the migrated request {request_id} ended without finishing")
+        finally:
+            with self._lock:
+                if self._moves.get(request_id) is move:
+                    self._moves.pop(request_id, None)
+            if hasattr(stream, "close"):
+                stream.close()
+
+    # --- moving one -------------------------------------------------------------------------------
+    def migrate(self, request_id: str, to: str) -> dict:
+        """Moves the request `request_id`, running here, to node `to`; returns what happened."""
+        if to == self.name:
+            raise InvalidRequestError(f"request {request_id} already runs on {to}")
+        if not self._alive(to):
+            raise NodeNotFoundError(f"node {to!r} is not an alive member; see `sllmctl nodes`")
+        found = self.node.find_request(request_id)
+        if found is None:
+            raise RequestNotFoundError(f"no request {request_id} runs on {self.name} (it may have finished)")
+        instance, handle = found
+        with self._lock:
+            if request_id in self._moves:
+                raise InvalidRequestError(f"request {request_id} is already being migrated")
+            move = self._moves[request_id] = _Move(to)
+        try:
+            t0 = time.perf_counter()
+            prepared = self._peer(to).prepare(handle.request.model)   # the destination loads the model first
+            t1 = time.perf_counter()
+            if instance.handoff(handle, HANDOFF_TIMEOUT_S) is None:
+                raise RequestNotFoundError(f"request {request_id} finished before it could move")
+            t2 = time.perf_counter()
+            if not move.done.wait(RESUME_TIMEOUT_S):
+                raise PeerFailedError(f"request {request_id} was handed over but nothing resumed it within "
+                                      f"{RESUME_TIMEOUT_S:.0f} s")
+        except BaseException:
+            with self._lock:
+                if self._moves.get(request_id) is move and not move.done.is_set():
+                    self._moves.pop(request_id, None)
+            raise
+        result = dict(move.result, request_id=request_id, source=self.name, to=to, rounds=1,
+                      prepare_s=t1 - t0, handoff_s=t2 - t1, total_s=time.perf_counter() - t0,
+                      destination_load=prepared)
+        log.info("migrated %s from %s to %s: %s", request_id, self.name, result.get("ran_on"), result)
+        return result
