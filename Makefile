@@ -44,6 +44,7 @@ bench: $(STAMP) serf
 	$(PY) bench/run_all.py
 	$(PY) bench/daemon_bench.py
 	$(PY) bench/compute_dtype.py --chunks
+	$(PY) bench/batch_bench.py
 	$(PY) bench/placement_bench.py
 	$(PY) bench/sim_bench.py --plot bench/sim_latency_vs_rps.png
 	$(PY) bench/cluster_bench.py

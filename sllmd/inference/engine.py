@@ -4,13 +4,14 @@ One worker thread steps every running request of the instance together
 (DESIGN.md section 7). Each turn of its loop: requests that were cancelled
 leave; queued requests are admitted while the batch has room (`max_batch`) and
 the device budget has room for their KV cache; one prefill chunk of the oldest
-request still prefilling runs (prefilled alone into its own cache; once done it
-samples its first token and joins the batch: batch.BatchKV); then one decode
+request still prefilling runs, and of the next ones while the turn's prefill
+budget (prefill_chunk tokens) lasts (each prefilled alone into its own cache;
+once done it samples its first token and joins the batch: batch.BatchKV); then one decode
 step feeds the last token of every request in the batch through the model and
 samples each row with that request's own generator, stop strings and limits
 (generation.Generation.accept). A request that finishes leaves the batch at
 once. A newcomer therefore waits at most one decode step per prefill chunk, and
-delays the others by at most one chunk per step.
+the batch waits at most about one chunk's worth of prefill per step.
 
 Beyond `max_batch` requests queue (bounded: a full queue raises BusyError at
 once, nothing is dropped silently). The prompt is tokenized and checked against
@@ -50,6 +51,7 @@ from .batch import BatchKV
 from .decode import PREFILL_CHUNK_TOKENS, build_prompt_ids, check_prompt_fits, context_limit, stop_token_ids
 from .generation import Generation
 from .handle import RequestHandle
+from .parking import ParkedPrefills
 from .request import InferRequest, RequestState
 from .tokenizer_lock import LockedTokenizer
 
@@ -114,6 +116,7 @@ class Instance:
         self._prefilling: list[_Running] = []  # admitted, prefill not finished (oldest first)
         self._batch: list[_Running] = []  # decoding; index = row of self._kv
         self._kv = BatchKV(model)
+        self._parked = ParkedPrefills(model, prefill_chunk)   # live migration's rounds, arriving here
         self._closing = False
         self.served = 0
         self.peak_batch = 0
@@ -169,6 +172,40 @@ class Instance:
             if handle.done.is_set() or time.monotonic() > deadline:
                 return handle.handoff_state if handle.handed_off.is_set() else None
         return handle.handoff_state
+
+    def park(self, request_id: str, ids: list[int], timeout: float) -> dict:
+        """Live migration's round on the destination: prefills `ids` (a running request's tokens
+        so far, on another node) into a cache kept for that request; a later round only adds
+        the tokens after the last one. resume() of that request then starts warm. Blocks until
+        this round is prefilled. (A parked cache is not counted in the KV budget: it lives
+        for the few seconds of a migration.)"""
+        if not ids:
+            raise InvalidRequestError("nothing to prefill")
+        check_prompt_fits(len(ids) + 1, self.context, self.name)
+        with self._wake:
+            if self._closing:
+                raise InstanceClosedError(f"model {self.name!r} is being unloaded; retry")
+            p = self._parked.request(request_id, ids)
+            self._wake.notify_all()
+        if not p.done.wait(timeout):
+            raise InferenceError(f"prefilling {len(ids)} tokens for {request_id} took over {timeout:.0f} s")
+        if p.held < len(ids):
+            raise InferenceError(f"the prefill for {request_id} failed")
+        return {"parked": p.held, "prefill_s": p.prefill_s}
+
+    def _park_one(self) -> None:
+        """One chunk of a migration round's prefill, between the batch's steps."""
+        with self._lock:
+            p = self._parked.next_job()
+        if p is None:
+            return
+        try:
+            self._parked.step(p)
+        except BaseException:
+            log.exception("%s: a migration round's prefill failed", self.name)
+            with self._lock:
+                self._parked.entries = {k: v for k, v in self._parked.entries.items() if v is not p}
+            p.done.set()
 
     def _enqueue(self, handle: RequestHandle) -> RequestHandle:
         with self._lock:
@@ -280,7 +317,7 @@ class Instance:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not (self._queue or self._batch or self._prefilling or self._closing):
+                while not (self._queue or self._batch or self._prefilling or self._closing or self._parked.pending()):
                     self._wake.wait()
                 if self._closing and not (self._queue or self._batch or self._prefilling):
                     return  # closing and drained
@@ -288,7 +325,8 @@ class Instance:
                 self._drop_cancelled()
                 self._hand_off()
                 self._admit()
-                self._prefill_one()
+                self._prefill_some()
+                self._park_one()
                 self._decode_step()
             except BaseException:  # a bug in the loop itself: fail what runs, keep serving
                 log.exception("%s: the batch loop failed", self.name)
@@ -314,7 +352,12 @@ class Instance:
                 continue
             try:
                 state = self._initial_state(handle)
-                gen = Generation(self.model, self.tokenizer, state, self.eos, prefill_chunk=self.prefill_chunk)
+                warm = None
+                if handle.resume_from is not None:   # its tokens, prefilled here by a migration's rounds
+                    with self._lock:
+                        warm = self._parked.take(state.request_id, state.all_ids)
+                gen = Generation(self.model, self.tokenizer, state, self.eos, prefill_chunk=self.prefill_chunk,
+                                 warm=warm)
             except BaseException as e:
                 log.exception("request %s on %s could not start", handle.request.request_id, self.name)
                 self._reject(handle, e if isinstance(e, SllmError) else InferenceError(f"{type(e).__name__}: {e}"))
@@ -382,13 +425,23 @@ class Instance:
             r.handle.handed_off.set()
         self._leave(rows)
 
-    def _prefill_one(self) -> None:
-        """One prefill chunk of the oldest request still prefilling; when it was the last,
-        the request samples its first token and joins the batch."""
+    def _prefill_some(self) -> None:
+        """Prefill work before the next decode step: one chunk each of the requests still
+        prefilling, oldest first, until `prefill_chunk` prompt tokens ran this turn (at least
+        one chunk). Chat-length newcomers that arrive together thus all join before the next
+        step, and a long prompt delays the batch by at most one chunk per step."""
         with self._lock:
-            r = self._prefilling[0] if self._prefilling else None
-        if r is None:
-            return
+            waiting = list(self._prefilling)
+        budget = self.prefill_chunk
+        for r in waiting:
+            if budget <= 0:
+                return
+            budget -= r.gen.next_chunk_tokens
+            self._prefill_one(r)
+
+    def _prefill_one(self, r: _Running) -> None:
+        """One prefill chunk of `r`; when it was the last, the request samples its first
+        token and joins the batch."""
         gen = r.gen
         if gen.at_limit:  # a resumed request whose context is full
             gen.state.finish_reason = "length"

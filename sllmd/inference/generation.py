@@ -31,21 +31,25 @@ from .text import IncrementalDetokenizer, StopStrings
 
 class Generation:
     def __init__(self, model, tokenizer, state: RequestState, eos: frozenset[int] | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK_TOKENS):
+                 prefill_chunk: int = PREFILL_CHUNK_TOKENS, warm: tuple[Any, int] | None = None):
+        """warm: (a KV cache holding the first n of the state's tokens, n), e.g. what a live
+        migration's rounds prefilled here already: only the tokens after them are prefilled."""
         if not state.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         self.model, self.tokenizer, self.state = model, tokenizer, state
         self.eos = stop_token_ids(model, tokenizer) if eos is None else eos
         self.limit = context_limit(model)
         self.gen = new_generator(state.sampling, state.rng_state)
-        self.cache = new_cache(model)
+        self.cache, self.prefilled = warm if warm is not None else (new_cache(model), 0)
+        if not 0 <= self.prefilled < len(state.all_ids):
+            raise ValueError("a warm cache must leave at least one of the state's tokens to prefill")
         # A resumed request continues streaming exactly where its snapshot stopped.
         self.detok = IncrementalDetokenizer(tokenizer, state.all_ids, state.detok_offsets)
         self.stops = StopStrings(state.sampling.stop)
         self.stops.pending = state.held_text
         self.started = False
         self.prefill_chunk = prefill_chunk
-        self.prefill_chunks_total = len(prefill_spans(0, len(state.all_ids), prefill_chunk))
+        self.prefill_chunks_total = len(prefill_spans(self.prefilled, len(state.all_ids), prefill_chunk))
         self.prefill_chunks_done = 0
 
     @property
@@ -61,7 +65,7 @@ class Generation:
     def _prefill(self, should_stop: Callable[[], bool] | None) -> torch.Tensor | None:
         """Prefills every known token chunk by chunk; None when should_stop() said so between chunks."""
         logits = None
-        for lo, hi in prefill_spans(0, len(self.state.all_ids), self.prefill_chunk):
+        for lo, hi in prefill_spans(self.prefilled, len(self.state.all_ids), self.prefill_chunk):
             if should_stop is not None and should_stop():
                 return None
             logits = prefill(self.model, self.state.all_ids[lo:hi], self.cache)
@@ -71,7 +75,7 @@ class Generation:
     def prefill_next(self) -> torch.Tensor | None:
         """Runs the next prefill chunk into this request's own cache; the next-token
         logits [V] once the last chunk ran, else None (more chunks to go)."""
-        spans = prefill_spans(0, len(self.state.all_ids), self.prefill_chunk)
+        spans = prefill_spans(self.prefilled, len(self.state.all_ids), self.prefill_chunk)
         lo, hi = spans[self.prefill_chunks_done]
         with torch.inference_mode():
             logits = prefill(self.model, self.state.all_ids[lo:hi], self.cache)
@@ -80,6 +84,15 @@ class Generation:
             return None
         self.started = True
         return logits
+
+    @property
+    def next_chunk_tokens(self) -> int:
+        """Tokens the next prefill_next() runs (0 once the prefill is done)."""
+        spans = prefill_spans(self.prefilled, len(self.state.all_ids), self.prefill_chunk)
+        if self.prefill_chunks_done >= len(spans):
+            return 0
+        lo, hi = spans[self.prefill_chunks_done]
+        return hi - lo
 
     @property
     def at_limit(self) -> bool:
