@@ -24,11 +24,12 @@ from typing import Any, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sllmd.errors import BadMessageError, ModelNotFoundError, OversizedError, SllmError, ShuttingDownError
+from sllmd.errors import (BadMessageError, CancelledError, ModelNotFoundError, OversizedError, ShuttingDownError,
+                          SllmError)
 from sllmd.http import catalog
 from sllmd.http.auth import check_bearer
 from sllmd.http.errors import HttpError, http_error
@@ -87,7 +88,14 @@ async def read_json(request: Request, limit: int) -> Any:
         too_large = True
     body = bytearray()
     seen = 0
-    async for chunk in request.stream():
+    chunks = request.stream()
+    while True:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except ClientDisconnect:
+            raise CancelledError("the client went away while sending its request") from None
         seen += len(chunk)
         if seen > limit:
             too_large = True

@@ -162,6 +162,8 @@ class InferResponse:
         stats = None
         try:
             stats = await (self._stream(send) if self.parsed.stream else self._whole(send))
+        except OSError as e:   # the client went away while we answered (uvicorn's ClientDisconnected)
+            log.debug("request %s: sending failed: %s", self.job.request.request_id, e)
         finally:
             watcher.cancel()
             if not self.job.finished:
