@@ -470,6 +470,15 @@ class Node:
         req = InferRequest(st.model, prompt="", raw=True, sampling=st.sampling, request_id=st.request_id)
         return self._infer(req, arrived, cancelled, resume_from=st)
 
+    def park(self, model: str, request_id: str, ids: list[int], timeout: float = 60.0) -> dict:
+        """Live migration's round here (the destination): prefills a request's tokens so far into
+        a cache its resume will start from (Instance.park). The model must be loaded (prepare)."""
+        self._check_open()
+        slot = self.device.get(model)
+        if slot is None or slot.instance is None:
+            raise InvalidRequestError(f"model {model!r} is not loaded on this node; prepare it first")
+        return slot.instance.park(request_id, ids, timeout)
+
     def find_request(self, request_id: str):
         """(instance, handle) of the running or queued request `request_id` here, or None."""
         self._check_open()

@@ -92,6 +92,8 @@ def test_a_request_migrated_mid_stream_equals_an_unmigrated_run(pair):
     reader.join(120)
     assert not reader.is_alive()
     assert moved["ran_on"] == "B" and moved["source"] == "A" and moved["tokens_sent"] > 0, moved
+    assert moved["rounds"] >= 2 and moved["tokens_in_rounds"] > 0, moved   # B prefilled ahead of the handoff
+    print(moved)
     tokens = [e for e in got if e["type"] == "token"]
     assert [e["index"] for e in tokens] == list(range(len(tokens)))        # no gap, no repeat
     assert [e["token_id"] for e in tokens] == reference                     # identical to the unmigrated run

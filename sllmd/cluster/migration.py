@@ -13,9 +13,11 @@ never changes and no token is lost or repeated (the instance stops exactly at a 
 boundary; D streams only what comes after the state). If D fails or refuses before its first
 token, the request resumes here from the same state: the client sees a pause, not an error.
 
-This is one round (stop, then hand over). The multi-round refinement (D prefilling deltas while
-the source keeps decoding, so the pause shrinks to about one decode step) builds on the same
-handoff and relay.
+Rounds: before the handoff D prefills the tokens so far while the source keeps decoding
+(peer_park, parked in D's instance), each round only the tokens since the last, until D could
+catch up with what is left within about one decode step; the handoff's state then leaves D only
+those few tokens to prefill (Instance.park / resume start warm), so the client's pause is about
+one decode step plus a round trip, not a prefill of the whole sequence.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from sllmd.errors import InvalidRequestError, NodeNotFoundError, PeerFailedError
 log = logging.getLogger(__name__)
 
 HANDOFF_TIMEOUT_S = 30.0     # the instance reaches a token boundary within one step; this bounds a stuck one
+MAX_ROUNDS = 8
 RESUME_TIMEOUT_S = 120.0     # the destination's first token after the handoff (a prefill of the whole state)
 
 
@@ -132,6 +135,35 @@ class Migrations:
                 stream.close()
 
     # --- moving one -------------------------------------------------------------------------------
+    @staticmethod
+    def _rounds(peer, handle) -> list[dict]:
+        """Prefills the request's tokens on the destination while it keeps decoding here, round
+        by round, each sending only the tokens since the last. Stops when the destination could
+        catch up with what is left within about one decode step (measured: the round's prefill
+        rate against the tokens decoded here meanwhile), or after MAX_ROUNDS."""
+        rounds: list[dict] = []
+        held = 0
+        rid, model = handle.request.request_id, handle.request.model
+        for _ in range(MAX_ROUNDS):
+            st = handle.state
+            if st is None or handle.done.is_set():
+                break   # still queued (its prompt moves at the handoff) or finished
+            ids = list(st.all_ids)[:-1]   # the last token is fed at the handoff: its logits start the next step
+            if len(ids) <= held:
+                break
+            t = time.perf_counter()
+            peer.park(model, rid, ids)
+            took = time.perf_counter() - t
+            behind = max(0, len(handle.state.all_ids) - 1 - len(ids)) if handle.state is not None else 0
+            sent, held = len(ids) - held, len(ids)
+            tpot = took / behind if behind else float("inf")        # this node's time per token meanwhile
+            catch_up = behind * took / sent                          # the destination's time for what is left
+            rounds.append({"tokens": sent, "seconds": took, "behind": behind, "catch_up_s": catch_up,
+                           "tpot_s": None if behind == 0 else tpot})
+            if catch_up <= tpot:
+                break
+        return rounds
+
     def migrate(self, request_id: str, to: str) -> dict:
         """Moves the request `request_id`, running here, to node `to`; returns what happened."""
         if to == self.name:
@@ -148,8 +180,11 @@ class Migrations:
             move = self._moves[request_id] = _Move(to)
         try:
             t0 = time.perf_counter()
-            prepared = self._peer(to).prepare(handle.request.model)   # the destination loads the model first
+            peer = self._peer(to)
+            prepared = peer.prepare(handle.request.model)   # the destination loads the model first
             t1 = time.perf_counter()
+            rounds = self._rounds(peer, handle)
+            t_rounds = time.perf_counter()
             if instance.handoff(handle, HANDOFF_TIMEOUT_S) is None:
                 raise RequestNotFoundError(f"request {request_id} finished before it could move")
             t2 = time.perf_counter()
@@ -161,8 +196,9 @@ class Migrations:
                 if self._moves.get(request_id) is move and not move.done.is_set():
                     self._moves.pop(request_id, None)
             raise
-        result = dict(move.result, request_id=request_id, source=self.name, to=to, rounds=1,
-                      prepare_s=t1 - t0, handoff_s=t2 - t1, total_s=time.perf_counter() - t0,
-                      destination_load=prepared)
+        result = dict(move.result, request_id=request_id, source=self.name, to=to, rounds=len(rounds) + 1,
+                      round_detail=rounds, prepare_s=t1 - t0, rounds_s=t_rounds - t1, handoff_s=t2 - t_rounds,
+                      total_s=time.perf_counter() - t0, destination_load=prepared,
+                      tokens_in_rounds=sum(r["tokens"] for r in rounds))
         log.info("migrated %s from %s to %s: %s", request_id, self.name, result.get("ran_on"), result)
         return result

@@ -13,6 +13,7 @@ index, event, done, heartbeat, error): a relayed stream is the same stream.
     peer_infer -> (token | event)* -> done | error     (admitted or refused at once: busy)
     peer_cancel                           (no reply: the cancelled request ends with an error)
     peer_prepare -> result                (live migration: the destination loads the model)
+    peer_park    -> result                (a round: the destination prefills the tokens so far)
     peer_resume  -> (token | event)* -> done | error   (the handoff: continue a request state here)
     peer_migrate -> result                (move a request this node runs to another node)
 """
@@ -34,6 +35,12 @@ PEER_REQUESTS: dict[str, type[Message]] = {}
 PEER_REPLIES: dict[str, type[Message]] = {name: REPLIES[name] for name in
                                           ("welcome", "result", "token", "event", "done", "heartbeat", "error")}
 _CLIENT_MESSAGES = {**REQUESTS, **REPLIES}
+
+
+def non_empty_ids(ids) -> str | None:
+    if not ids:
+        return "must not be empty"
+    return None if all(0 <= t < 1 << 31 for t in ids) else "holds an id out of range"
 
 
 def peer_request(name: str):
@@ -117,6 +124,17 @@ class PeerPrepare(Envelope):
     model: str = checked(model_name)
 
 
+@peer_request("peer_park")
+@dataclass(frozen=True, kw_only=True)
+class PeerPark(Envelope):
+    """Live migration's round: prefill this running request's tokens so far here (only what the
+    last round did not cover), so that the handoff leaves little to prefill."""
+
+    model: str = checked(model_name)
+    request_id: str = checked(max_len(128))
+    token_ids: list[int] = checked(non_empty_ids)
+
+
 @peer_request("peer_resume")
 @dataclass(frozen=True, kw_only=True)
 class PeerResume(Envelope):
@@ -145,7 +163,7 @@ class PeerMigrate(Envelope):
 
 
 # Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).
-PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_resume", "peer_migrate"})
+PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_park", "peer_resume", "peer_migrate"})
 
 
 def decode_peer_request(frame: bytes, max_bytes: int | None = None) -> Message:

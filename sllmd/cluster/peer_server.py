@@ -26,7 +26,7 @@ from sllmd.protocol import Message, Result
 from sllmd.server import Server
 
 from .peer_messages import (PEER_LONG_RUNNING, PEER_PROTOCOL_VERSION, PeerCancel, PeerHello, PeerInfer, PeerMigrate,
-                            PeerPrepare, PeerResume, StatePull, decode_peer_reply, decode_peer_request)
+                            PeerPark, PeerPrepare, PeerResume, StatePull, decode_peer_reply, decode_peer_request)
 from .peer_transport import PeerTransport
 from .state_delta import StateHistory, apply_delta
 
@@ -54,6 +54,7 @@ class PeerServer(Server):
 
     def _make_handlers(self):
         return {"state_pull": self._state_pull, "peer_infer": self._peer_infer, "peer_prepare": self._peer_prepare,
+                "peer_park": self._peer_park,
                 "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate}
 
     def _decode(self, frame: bytes) -> Message:
@@ -73,6 +74,9 @@ class PeerServer(Server):
     def _peer_prepare(self, msg: PeerPrepare, call) -> Message:
         info = self.node.load(msg.model)
         return Result(id=msg.id, data={k: info.get(k) for k in ("name", "load_tier", "load_s", "state")})
+
+    def _peer_park(self, msg: PeerPark, call) -> Message:
+        return Result(id=msg.id, data=self.node.park(msg.model, msg.request_id, msg.token_ids))
 
     def _peer_resume(self, msg: PeerResume, call) -> Message:
         log.info("resuming request %s from %s", msg.state.get("request_id"), msg.origin or "?")
@@ -205,6 +209,10 @@ class PeerClient:
     def prepare(self, model: str) -> dict:
         """Live migration: the peer loads `model` (from its fastest path)."""
         return self._call(lambda i: PeerPrepare(id=i, model=model))
+
+    def park(self, model: str, request_id: str, token_ids: list[int]) -> dict:
+        """A live migration's round: the peer prefills these tokens of the request ahead of its handoff."""
+        return self._call(lambda i: PeerPark(id=i, model=model, request_id=request_id, token_ids=list(token_ids)))
 
     def migrate(self, request_id: str, to: str) -> dict:
         """Asks the peer, which runs `request_id`, to move it to node `to`."""
