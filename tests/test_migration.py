@@ -120,3 +120,20 @@ def test_migration_to_itself_is_refused(pair):
         rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
         with pytest.raises(InvalidRequestError):
             c.migrate(rid, "A")
+
+
+def test_a_destination_that_refuses_leaves_the_request_running_on_the_source(pair):
+    from sllmd.errors import ModelNotFoundError
+    a, b = pair["A"], pair["B"]
+    reference = [e["token_id"] for e in _events(a, node="A") if e["type"] == "token"]
+    with b.client() as c:
+        c.remove(MODEL, force=True)          # B can no longer load it: prepare fails, nothing moves
+    with a.client() as c, c.infer(MODEL, PROMPT, max_tokens=TOKENS, temperature=0.0, chat=False, node="A") as s:
+        events = s.events()
+        got = [next(events) for _ in range(20)]
+        rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
+        with pytest.raises(ModelNotFoundError):
+            c.migrate(rid, "B")
+        got += list(events)
+    assert [e["token_id"] for e in got if e["type"] == "token"] == reference
+    assert "migration" not in got[-1]["stats"]
