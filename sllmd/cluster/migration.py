@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 from sllmd.errors import InvalidRequestError, NodeNotFoundError, PeerFailedError, RequestNotFoundError
 
+from sllmd.protocol.codec import pack
+
 log = logging.getLogger(__name__)
 
 HANDOFF_TIMEOUT_S = 30.0     # the instance reaches a token boundary within one step; this bounds a stuck one
@@ -107,9 +109,10 @@ class Migrations:
         now = time.perf_counter()
         if move is not None:
             move.result.update(ran_on=to or self.name, handoff_to_first_s=now - started,
+                               last_token_to_handoff_s=(started - last_token_at) if last_token_at else None,
                                pause_s=(now - last_token_at) if last_token_at is not None else None,
                                tokens_sent=len(wire_state.get("prompt_ids") or []) +
-                               len(wire_state.get("output_ids") or []),
+                               len(wire_state.get("output_ids") or []), state_bytes=len(pack(wire_state)),
                                output_tokens_before=len(wire_state.get("output_ids") or []))
             move.done.set()
         try:
@@ -158,7 +161,8 @@ class Migrations:
             sent, held = len(ids) - held, len(ids)
             tpot = took / behind if behind else float("inf")        # this node's time per token meanwhile
             catch_up = behind * took / sent                          # the destination's time for what is left
-            rounds.append({"tokens": sent, "seconds": took, "behind": behind, "catch_up_s": catch_up,
+            rounds.append({"tokens": sent, "bytes": len(pack(ids[len(ids) - sent:])), "seconds": took,
+                           "behind": behind, "catch_up_s": catch_up,
                            "tpot_s": None if behind == 0 else tpot})
             if catch_up <= tpot:
                 break
@@ -199,6 +203,7 @@ class Migrations:
         result = dict(move.result, request_id=request_id, source=self.name, to=to, rounds=len(rounds) + 1,
                       round_detail=rounds, prepare_s=t1 - t0, rounds_s=t_rounds - t1, handoff_s=t2 - t_rounds,
                       total_s=time.perf_counter() - t0, destination_load=prepared,
-                      tokens_in_rounds=sum(r["tokens"] for r in rounds))
+                      tokens_in_rounds=sum(r["tokens"] for r in rounds),
+                      bytes_sent=sum(r["bytes"] for r in rounds) + int(move.result.get("state_bytes") or 0))
         log.info("migrated %s from %s to %s: %s", request_id, self.name, result.get("ran_on"), result)
         return result
