@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--propagation-repeats", type=int, default=5)
     a_ = p.parse_args(argv)
-    from cluster_helpers import ClusterNode, write_cluster_key
+    from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
     from daemon_helpers import remove_tree, short_tempdir
 
     ckpt, _ = smollm2_fixtures()
@@ -108,8 +107,7 @@ def main(argv=None) -> int:
     c = ClusterNode(root / "c", "C", key, a.gossip, *extra, dram="1GiB", device_memory="1GiB")
     nodes = [a, b, c]
     try:
-        with ThreadPoolExecutor(3) as pool:
-            list(pool.map(lambda n: n.start(), nodes))
+        start_all(nodes)
         with b.client() as cb:
             cb.import_model(NAME, str(ckpt))
             cb.load(NAME)
@@ -122,11 +120,7 @@ def main(argv=None) -> int:
         f = forwarding(a, b, a_.runs, a_.max_tokens)
         prop = propagation(a, b, a_.propagation_repeats)
     finally:
-        for n in nodes:
-            try:
-                n.close()
-            except Exception:
-                n.kill()
+        close_all(nodes)
         remove_tree(root)
     ratio = f["tps_relayed"] / f["tps_direct"]
     extra_ms = f["ttft_relayed_ms"] - f["ttft_direct_ms"]

@@ -23,7 +23,6 @@ import statistics
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--after", type=int, default=48, help="tokens streamed from A before the migration")
     p.add_argument("--max-tokens", type=int, default=160)
     args = p.parse_args(argv)
-    from cluster_helpers import ClusterNode, write_cluster_key
+    from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
     from daemon_helpers import remove_tree, short_tempdir
     from sllmd.errors import RequestNotFoundError
 
@@ -106,10 +105,9 @@ def main(argv=None) -> int:
     sizes = {"dram": "1GiB", "device_memory": "2GiB"}
     a = ClusterNode(root / "a", "A", key, None, *extra, **sizes)
     b = ClusterNode(root / "b", "B", key, a.gossip, *extra, **sizes)
-    runs, baselines = [], []
+    runs = []
     try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda n: n.start(), (a, b)))
+        start_all([a, b])
         for n in (a, b):
             with n.client() as c:
                 c.import_model(NAME, str(ckpt))
@@ -139,11 +137,7 @@ def main(argv=None) -> int:
                 f"{(r['stats'].get('prefill_s') or 0) * 1e3:.0f} ms, {r['stats'].get('prefill_chunks')} chunk(s)), "
                 f"rounds {[round(x['seconds'] * 1e3) for x in m['round_detail']]} ms; A-side pause {(m.get('pause_s') or 0) * 1e3:.0f} ms, of which last token -> handoff {(m.get('last_token_to_handoff_s') or 0) * 1e3:.0f} ms")
     finally:
-        for n in (a, b):
-            try:
-                n.close()
-            except Exception:
-                n.kill()
+        close_all([a, b])
         remove_tree(root)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     pause = med([r["pause_s"] for r in runs])

@@ -9,11 +9,10 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cluster_helpers import ClusterNode, write_cluster_key
+from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
 from daemon_helpers import remove_tree, short_tempdir
 from sllmd import store
 from sllmd.errors import InvalidRequestError, NodeNotFoundError, RequestNotFoundError
@@ -40,8 +39,7 @@ def pair(tmp_path_factory):
     a = ClusterNode(root / "a", "A", key, None, *extra)
     b = ClusterNode(root / "b", "B", key, a.gossip, *extra)
     try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda n: n.start(), (a, b)))
+        start_all([a, b])
         for n in (a, b):
             with n.client() as c:
                 c.import_model(MODEL, str(source))
@@ -54,12 +52,7 @@ def pair(tmp_path_factory):
             time.sleep(0.2)
         yield {"A": a, "B": b}
     finally:
-        for n in (a, b):
-            try:
-                n.close()
-            except Exception:
-                n.kill()
-            n.reap_children()
+        close_all([a, b])
         remove_tree(root)
 
 

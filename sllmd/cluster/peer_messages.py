@@ -25,7 +25,7 @@ from typing import Any
 from sllmd.errors import BadMessageError, InvalidRequestError
 from sllmd.inference.request import InferRequest
 from sllmd.protocol import codec
-from sllmd.protocol.messages import REPLIES, REQUESTS, Envelope
+from sllmd.protocol.messages import REPLIES, REQUESTS, Envelope, InferFields
 from sllmd.protocol.schema import Message, at_least, checked, max_len, model_name
 
 PEER_PROTOCOL_VERSION = 1
@@ -72,20 +72,11 @@ class StatePull(Envelope):
 
 @peer_request("peer_infer")
 @dataclass(frozen=True, kw_only=True)
-class PeerInfer(Envelope):
+class PeerInfer(InferFields):
     """Runs a request placed here by `origin` (the coordinating node), streaming its events.
     The fields are InferRequest's wire map (request_id kept, so every node names it alike)."""
 
-    model: str = checked(model_name)
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
     raw: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-    keep_alive: float | None = None
     request_id: str | None = checked(max_len(128), default=None)
     origin: str = checked(max_len(200), default="")
 

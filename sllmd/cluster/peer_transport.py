@@ -22,7 +22,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from sllmd.errors import AddressInUseError, ConfigError
-from sllmd.transport import ClientEndpoint, ServerEndpoint, Transport
+from sllmd.transport import ClientEndpoint, Transport
 from sllmd.transport.zmq_transport import ZmqClientEndpoint, ZmqServerEndpoint
 
 log = logging.getLogger(__name__)

@@ -148,11 +148,10 @@ class Unpin(Envelope):
     name: str = checked(model_name)
 
 
-@request("infer")
 @dataclass(frozen=True, kw_only=True)
-class Infer(Envelope):
-    """The wire form of an InferRequest: its fields flattened, None = the engine's default.
-    Values are checked once, by InferRequest.validate (on arrival here, and in the engine)."""
+class InferFields(Envelope):
+    """An InferRequest's fields as they travel, None = the engine's default: the client's
+    `infer` and the peer protocol's `peer_infer` both carry them."""
 
     model: str = checked(model_name)
     prompt: str | None = None
@@ -163,6 +162,14 @@ class Infer(Envelope):
     seed: int | None = None
     stop: list[str] | None = None
     keep_alive: float | None = None
+
+
+@request("infer")
+@dataclass(frozen=True, kw_only=True)
+class Infer(InferFields):
+    """The wire form of an InferRequest: its fields flattened, None = the engine's default.
+    Values are checked once, by InferRequest.validate (on arrival here, and in the engine)."""
+
     chat: bool = True               # False: the prompt is raw text, no chat template (InferRequest.raw)
     node: str | None = None         # run on this cluster node (sllmctl infer --node); None: placement picks
 
