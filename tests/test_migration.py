@@ -50,7 +50,7 @@ def pair(tmp_path_factory):
                     break
             assert time.monotonic() < deadline, "the two nodes did not see each other"
             time.sleep(0.2)
-        yield {"A": a, "B": b}
+        yield {"A": a, "B": b, "source": source}
     finally:
         close_all([a, b])
         remove_tree(root)
@@ -130,3 +130,26 @@ def test_a_destination_that_refuses_leaves_the_request_running_on_the_source(pai
         got += list(events)
     assert [e["token_id"] for e in got if e["type"] == "token"] == reference
     assert "migration" not in got[-1]["stats"]
+
+
+def test_a_destination_killed_after_the_handoff_leaves_the_stream_whole(pair):
+    """B dies (kill -9) while it answers the migrated request: A resumes it from what B had sent.
+    (Last: B stays dead.)"""
+    a, b = pair["A"], pair["B"]
+    with b.client() as c:
+        if not any(m["name"] == MODEL for m in c.models()):   # the refusal test removed it
+            c.import_model(MODEL, str(pair["source"]))
+    reference = [e["token_id"] for e in _events(a, node="A") if e["type"] == "token"]
+    with a.client() as c, c.infer(MODEL, PROMPT, max_tokens=TOKENS, temperature=0.0, chat=False, node="A") as s:
+        events = s.events()
+        got = [next(events) for _ in range(30)]
+        rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
+        assert c.migrate(rid, "B")["ran_on"] == "B"
+        got.append(next(events))                 # B answers now
+        b.kill9()
+        got += list(events)
+    tokens = [e for e in got if e["type"] == "token"]
+    assert [e["index"] for e in tokens] == list(range(len(tokens)))
+    assert [e["token_id"] for e in tokens] == reference
+    recovered = got[-1]["stats"]["migration"]["recovered"]
+    assert recovered["failed_node"] == "B" and recovered["on"] == "A", got[-1]["stats"]

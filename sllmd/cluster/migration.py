@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from sllmd.errors import InvalidRequestError, NodeNotFoundError, PeerFailedError, RequestNotFoundError
+from sllmd.errors import (CancelledError, InvalidRequestError, NodeNotFoundError, PeerFailedError, RequestNotFoundError,
+                          ShuttingDownError)
 
 from sllmd.protocol.codec import pack
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HANDOFF_TIMEOUT_S = 30.0     # the instance reaches a token boundary within one step; this bounds a stuck one
 MAX_ROUNDS = 8
+FINAL = (InvalidRequestError, CancelledError, ShuttingDownError)   # errors a resume elsewhere would repeat
 RESUME_TIMEOUT_S = 120.0     # the destination's first token after the handoff (a prefill of the whole state)
 
 
@@ -115,6 +117,8 @@ class Migrations:
                                len(wire_state.get("output_ids") or []), state_bytes=len(pack(wire_state)),
                                output_tokens_before=len(wire_state.get("output_ids") or []))
             move.done.set()
+        relayed_ids: list[int] = []
+        relayed_text: list[str] = []
         try:
             ev = first
             while ev is not None:
@@ -124,11 +128,28 @@ class Migrations:
                     ev = dict(ev, stats=stats)
                 if ev.get("type") == "token":   # D numbers its stream from 0; the server numbering
                     ev = {k: v for k, v in ev.items() if k != "index"}   # this stream continues its own
+                    if ev.get("token_id") is not None:
+                        relayed_ids.append(int(ev["token_id"]))
+                    relayed_text.append(ev.get("text") or "")
                 if ev.get("type") != "heartbeat":
                     yield ev
                 if ev.get("type") == "done":
                     return
-                ev = next(stream, None)
+                try:
+                    ev = next(stream, None)
+                except FINAL:
+                    raise
+                except Exception as e:
+                    if to is None:
+                        raise
+                    log.warning("node %s failed while running the migrated request %s (%s); resuming it here "
+                                "after the %d token(s) it sent", to, request_id, e, len(relayed_ids))
+                    if hasattr(stream, "close"):
+                        stream.close()
+                    stream = iter(self._recover(request_id, wire_state, relayed_ids, "".join(relayed_text),
+                                                cancelled, move, to))
+                    to = None
+                    ev = next(stream, None)
             raise PeerFailedError(f"the migrated request {request_id} ended without finishing")
         finally:
             with self._lock:
@@ -136,6 +157,18 @@ class Migrations:
                     self._moves.pop(request_id, None)
             if hasattr(stream, "close"):
                 stream.close()
+
+    def _recover(self, request_id: str, handed: dict, relayed_ids: list[int], relayed_text: str, cancelled,
+                 move: _Move | None, failed: str) -> Iterator[dict]:
+        """The destination died after it started answering: the request continues here from the
+        state handed over plus every token it relayed. Greedy output continues exactly; a sampled
+        request draws from a fresh seed stream (the destination's sampler state died with it)."""
+        state = dict(handed, output_ids=list(handed.get("output_ids") or []) + relayed_ids,
+                     emitted_text=str(handed.get("emitted_text") or "") + relayed_text,
+                     detok_offsets=None, held_text="", rng_state=None)
+        if move is not None:
+            move.result["recovered"] = {"failed_node": failed, "tokens_from_it": len(relayed_ids), "on": self.name}
+        return self.follow(request_id, self.node.resume(state, cancelled=cancelled), cancelled)
 
     # --- moving one -------------------------------------------------------------------------------
     @staticmethod

@@ -32,7 +32,7 @@ from .state_delta import StateHistory, apply_delta
 
 log = logging.getLogger(__name__)
 
-PEER_TIMEOUT_S = 10.0      # silence (no reply, no heartbeat) after which a peer counts as failed
+PEER_TIMEOUT_S = 5.0       # silence (no reply, no heartbeat: they come every second) after which a peer has failed
 MAX_IDLE_CONNECTIONS = 8   # per peer
 
 
