@@ -48,6 +48,8 @@ bench: $(STAMP) serf
 	$(PY) bench/placement_bench.py
 	$(PY) bench/sim_bench.py --plot bench/sim_latency_vs_rps.png
 	$(PY) bench/cluster_bench.py
+	$(PY) bench/migration_bench.py
+	$(PY) bench/http_bench.py
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from daemon_helpers import DaemonProcess, remove_tree, short_tempdir
+from sllmd.client import Client
 from test_http import API_KEY, checkpoint, httpx, start_http_daemon   # noqa: F401 -- checkpoint is a fixture
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -146,12 +147,19 @@ def test_a_body_over_the_limit_is_413(served):
 
 
 def test_busy_is_429_with_retry_after(served):
-    _, h = served
     long = {"model": "tiny", "prompt": "x", "max_tokens": 100_000, "temperature": 0, "stream": True}
+    daemon, h = served
     with h.stream("POST", "/v1/completions", json=long, headers=AUTH) as r:   # holds the one stream (--max-streams 1)
         assert r.status_code == 200
-        next(line for line in r.iter_lines() if line.startswith("data:"))
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        assert json.loads(first[5:])["choices"], first
+        with Client(daemon.socket) as c:
+            assert len(c.requests()) == 1   # it runs (the tiny model's text goes quiet, the decode does not)
         second = post(h, "/v1/chat/completions", CHAT)
+        if second.status_code != 429:   # say what became of the first stream
+            rest = [line for _, line in zip(range(50), lines) if line]
+            pytest.fail(f"second request: {second.status_code} {second.text}; the first stream then: {rest}")
         error_of(second, 429, "busy")
         assert int(second.headers["retry-after"]) >= 1
     deadline = time.monotonic() + 30   # the first one's slot frees once its cancel lands
@@ -242,3 +250,16 @@ def test_an_address_in_use_fails_the_start():
     finally:
         busy.close()
         remove_tree(root)
+
+
+def test_the_listener_says_tcp_so_connections_get_nodelay():
+    """asyncio sets TCP_NODELAY on accepted connections only for a socket whose proto is TCP; without
+    it Nagle held every stream's first chunk until the client acknowledged the headers (+40 ms)."""
+    import socket
+    from sllmd.http.server import bind
+    listener = bind("127.0.0.1:0")
+    try:
+        assert listener.proto == socket.IPPROTO_TCP
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        listener.close()
