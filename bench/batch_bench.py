@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--join-batch", type=int, default=8, help="streams decoding when the joiner arrives")
     p.add_argument("--rounds", type=int, default=2, help="rounds over every row; each cell keeps its best round "
                    "(the least disturbed by the other processes on a shared machine)")
+    p.add_argument("--join-only", action="store_true", help="only the joining request's TTFT")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "batch_bench.json")
     return p.parse_args(argv)
 
@@ -126,12 +127,14 @@ def join_ttft(socket: str, batch: int, tokens: int) -> dict:
     try:
         for it in its:
             next(it)
-        # the step time at this batch: one stream's next 4 tokens
-        t0 = time.perf_counter()
-        for _ in range(4):
-            next(its[0])
-        step_s = (time.perf_counter() - t0) / 4
         with Client(socket, timeout=600) as c:
+            # the step time at this batch, from the daemon's token counts (the streams' own
+            # buffers would hide it): tokens of one stream over a 2-second window
+            def out_tokens() -> int:
+                return max(r["tokens_out"] for r in c.requests() if r["state"] == "running")
+            n0, t0 = out_tokens(), time.perf_counter()
+            time.sleep(2.0)
+            step_s = (time.perf_counter() - t0) / max(1, out_tokens() - n0)
             t0 = time.perf_counter()
             s = c.infer(NAME, joiner, max_tokens=tokens)
             first = None
@@ -247,10 +250,11 @@ def main(argv=None) -> int:
                 c.import_model(NAME, ckpt)
                 c.load(NAME)
                 c.generate(NAME, prompt(0), max_tokens=4)  # warm-up
-        model, tok = load_ceiling(ckpt, a.compute_dtype)
-        generate_row(model, tok, 2, 4)  # warm-up
-        llm = load_llama_cpp()
-        for rnd, n in ((r, n) for r in range(a.rounds) for n in streams):
+        model, tok = load_ceiling(ckpt, a.compute_dtype) if not a.join_only else (None, None)
+        if not a.join_only:
+            generate_row(model, tok, 2, 4)  # warm-up
+        llm = load_llama_cpp() if not a.join_only else None
+        for rnd, n in ((r, n) for r in range(0 if a.join_only else a.rounds) for n in streams):
             for label in rows:
                 if label in daemons:
                     res = run_streams(daemons[label].socket, n, a.tokens)
