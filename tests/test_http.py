@@ -208,6 +208,7 @@ def test_a_client_that_goes_away_cancels_its_request(served):
     daemon, url = served
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": "tiny", "prompt": "x", "max_tokens": 6000, "temperature": 0, "stream": True}
+    before = generated_tokens(url)
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
             assert r.status_code == 200
@@ -220,6 +221,29 @@ def test_a_client_that_goes_away_cancels_its_request(served):
         while c.requests() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert c.requests() == [], "the request still runs after its client went away"
+    assert generated_tokens(url) == before   # it was stopped, not finished
+
+
+def generated_tokens(url: str) -> float:
+    """sllmd_http_generated_tokens_total for tiny: it counts finished completions only."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    m = re.search(r'^sllmd_http_generated_tokens_total\{model="tiny"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(served):
+    daemon, url = served
+    before = generated_tokens(url)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 6000, "temperature": 0}
+    with httpx.Client(timeout=httpx.Timeout(60, read=1.0)) as h:   # it stops waiting after 1 s
+        with pytest.raises(httpx.ReadTimeout):
+            h.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 30
+    with Client(daemon.socket) as c:
+        while c.requests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.requests() == [], "the request still runs after its client went away"
+    assert generated_tokens(url) == before   # it was stopped, not finished
 
 
 def test_metrics(served, client):
