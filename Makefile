@@ -47,6 +47,7 @@ bench: $(STAMP) serf
 	$(PY) bench/batch_bench.py
 	$(PY) bench/placement_bench.py
 	$(PY) bench/sim_bench.py --plot bench/sim_latency_vs_rps.png
+	$(PY) bench/sim_vs_real.py
 	$(PY) bench/cluster_bench.py
 	$(PY) bench/migration_bench.py
 	$(PY) bench/http_bench.py
