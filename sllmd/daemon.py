@@ -172,10 +172,10 @@ class Daemon:
             if self.state in (State.STOPPING, State.STOPPED):
                 return
             self.state = State.STOPPING
+        if self.http is not None:   # before STOPPING=1: whoever sees it gets 503 from then on
+            self.http.stop_accepting()
         sd_notify("STOPPING=1", self._env)
         try:
-            if self.http is not None:
-                self.http.stop_accepting()
             if self.server is not None:
                 self.server.stop_accepting()
                 self._grace()

@@ -151,7 +151,7 @@ def test_busy_is_429_with_retry_after(served):
     daemon, h = served
     with h.stream("POST", "/v1/completions", json=long, headers=AUTH) as r:   # holds the one stream (--max-streams 1)
         assert r.status_code == 200
-        lines = r.iter_lines()
+        lines = r.iter_lines()   # kept: a dropped iterator closes the connection, i.e. cancels the stream
         first = next(line for line in lines if line.startswith("data:"))
         assert json.loads(first[5:])["choices"], first
         with Client(daemon.socket) as c:
@@ -183,7 +183,8 @@ def test_shutting_down_is_503(served):   # last: this stops the module's daemon
     long = {"model": "tiny", "prompt": "x", "max_tokens": 100_000, "temperature": 0, "stream": True}
     with h.stream("POST", "/v1/completions", json=long, headers=AUTH) as r:
         assert r.status_code == 200
-        next(line for line in r.iter_lines() if line.startswith("data:"))
+        lines = r.iter_lines()   # kept: a dropped iterator closes the connection, i.e. cancels the stream
+        next(line for line in lines if line.startswith("data:"))
         daemon.proc.send_signal(signal.SIGTERM)   # the grace keeps it serving the running stream
         assert daemon.wait_notification("STOPPING=1", 30)
         r2 = post(h, "/v1/chat/completions", CHAT)
