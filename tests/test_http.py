@@ -51,7 +51,8 @@ def http_url(daemon: DaemonProcess) -> str:
     raise AssertionError(f"no http address in {daemon.notifications}")
 
 
-def start_http_daemon(root, checkpoint, *args: str, key: str | None = API_KEY) -> tuple[DaemonProcess, str]:
+def start_http_daemon(root, checkpoint, *args: str, key: str | None = API_KEY, name: str = "tiny",
+                      dram: str = "64MiB") -> tuple[DaemonProcess, str]:
     extra: list[str] = []
     if key is not None:
         key_file = root / "api-key"
@@ -59,8 +60,8 @@ def start_http_daemon(root, checkpoint, *args: str, key: str | None = API_KEY) -
         os.chmod(key_file, 0o600)
         extra = ["--api-key-file", str(key_file)]
     daemon = DaemonProcess(root, "--http", "127.0.0.1:0", *extra, "--keep-alive", "-1", *args,
-                           dram="64MiB", device_memory="1GiB").start()
-    run = sllmctl("import", "tiny", str(checkpoint), socket_path=daemon.socket)
+                           dram=dram, device_memory="1GiB").start()
+    run = sllmctl("import", name, str(checkpoint), socket_path=daemon.socket)
     assert run.returncode == 0, run.stderr + daemon.log()
     return daemon, http_url(daemon)
 
