@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 from . import pool as pool_mod
 from .cluster.bandwidth import Bandwidths
 from .cluster.locality import ServiceTimes
+from .cluster.migration_cost import MigrationCost
 from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError,
                      ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
 from .inference.engine import Instance
@@ -83,6 +84,7 @@ class Node:
         self.arena: pool_mod.HostArena | None = None
         self.bandwidths = Bandwidths()  # measured by real loads: the cluster's placement reads them
         self.service_times = ServiceTimes()
+        self.migration_cost = MigrationCost()  # a, b0 of a*(t_in + t_out) + b0, from this node's migrations
         self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict,
                                  on_evicting=self._on_device_evicting)
         self.loads = Loads(self.device, self._load_instance, keep_alive_s=config.keep_alive_s,

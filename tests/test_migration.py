@@ -86,7 +86,10 @@ def test_a_request_migrated_mid_stream_equals_an_unmigrated_run(pair):
     assert not reader.is_alive()
     assert moved["ran_on"] == "B" and moved["source"] == "A" and moved["tokens_sent"] > 0, moved
     assert moved["rounds"] >= 2 and moved["tokens_in_rounds"] > 0, moved   # B prefilled ahead of the handoff
-    print(moved)
+    assert moved["estimate_s"] > 0                                          # what a*(t_in+t_out)+b0 said before
+    with a.client() as c:                                                   # ... and the fit learnt from it
+        me = next(n for n in c.nodes() if n["self"])
+        assert me["state"]["migration"]["samples"] >= 1, me["state"].get("migration")
     tokens = [e for e in got if e["type"] == "token"]
     assert [e["index"] for e in tokens] == list(range(len(tokens)))        # no gap, no repeat
     assert [e["token_id"] for e in tokens] == reference                     # identical to the unmigrated run

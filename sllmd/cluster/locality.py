@@ -6,6 +6,7 @@
      "instances": [{name, state, active_requests, queued, queue_depth, service_s, queue_delay_s}],
      "queue_delay_s":  how long a new load waits for the loads in flight (their measured mean time),
      "bandwidths":     {path: bytes/s} measured online (sllmd.cluster.bandwidth),
+     "migration":      {a_s_per_token, b0_s, samples}: its migrations' fitted cost (migration_cost),
      "requests":       running/queued requests (Node.requests) where the node lists them}
 
 Everything comes from the real node (models, ps, its tiers' stats, loads in flight) and its
@@ -104,6 +105,9 @@ def local_state(node) -> dict:
         "queue_delay_s": in_flight * mean_load,
         "bandwidths": bandwidths.to_dict() if bandwidths is not None else {},
     }
+    cost = getattr(node, "migration_cost", None)
+    if cost is not None:   # the migration option's a*(t_in + t_out) + b0, as this node measured it
+        state["migration"] = cost.to_dict()
     requests = getattr(node, "requests", None)
     if callable(requests):
         try:

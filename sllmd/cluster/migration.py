@@ -238,5 +238,9 @@ class Migrations:
                       total_s=time.perf_counter() - t0, destination_load=prepared,
                       tokens_in_rounds=sum(r["tokens"] for r in rounds),
                       bytes_sent=sum(r["bytes"] for r in rounds) + int(move.result.get("state_bytes") or 0))
+        cost = getattr(self.node, "migration_cost", None)
+        if cost is not None and result.get("ran_on") == to:   # a*(t_in + t_out) + b0, fitted from real ones
+            result["estimate_s"] = cost.estimate(int(result.get("tokens_sent") or 0))
+            cost.observe(int(result.get("tokens_sent") or 0), result["total_s"])
         log.info("migrated %s from %s to %s: %s", request_id, self.name, result.get("ran_on"), result)
         return result

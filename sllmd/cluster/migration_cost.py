@@ -1,0 +1,61 @@
+"""The migration time model `a * (t_in + t_out) + b0` (DESIGN.md section 8), fitted online.
+
+Every live migration this node runs as the source adds a sample (tokens moved, seconds it took);
+a least-squares line through the most recent ones gives a (seconds per token: the destination's
+prefill of the rounds and the handoff) and b0 (the fixed part: the destination's load, round
+trips). Until two samples with different sizes exist the defaults stand. The fit travels in the
+node's locality state, so placement's migration option is priced by what this node measured.
+Pure arithmetic, table-tested.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+
+DEFAULT_A = 0.002        # s per token moved: a prefill rate of 500 tokens/s until measured
+DEFAULT_B0 = 0.5         # s: a load and a few round trips until measured
+MAX_SAMPLES = 64
+
+
+def fit(samples: list[tuple[float, float]], default_a: float = DEFAULT_A,
+        default_b0: float = DEFAULT_B0) -> tuple[float, float]:
+    """(a, b0) of the least-squares line through (tokens, seconds); never negative. One sample, or
+    samples all of one size, keep the default slope and put the rest in b0."""
+    if not samples:
+        return default_a, default_b0
+    n = len(samples)
+    mx = sum(x for x, _ in samples) / n
+    my = sum(y for _, y in samples) / n
+    var = sum((x - mx) ** 2 for x, _ in samples)
+    if var == 0:
+        return default_a, max(0.0, my - default_a * mx)
+    a = max(0.0, sum((x - mx) * (y - my) for x, y in samples) / var)
+    return a, max(0.0, my - a * mx)
+
+
+class MigrationCost:
+    """The samples of this node's migrations and their fit. Thread-safe."""
+
+    def __init__(self, max_samples: int = MAX_SAMPLES):
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_samples)
+        self._lock = threading.Lock()
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            with self._lock:
+                self._samples.append((float(tokens), float(seconds)))
+
+    def estimate(self, tokens: int) -> float:
+        a, b0 = self.coefficients()
+        return a * tokens + b0
+
+    def coefficients(self) -> tuple[float, float]:
+        with self._lock:
+            samples = list(self._samples)
+        return fit(samples)
+
+    def to_dict(self) -> dict:
+        a, b0 = self.coefficients()
+        with self._lock:
+            n = len(self._samples)
+        return {"a_s_per_token": a, "b0_s": b0, "samples": n}
