@@ -156,6 +156,12 @@ def main(argv=None) -> int:
     print(f"| client's pause vs stop-and-re-prefill on B (its TTFT for the sequence so far) | {pause * 1e3:.0f} ms "
           f"| {re_prefill * 1e3:.0f} ms | {pause / re_prefill:.2f}x | |")
     print(f"| migration total (prepare, {rounds:.0f} rounds, handoff, first token on B) | {total * 1e3:.0f} ms | | | |")
+    errors = [abs(r["moved"]["estimate_s"] - r["moved"]["total_s"]) / r["moved"]["total_s"] for r in runs[1:]
+              if r["moved"].get("estimate_s") is not None]   # the first run has only the defaults to go on
+    if errors:
+        err = med(errors)
+        print(f"| estimator error, median of runs 2-{len(runs)}: a*(t_in+t_out)+b0 fitted from the runs before "
+              f"| {err:.0%} | | | < 20%: {'met' if err < 0.2 else 'missed'} |")
     print(f"| bytes on the wire vs the KV cache of {tokens:.0f} tokens ({dtype}) | {sent / 1e3:.1f} kB "
           f"| {kv / 1e6:.2f} MB | {sent / kv:.4f}x | |")
     return 0

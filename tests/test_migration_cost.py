@@ -11,7 +11,8 @@ from sllmd.cluster.migration_cost import DEFAULT_A, DEFAULT_B0, MigrationCost, f
     ([(100, 0.3), (300, 0.7)], 0.002, 0.1),                        # an exact line
     ([(100, 0.5), (200, 0.4)], 0.0, 0.45),                         # a falling fit: never a negative slope
     ([(1000, 0.1), (2000, 0.2)], 0.0001, 0.0),
-    ([(10, 0.0), (20, 0.0), (30, 5.0)], 0.25, 0.0),                # b0 never negative
+    ([(10, 0.0), (20, 0.0), (30, 5.0)], 150 / 1400, 0.0),          # would cross below 0: through the origin
+    ([(94, 0.45), (95, 0.60)], DEFAULT_A, 0.525 - DEFAULT_A * 94.5),  # nearly one size: no slope from noise
 ])
 def test_the_fit(samples, a, b0):
     got_a, got_b0 = fit(samples)

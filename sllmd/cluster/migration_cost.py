@@ -15,22 +15,31 @@ import threading
 DEFAULT_A = 0.002        # s per token moved: a prefill rate of 500 tokens/s until measured
 DEFAULT_B0 = 0.5         # s: a load and a few round trips until measured
 MAX_SAMPLES = 64
+MIN_SPREAD = 0.25        # sizes must span this fraction of their mean before the slope is fitted
 
 
 def fit(samples: list[tuple[float, float]], default_a: float = DEFAULT_A,
         default_b0: float = DEFAULT_B0) -> tuple[float, float]:
-    """(a, b0) of the least-squares line through (tokens, seconds); never negative. One sample, or
-    samples all of one size, keep the default slope and put the rest in b0."""
+    """(a, b0) of the least-squares line through (tokens, seconds); never negative. Samples of
+    (nearly) one size say nothing about the slope: it stays the default and the rest goes in b0
+    (a slope fitted across 94 and 95 tokens would extrapolate noise). A line that would cross
+    below zero is refitted through the origin."""
     if not samples:
         return default_a, default_b0
     n = len(samples)
-    mx = sum(x for x, _ in samples) / n
+    xs = [x for x, _ in samples]
+    mx = sum(xs) / n
     my = sum(y for _, y in samples) / n
-    var = sum((x - mx) ** 2 for x, _ in samples)
-    if var == 0:
+    if max(xs) - min(xs) < MIN_SPREAD * mx:
         return default_a, max(0.0, my - default_a * mx)
-    a = max(0.0, sum((x - mx) * (y - my) for x, y in samples) / var)
-    return a, max(0.0, my - a * mx)
+    var = sum((x - mx) ** 2 for x in xs)
+    a = sum((x - mx) * (y - my) for x, y in samples) / var
+    if a < 0:
+        return 0.0, my
+    b0 = my - a * mx
+    if b0 < 0:
+        return sum(x * y for x, y in samples) / sum(x * x for x in xs), 0.0
+    return a, b0
 
 
 class MigrationCost:
