@@ -8,12 +8,11 @@ import json
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
-from cluster_helpers import ClusterNode, write_cluster_key
+from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
 from daemon_helpers import remove_tree, short_tempdir
 from test_http import API_KEY, checkpoint, http_url   # noqa: F401 -- checkpoint is a fixture
 
@@ -32,24 +31,21 @@ def cluster(checkpoint):   # noqa: F811
     b = ClusterNode(root / "b", "B", key, a.gossip, **sizes)
     nodes = [a, b]
     try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda n: n.start(), nodes))
+        start_all(nodes)
         run = b.ctl("import", "tiny", str(checkpoint))
         assert run.returncode == 0, run.stderr
         yield a, b
     finally:
-        for n in nodes:
-            try:
-                n.close()
-            except Exception:
-                n.kill()
-            n.reap_children()
+        close_all(nodes)
         remove_tree(root)
 
 
 def _models_at_a(url: str) -> list:
+    """A's listing of `tiny` once B's copy is servable there (a view pulled during B's import lists it
+    as importing, and placement rightly skips a copy that is not ready)."""
     with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        return [m for m in c.models.list().data if m.id == "tiny"]
+        return [m for m in c.models.list().data if m.id == "tiny"
+                and any(loc.get("state") not in (None, "importing") for loc in m.model_extra["locations"])]
 
 
 def test_a_request_to_a_is_placed_on_b_and_answered(cluster):
