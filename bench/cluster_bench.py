@@ -94,18 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--propagation-repeats", type=int, default=5)
     a_ = p.parse_args(argv)
-    from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
+    from cluster_helpers import BENCH_FLAGS, close_all, make_nodes, start_all
     from daemon_helpers import remove_tree, short_tempdir
 
     ckpt, _ = smollm2_fixtures()
     root = short_tempdir("sllm-clbench-")
-    key = root / "cluster.key"
-    write_cluster_key(key)
-    extra = ("--keep-alive", "-1", "--log-level", "info", "--heartbeat", "1")
-    a = ClusterNode(root / "a", "A", key, None, *extra, dram="1GiB", device_memory="1GiB")
-    b = ClusterNode(root / "b", "B", key, a.gossip, *extra, dram="1GiB", device_memory="1GiB")
-    c = ClusterNode(root / "c", "C", key, a.gossip, *extra, dram="1GiB", device_memory="1GiB")
-    nodes = [a, b, c]
+    nodes = a, b, c = make_nodes(root, ["A", "B", "C"], *BENCH_FLAGS, dram="1GiB", device_memory="1GiB")
     try:
         start_all(nodes)
         with b.client() as cb:

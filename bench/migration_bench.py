@@ -93,18 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--after", type=int, default=48, help="tokens streamed from A before the migration")
     p.add_argument("--max-tokens", type=int, default=160)
     args = p.parse_args(argv)
-    from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
+    from cluster_helpers import BENCH_FLAGS, close_all, make_nodes, start_all
     from daemon_helpers import remove_tree, short_tempdir
     from sllmd.errors import RequestNotFoundError
 
     ckpt, _ = smollm2_fixtures()
     root = short_tempdir("sllm-migbench-")
-    key = root / "cluster.key"
-    write_cluster_key(key)
-    extra = ("--keep-alive", "-1", "--log-level", "info", "--heartbeat", "1")
-    sizes = {"dram": "1GiB", "device_memory": "2GiB"}
-    a = ClusterNode(root / "a", "A", key, None, *extra, **sizes)
-    b = ClusterNode(root / "b", "B", key, a.gossip, *extra, **sizes)
+    a, b = make_nodes(root, ["A", "B"], *BENCH_FLAGS, dram="1GiB", device_memory="2GiB")
     runs = []
     try:
         start_all([a, b])

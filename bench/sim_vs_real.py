@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calibration", type=int, default=4, help="calibration requests on C (default: 4)")
     args = p.parse_args(argv)
-    from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
+    from cluster_helpers import BENCH_FLAGS, close_all, make_nodes, start_all
     from daemon_helpers import remove_tree, short_tempdir
     from sllmd.cluster.sim import config as sim_config
     from sllmd.cluster.sim.engine import simulate
@@ -81,14 +81,7 @@ def main(argv=None) -> int:
         trace = [dict(r) for r in csv.DictReader(f)]
     ckpt, _ = smollm2_fixtures()
     root = short_tempdir("sllm-simreal-")
-    key = root / "cluster.key"
-    write_cluster_key(key)
-    extra = ("--keep-alive", "-1", "--log-level", "info", "--heartbeat", "1")
-    sizes = {"dram": "2GiB", "device_memory": "2GiB"}
-    a = ClusterNode(root / "a", "A", key, None, *extra, **sizes)
-    b = ClusterNode(root / "b", "B", key, a.gossip, *extra, **sizes)
-    c = ClusterNode(root / "c", "C", key, a.gossip, *extra, **sizes)
-    nodes = [a, b, c]
+    nodes = a, b, c = make_nodes(root, ["A", "B", "C"], *BENCH_FLAGS, dram="2GiB", device_memory="2GiB")
     real = []
     try:
         start_all(nodes)

@@ -81,3 +81,16 @@ def close_all(nodes) -> None:
         except Exception:
             n.kill()
         n.reap_children()
+
+
+# Benchmarks' nodes: instances stay loaded, the daemon's own debug log stays out of the timings.
+BENCH_FLAGS = ("--keep-alive", "-1", "--log-level", "info", "--heartbeat", "1")
+
+
+def make_nodes(root: Path, names: list[str], *extra: str, **sizes) -> list[ClusterNode]:
+    """Nodes sharing one new cluster key under `root`: the first starts the cluster, the others
+    join it (not started yet: start_all)."""
+    key = root / "cluster.key"
+    write_cluster_key(key)
+    first = ClusterNode(root / names[0].lower(), names[0], key, None, *extra, **sizes)
+    return [first] + [ClusterNode(root / n.lower(), n, key, first.gossip, *extra, **sizes) for n in names[1:]]
