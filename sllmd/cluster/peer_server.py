@@ -186,7 +186,7 @@ class PeerClient:
             self._serial, self._state = data["serial"], state
             return data["version"], state
 
-    def infer(self, request: dict, reservation: str | None = None) -> Iterator[dict]:
+    def infer(self, request: dict) -> Iterator[dict]:
         """Runs `request` (InferRequest.to_dict()'s map) on the peer: its events as Client.infer's
         (tokens with their index). Closing the iterator early cancels the request there."""
         return self._events(lambda i: PeerInfer.of(i, request, self.node_name))
