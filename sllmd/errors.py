@@ -71,6 +71,7 @@ CODES: dict[str, int] = {
     "serf_rpc": 44,
     "unauthorized": 45,
     "request_not_found": 46,
+    "repository": 47,
 }
 
 REGISTRY: dict[str, type["SllmError"]] = {}
@@ -371,6 +372,15 @@ class SerfRpcError(ConfigError):
     """Serf's agent refused a call or is unreachable (a configuration or host problem)."""
 
     code = "serf_rpc"
+
+
+# --- model repositories --------------------------------------------------------
+class RepositoryError(SllmError):
+    """A model repository cannot be read: unreachable, a malformed index, a server that keeps
+    failing (5xx, stalls) after the retries, or one that does not honour Range requests."""
+
+    code = "repository"
+    exit_code = Exit.TEMPFAIL
 
 
 # --- the HTTP front end ---------------------------------------------------------
