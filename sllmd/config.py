@@ -118,6 +118,11 @@ class Config:
     # the HTTP front end (DESIGN.md 10): off unless http is set
     http: str | None = None             # HOST:PORT serving the OpenAI API, /metrics and /healthz
     api_key_file: Path | None = None    # with http: /v1 needs `Authorization: Bearer KEY` (mode 0600)
+    # model repositories (DESIGN.md 11): the tier below SSD
+    repositories: tuple[str, ...] = ()  # file://, http:// or https:// URLs of repositories, searched in order
+    download_connections: int = 8       # parallel Range requests per download
+    download_timeout_s: float = 30.0    # a connection silent this long is a stall: retried
+    download_retries: int = 5           # attempts per piece on stalls and 5xx before the download fails
 
     @property
     def cluster_enabled(self) -> bool:
@@ -266,6 +271,44 @@ SETTINGS += [
             "HOST:PORT; a bare PORT is loopback (127.0.0.1)", "HOST:PORT", "none: off"),
     Setting("api_key_file", "api_key_file", _path, "with --http: requests to /v1 need `Authorization: Bearer KEY`, "
             "KEY the file's first line (mode 0600)", "FILE", "none: no key asked"),
+]
+
+
+def parse_repository_url(value) -> tuple[str, ...]:
+    """file:///DIR, http://HOST[:PORT]/PATH or https://...; repeatable (comma-separated in the environment)."""
+    from urllib.parse import urlsplit
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        for text in (part.strip() for part in str(item).split(",")):
+            if not text:
+                continue
+            try:
+                url = urlsplit(text)
+                url.port  # noqa: B018 - raises on a bad port
+            except ValueError as e:
+                raise ConfigError(f"not a repository URL: {text!r} ({e})") from None
+            if url.scheme == "file" and url.path.startswith("/") and url.netloc in ("", "localhost"):
+                out.append(text.rstrip("/") if url.path != "/" else text)
+            elif url.scheme in ("http", "https") and url.hostname:
+                out.append(text.rstrip("/"))
+            else:
+                raise ConfigError(f"not a repository URL: {text!r} (expected file:///DIR, http://HOST/PATH "
+                                  f"or https://HOST/PATH)")
+    return tuple(out)
+
+
+SETTINGS += [
+    Setting("repository", "repositories", parse_repository_url, "a model repository (file://, http://, https://: "
+            "a directory of checkpoints with an index.json, e.g. served by nginx; `sllmctl publish` writes one); "
+            "a model in no local tier is downloaded from the first that lists it (repeatable)", "URL", "none",
+            repeat=True),
+    Setting("download_connections", "download_connections", parse_int, "parallel HTTP Range requests per "
+            "repository download", "N", "8"),
+    Setting("download_timeout", "download_timeout_s", parse_duration, "a repository connection silent this long "
+            "is a stall, retried with backoff", "DUR", "30s"),
+    Setting("download_retries", "download_retries", parse_int, "attempts per piece of a download on stalls and "
+            "5xx before it fails", "N", "5"),
 ]
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -518,6 +561,9 @@ def validate(config: Config) -> None:
     need(0.05 <= config.heartbeat_s <= 60, "heartbeat: must be between 50ms and 60s")
     need(config.load_wait_s > 0, "load_wait: must be positive")
     need(config.room_wait_s >= 0, "room_wait: cannot be negative")
+    need(1 <= config.download_connections <= 64, "download_connections: must be between 1 and 64")
+    need(config.download_timeout_s > 0, "download_timeout: must be positive")
+    need(config.download_retries >= 1, "download_retries: must be at least 1")
     if config.cluster_enabled:
         need(config.cluster_key is not None, "cluster_key: needed with peer_listen (make one: sllmctl keygen FILE)")
         from sllmd.cluster.cluster_key import load_cluster_key
