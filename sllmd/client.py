@@ -339,6 +339,24 @@ class Client:
         _build(make, 0)   # validate now, in the caller's frame, rather than on first iteration
         return InferStream(self, self._stream(make))
 
+    def watch(self, interval_s: float = 0.5, cluster: bool = False, max_events: int = 1000) -> "WatchStream":
+        """Streams the daemon's state: iterate for update dicts (seq, time, dropped, snapshot,
+        events; see sllmd.watch), one at most every interval_s, until closed. Closing the stream
+        (or leaving a `for` loop over it) ends the watch in the daemon. cluster: the snapshot's
+        models/ps/requests/nodes are every cluster node's. max_events: events the daemon holds
+        for this watcher while it does not read (the rest are dropped and counted)."""
+        from sllmd.protocol.messages import Watch
+        make = lambda i: Watch(id=i, interval_s=interval_s, cluster=cluster, max_events=max_events)  # noqa: E731
+        _build(make, 0)
+        return WatchStream(self, self._stream(make))
+
+    def _ack(self, rid: int, seq: int) -> None:
+        """Tells the daemon the replies of stream `rid` up to `seq` were taken (watch's flow control)."""
+        from sllmd.protocol.messages import Ack
+        if rid in self._open and self._ep is not None:
+            if not self._ep.send(encode(Ack(id=rid, seq=seq)), self.timeout):
+                raise DaemonTimeoutError(f"could not send to sllmd at {self.socket} within {self.timeout:g}s")
+
     def generate(self, model: str, prompt: str | None = None, **kwargs) -> str:
         """The whole text of an `infer` (same arguments)."""
         with self.infer(model, prompt, **kwargs) as stream:
@@ -407,6 +425,54 @@ class InferStream:
         self._replies.close()
 
     def __enter__(self) -> "InferStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WatchStream:
+    """The updates of one watch request, as dicts (sllmd.watch describes them); `close()`
+    (or leaving a `with` block) ends the watch in the daemon. Each update taken from the
+    iterator is acknowledged: a caller that stops iterating makes the daemon hold back."""
+
+    def __init__(self, client: Client, replies: Iterator[Message]):
+        self._client = client
+        self._replies = replies
+        self.closed = False
+
+    def __iter__(self) -> Iterator[dict]:
+        """Updates until closed; leaving a `for` loop over it early closes the watch."""
+        try:
+            while True:
+                try:
+                    yield next(self)
+                except StopIteration:
+                    return
+        finally:
+            self.close()
+
+    def __next__(self) -> dict:
+        if self.closed:
+            raise StopIteration
+        from sllmd.protocol.messages import Update
+        while True:
+            try:
+                msg = next(self._replies)
+            except StopIteration:
+                self.closed = True
+                raise
+            if isinstance(msg, Update):
+                self._client._ack(msg.id, int(msg.data.get("seq", 0)))
+                return msg.data
+
+    def close(self) -> None:
+        """Ends the watch in the daemon (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._replies.close()
+
+    def __enter__(self) -> "WatchStream":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -35,6 +35,8 @@ from sllmd.protocol import (LONG_RUNNING, PROTOCOL_VERSION, BadMessageError, Bus
                             Done, Error, Event, HandshakeRequiredError, Heartbeat, Hello, Message, Ping, Progress,
                             Result, ShuttingDownError, Token, VersionMismatchError, Welcome, decode_request, encode,
                             error_reply_fields)
+from sllmd.events import EventBus
+from sllmd.protocol.messages import Ack
 from sllmd.snapshot import READ_ONLY, Snapshots
 from sllmd.transport import Credentials, SendResult, ServerEndpoint, check_readable
 
@@ -62,7 +64,7 @@ class _Call:
     """One in-flight request. `cancelled` is set by the I/O thread and read by the worker.
     `credentials`: who the kernel says opened the connection it came on."""
 
-    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "long", "credentials")
+    __slots__ = ("peer", "id", "type", "cancelled", "gone", "last_sent", "long", "credentials", "flow")
 
     def __init__(self, peer: bytes, msg: Message, long: bool, credentials: Credentials | None):
         self.peer, self.id, self.type, self.long = peer, msg.id, msg.TYPE, long
@@ -70,6 +72,7 @@ class _Call:
         self.cancelled = threading.Event()
         self.gone = False
         self.last_sent = time.monotonic()
+        self.flow = None     # a flow-controlled stream (sllmd.watch.Watch): hears the client's acks
 
 
 class _Client:
@@ -110,6 +113,7 @@ class Server:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
         self._snapshots = Snapshots(node)
+        self.events = getattr(node, "events", None) or EventBus()   # what `watch` streams (sllmd.events)
         self._last_read = 0.0            # I/O thread only
         self._retake_queued = False
         self._control_threads = [threading.Thread(target=self._control_worker, name=f"sllmd-ctl-{i}", daemon=True)
@@ -126,6 +130,7 @@ class Server:
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
             "import": self._import, "infer": self._infer, "show": self._show,
             "requests": self._requests, "nodes": self._nodes, "migrate": self._migrate,
+            "watch": self._watch,
         }
 
     def _decode(self, frame: bytes) -> Message:
@@ -242,6 +247,12 @@ class Server:
             if call is not None:
                 log.debug("cancel %s#%d", call.type, call.id)
                 call.cancelled.set()
+            return
+        if isinstance(msg, Ack):   # a watcher took updates up to seq: the watch may send more
+            with self._lock:
+                call = self._calls.get((peer, msg.id))
+            if call is not None and call.flow is not None:
+                call.flow.ack(msg.seq)
             return
         if not self._accepting:
             self._send_error(peer, msg.id, ShuttingDownError("the daemon is shutting down"))
@@ -484,6 +495,21 @@ class Server:
             raise InvalidRequestError("migration moves a request between cluster nodes: start sllmd with "
                                       "--peer-listen (see README, A cluster of nodes)")
         return Result(id=msg.id, data=self.cluster.migrate(msg.request_id, msg.to))
+
+    def _watch(self, msg, call) -> Message:
+        """Streams `update`s until the client cancels or goes away (sllmd.watch)."""
+        from sllmd.watch import Watch
+
+        def send(frame: bytes) -> None:
+            self._outbox.put((call, frame, False))
+            self.endpoint.wake()
+
+        watch = Watch(self.node, self.events, self._snapshots, request_id=msg.id, interval_s=msg.interval_s,
+                      send=send, cancelled=call.cancelled, cluster=self.cluster if msg.cluster else None,
+                      max_events=msg.max_events)
+        call.flow = watch
+        watch.run()   # returns only by raising CancelledError
+        raise CancelledError("watch ended")
 
     def _show(self, msg, call) -> Message:
         return Result(id=msg.id, data=self.node.show(msg.name))

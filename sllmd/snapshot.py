@@ -65,6 +65,22 @@ class Snapshot:
         except Exception as e:   # noqa: BLE001 - answered to the reader, as the handler would have raised it
             self._status_items = e
 
+    def packed(self, kind: str) -> bytes:
+        """The packed data of part `kind` (status without its "daemon" section), for a watch update;
+        raises what the node raised for that part."""
+        if kind != "status":
+            data = self._lists[kind]
+            if isinstance(data, BaseException):
+                raise data
+            return data
+        items = self._status_items
+        if isinstance(items, BaseException):
+            raise items
+        if self._started_at is None:
+            return map_header(self._n_status_items) + items
+        return (map_header(self._n_status_items + 1) + items + pack("uptime_s")
+                + pack(time.time() - self._started_at))
+
     def reply(self, kind: str, request_id: int, daemon: Callable[[], dict]) -> bytes:
         """The `result` frame for a `kind` request; raises what the node raised for that part.
         `daemon()` gives the status reply's live "daemon" section."""

@@ -12,6 +12,7 @@ A conversation:
     status | models | ps | show | load | evict | remove | pin | unpin | ping -> result | error
     import -> (progress | event)* -> result | error     (events: "phase", "evicted")
     infer  -> (token | event)* -> done | error
+    watch  -> update* -> error          (until cancelled; the client acks each update it has taken)
     cancel                              (no reply of its own: the cancelled request ends with an error)
 
 While a request is in flight the daemon sends `heartbeat` for it whenever it
@@ -211,6 +212,26 @@ class Cancel(Envelope):
     """Cancels the in-flight request with this id on this connection."""
 
 
+@request("watch")
+@dataclass(frozen=True, kw_only=True)
+class Watch(Envelope):
+    """A stream of `update`s (snapshot + events, sllmd.watch) at most every interval_s, until cancelled.
+    Flow control: the daemon keeps a few updates unacknowledged at most (`ack`); meanwhile it
+    coalesces events, and the next update counts what it dropped."""
+
+    interval_s: float = checked(in_range(0.05, 10.0), default=0.5)
+    cluster: bool = False       # also the other cluster nodes' view (nodes, their models/instances/requests)
+    max_events: int = checked(in_range(1, 100_000), default=1000)   # events held for this watcher
+
+
+@request("ack")
+@dataclass(frozen=True, kw_only=True)
+class Ack(Envelope):
+    """The client has taken the replies of flow-controlled stream `id` (watch) up to `seq`. No reply."""
+
+    seq: int = checked(in_range(0, MAX_ID))
+
+
 # --- replies --------------------------------------------------------------------------------
 @reply("welcome")
 @dataclass(frozen=True, kw_only=True)
@@ -258,6 +279,14 @@ class Done(Envelope):
     stats: dict[str, Any] | None = None
 
 
+@reply("update")
+@dataclass(frozen=True, kw_only=True)
+class Update(Envelope):
+    """One watch update: {"seq", "time", "dropped", "snapshot", "events"} (sllmd.watch)."""
+
+    data: dict[str, Any]
+
+
 @reply("heartbeat")
 @dataclass(frozen=True, kw_only=True)
 class Heartbeat(Envelope):
@@ -274,4 +303,4 @@ class Error(Envelope):
 
 
 # Requests that may run for long: each gets its own thread, at most `max_streams` at once.
-LONG_RUNNING = frozenset({"import", "infer", "load", "evict", "remove", "migrate"})
+LONG_RUNNING = frozenset({"import", "infer", "load", "evict", "remove", "migrate", "watch"})
