@@ -27,6 +27,8 @@ SAMPLES = {
     "event": dict(event="loading", data={"tier": "ssd"}),
     "done": dict(stats={"tokens": 3, "ttft_s": 0.1}),
     "heartbeat": {},
+    "watch": dict(interval_s=0.25, cluster=True, max_events=64), "ack": dict(seq=3),
+    "update": dict(data={"seq": 3, "time": 1.0, "dropped": 0, "snapshot": {}, "events": []}),
     "error": dict(code="busy", message="full", exit_code=75),
 }
 
