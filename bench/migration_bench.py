@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     print(f"| client's pause vs stop-and-re-prefill on B (its TTFT for the sequence so far) | {pause * 1e3:.0f} ms "
           f"| {re_prefill * 1e3:.0f} ms | {pause / re_prefill:.2f}x | |")
     print(f"| migration total (prepare, {rounds:.0f} rounds, handoff, first token on B) | {total * 1e3:.0f} ms | | | |")
-    errors = [abs(r["moved"]["estimate_s"] - r["moved"]["total_s"]) / r["moved"]["total_s"] for r in runs[1:]
+    errors = [abs(r["moved"]["estimate_s"] - r["moved"]["moved_s"]) / r["moved"]["moved_s"] for r in runs[1:]
               if r["moved"].get("estimate_s") is not None]   # the first run has only the defaults to go on
     if errors:
         err = med(errors)

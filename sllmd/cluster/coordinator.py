@@ -280,6 +280,14 @@ class Cluster:
                            "state_age_s": 0.0})
         return out
 
+    def member_statuses(self) -> dict[str, int]:
+        """How many members are in each status, this node counted alive (sllmd_cluster_nodes)."""
+        counts = {"alive": 1}
+        for m in self._membership.members():
+            if m.name != self.name:
+                counts[m.status] = counts.get(m.status, 0) + 1
+        return counts
+
     def _per_node(self, key: str, local: Callable[[], list[dict]]) -> list[dict]:
         rows = [dict(r, node=self.name) for r in local()]
         with self._lock:
@@ -314,10 +322,16 @@ class Cluster:
         decision, order = self._candidates(model, node)
         place_ms = (time.perf_counter() - t0) * 1e3
         tried: list[dict] = []
+        made_room: list[dict] = []
         for name in order:
             if cancelled is not None and cancelled.is_set():
                 raise CancelledError("request cancelled")
             t1 = time.perf_counter()
+            option = self._option(decision, name)
+            if option is not None and option.path == "migration":   # move the requests that fill its device
+                from sllmd.cluster.make_room import run_moves
+                made_room = run_moves(option, lambda rid, to, why, at=name: self._migrate_on(at, rid, to, why))
+                log.info("infer %s: made room on %s by moving %s", model, name, made_room)
             try:
                 events, first = self._open(name, request, req, cancelled)
             except FINAL:
@@ -336,6 +350,7 @@ class Cluster:
                 tried.append({"node": name, "error": "peer_failed", "message": str(e)})
                 continue
             placement = {"node": name, "forced": node is not None, "tried": tried, "place_ms": place_ms,
+                         "path": option.path if option is not None else None, "made_room": made_room,
                          "first_event_ms": (time.perf_counter() - t1) * 1e3,
                          "winner": _estimate(decision.winner) if decision else None,
                          "runner_up": _estimate(decision.runner_up) if decision else None,
@@ -353,13 +368,28 @@ class Cluster:
                     state = "is " + member.status if member is not None else "is not a member"
                     raise NodeNotFoundError(f"node {forced!r} {state}; see `sllmctl nodes`")
             return None, [forced]
+        from sllmd.cluster import make_room
         from sllmd.cluster.placement import place
-        decision = place(model, self.views(), time.monotonic(), stale_after_s=STALE_AFTER_S,
-                         prefer=self.name)   # a tie is served here: no forwarding for nothing
+        views, now = self.views(), time.monotonic()
+        decision = place(model, views, now, stale_after_s=STALE_AFTER_S, prefer=self.name,   # a tie is served
+                         migration=make_room.hook(views, now, stale_after_s=STALE_AFTER_S))   # here: no hop
         order = list(dict.fromkeys(c.node for c in decision.candidates))   # place() orders them: known, then stale
         if not order:
             order = [self.name]   # nobody is known to hold it: this node answers (model_not_found, or runs it)
         return decision, order
+
+    @staticmethod
+    def _option(decision, name: str):
+        """The estimate that put `name` in the order (its best option), None when forced."""
+        if decision is None:
+            return None
+        return next((c for c in decision.candidates if c.node == name), None)
+
+    def _migrate_on(self, at: str, request_id: str, to: str, reason: str) -> dict:
+        """Node `at`, which runs `request_id`, moves it to `to` (the scheduler's migration option)."""
+        if at == self.name:
+            return self.migrations.migrate(request_id, to, reason=reason)
+        return self._peer_client(at).migrate(request_id, to, reason=reason)
 
     def _open(self, name: str, request, req: dict, cancelled) -> tuple[Iterator[dict], dict | None]:
         """Starts the request on `name`; returns its event stream and its first event (None: it ended)."""
@@ -398,6 +428,9 @@ class Cluster:
 
     def _relay(self, name: str, events: Iterator[dict], first: dict | None, placement: dict,
                cancelled) -> Iterator[dict]:
+        stats = getattr(self.node, "stats", None)
+        if name != self.name and stats is not None:   # counted in sllmd_requests_total where it runs
+            stats.request_forwarded()
         sent = 0
         ev = first
         try:

@@ -1,9 +1,11 @@
 """This node's locality state (DESIGN.md section 8), as peers pull it and placement reads it.
 
     {"node", "version", "device", "taken_at",
-     "models":    [{name, state, tiers, ssd_bytes, dram_bytes, device_bytes, checkpoint_bytes, pinned, error}],
+     "models":    [{name, state, tiers, ssd_bytes, dram_bytes, device_bytes, checkpoint_bytes, pinned, error,
+                    load_bytes: what its instance would take of the device budget}],
      "tiers":     {"ssd"|"dram"|"device": {used_bytes, capacity_bytes, free_bytes}},
-     "instances": [{name, state, active_requests, queued, queue_depth, service_s, queue_delay_s}],
+     "instances": [{name, state, active_requests, queued, leases, device_bytes, queue_depth, service_s,
+                    queue_delay_s}],
      "queue_delay_s":  how long a new load waits for the loads in flight (their measured mean time),
      "bandwidths":     {path: bytes/s} measured online (sllmd.cluster.bandwidth),
      "migration":      {a_s_per_token, b0_s, samples}: its migrations' fitted cost (migration_cost),
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
+import weakref
 
 from sllmd.cluster.bandwidth import Ewma
 
@@ -25,7 +29,8 @@ log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("name", "state", "tiers", "ssd_bytes", "dram_bytes", "device_bytes", "checkpoint_bytes",
               "pinned", "error")
-INSTANCE_KEYS = ("name", "state", "active_requests", "queued", "expires_at", "load_tier", "load_s")
+INSTANCE_KEYS = ("name", "state", "active_requests", "queued", "leases", "device_bytes", "expires_at", "load_tier",
+                 "load_s")
 DEFAULT_LOAD_S = 1.0   # a load in flight before any load has been timed
 
 
@@ -87,6 +92,31 @@ def _instances(node, times: ServiceTimes | None) -> list[dict]:
     return out
 
 
+_FOOTPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # node -> {(name, imported_at): bytes}
+
+
+def _load_bytes(node, model: dict) -> int | None:
+    """What `model`'s instance takes (or would take) of the node's device budget: its instance's
+    size when loaded, else the size a load reserves, computed once per imported checkpoint."""
+    if model.get("device_bytes"):
+        return int(model["device_bytes"])
+    if model.get("state") in ("importing", "broken"):
+        return None
+    memo = _FOOTPRINTS.setdefault(node, {})
+    key = (model["name"], model.get("imported_at"))
+    if key not in memo:
+        try:
+            from sllmd.store import open_checkpoint
+            from sllmd.tiers.loader import device_bytes
+            ckpt = open_checkpoint(node.ssd.get(model["name"]).path)
+            memo[key] = device_bytes(ckpt, node.config.device, getattr(node, "arena", None),
+                                     getattr(node.config, "compute_dtype", None))
+        except Exception as e:
+            log.debug("no device footprint for %s: %s", model["name"], e)
+            memo[key] = None
+    return memo[key]
+
+
 def local_state(node) -> dict:
     """The state of `node` now (a started Node); see the module doc for its shape."""
     version = node.version
@@ -94,7 +124,7 @@ def local_state(node) -> dict:
     bandwidths = getattr(node, "bandwidths", None)
     in_flight = int(node.loads.counts().get("in_flight", 0))
     mean_load = (times.load_s() if times is not None else None) or DEFAULT_LOAD_S
-    models = [{k: m.get(k) for k in MODEL_KEYS} for m in node.models()]
+    models = [dict({k: m.get(k) for k in MODEL_KEYS}, load_bytes=_load_bytes(node, m)) for m in node.models()]
     state = {
         "node": getattr(node.config, "node_name", None), "version": version, "device": node.config.device,
         "taken_at": time.time(),
@@ -119,7 +149,7 @@ def local_state(node) -> dict:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 def state_problem(state) -> str | None:
@@ -135,15 +165,27 @@ def state_problem(state) -> str | None:
             return "a model entry has no name"
         if not isinstance(m.get("tiers") or [], list):
             return f"model {m['name']!r}: tiers is not a list"
-        for k in ("checkpoint_bytes", "ssd_bytes", "dram_bytes", "device_bytes"):
+        for k in ("checkpoint_bytes", "ssd_bytes", "dram_bytes", "device_bytes", "load_bytes"):
             if m.get(k) is not None and not _number(m[k]):
                 return f"model {m['name']!r}: {k} is not a size"
     for i in state.get("instances") or []:
         if not isinstance(i, dict) or not isinstance(i.get("name"), str):
             return "an instance entry has no name"
-        for k in ("active_requests", "queued", "queue_depth", "queue_delay_s", "service_s"):
+        for k in ("active_requests", "queued", "leases", "device_bytes", "queue_depth", "queue_delay_s", "service_s"):
             if i.get(k) is not None and not _number(i[k]):
                 return f"instance {i['name']!r}: {k} is not a number"
+    if "requests" in state and not isinstance(state["requests"], list):
+        return "requests is not a list"
+    for r in state.get("requests") or []:
+        if not isinstance(r, dict):
+            return "a request entry is not a map"
+        for k in ("tokens_in", "tokens_out", "max_tokens", "age_s"):
+            if r.get(k) is not None and not _number(r[k]):
+                return f"request {str(r.get('id'))[:32]!r}: {k} is not a number"
+    device = (state.get("tiers") or {}).get("device")
+    if device is not None and (not isinstance(device, dict) or any(
+            device.get(k) is not None and not _number(device[k]) for k in ("free_bytes", "capacity_bytes"))):
+        return "tiers.device is not a map of sizes"
     for path, bw in (state.get("bandwidths") or {}).items():
         if not _number(bw) or bw == 0:
             return f"bandwidth {path!r} is not a positive number"

@@ -44,6 +44,7 @@ RESUME_TIMEOUT_S = 120.0     # the destination's first token after the handoff (
 class _Move:
     """One migration in flight: where to, and what happened (filled by follow())."""
     to: str
+    reason: str = ""
     done: threading.Event = field(default_factory=threading.Event)
     result: dict = field(default_factory=dict)
 
@@ -73,6 +74,9 @@ class Migrations:
         try:
             for ev in events:
                 if ev.get("type") == "migrated":
+                    close = getattr(events, "close", None)
+                    if close is not None:   # the request left this instance: its lease goes now, so a
+                        close()             # model waiting for device room can take its place at once
                     yield from self._hand_over(request_id, ev["state"], last_token_at, cancelled)
                     return
                 if ev.get("type") == "token":
@@ -201,8 +205,9 @@ class Migrations:
                 break
         return rounds
 
-    def migrate(self, request_id: str, to: str) -> dict:
-        """Moves the request `request_id`, running here, to node `to`; returns what happened."""
+    def migrate(self, request_id: str, to: str, reason: str = "") -> dict:
+        """Moves the request `request_id`, running here, to node `to`; returns what happened.
+        `reason` (e.g. the scheduler's, making room for another model) goes into its stats."""
         if to == self.name:
             raise InvalidRequestError(f"request {request_id} already runs on {to}")
         if not self._alive(to):
@@ -214,7 +219,8 @@ class Migrations:
         with self._lock:
             if request_id in self._moves:
                 raise InvalidRequestError(f"request {request_id} is already being migrated")
-            move = self._moves[request_id] = _Move(to)
+            move = self._moves[request_id] = _Move(to, reason or "requested")
+            move.result["reason"] = move.reason
         try:
             t0 = time.perf_counter()
             peer = self._peer(to)
@@ -232,15 +238,24 @@ class Migrations:
             with self._lock:
                 if self._moves.get(request_id) is move and not move.done.is_set():
                     self._moves.pop(request_id, None)
+            self._count("failed")
             raise
         result = dict(move.result, request_id=request_id, source=self.name, to=to, rounds=len(rounds) + 1,
                       round_detail=rounds, prepare_s=t1 - t0, rounds_s=t_rounds - t1, handoff_s=t2 - t_rounds,
                       total_s=time.perf_counter() - t0, destination_load=prepared,
                       tokens_in_rounds=sum(r["tokens"] for r in rounds),
                       bytes_sent=sum(r["bytes"] for r in rounds) + int(move.result.get("state_bytes") or 0))
+        result["moved_s"] = result["total_s"] - result["prepare_s"]   # the migration proper: rounds + handoff
         cost = getattr(self.node, "migration_cost", None)
-        if cost is not None and result.get("ran_on") == to:   # a*(t_in + t_out) + b0, fitted from real ones
-            result["estimate_s"] = cost.estimate(int(result.get("tokens_sent") or 0))
-            cost.observe(int(result.get("tokens_sent") or 0), result["total_s"])
+        if cost is not None and result.get("ran_on") == to:   # a*(t_in + t_out) + b0, fitted from real ones;
+            result["estimate_s"] = cost.estimate(int(result.get("tokens_sent") or 0))   # the destination's
+            cost.observe(int(result.get("tokens_sent") or 0), result["moved_s"])         # load is priced apart
+        self._count("ok" if result.get("ran_on") == to else "fallback")
         log.info("migrated %s from %s to %s: %s", request_id, self.name, result.get("ran_on"), result)
         return result
+
+    def _count(self, outcome: str) -> None:
+        """sllmd_migrations_total: ok (it moved), fallback (it resumed here), failed."""
+        stats = getattr(self.node, "stats", None)
+        if stats is not None:
+            stats.migration(outcome)

@@ -2,9 +2,11 @@
 
 Every live migration this node runs as the source adds a sample (tokens moved, seconds it took);
 a least-squares line through the most recent ones gives a (seconds per token: the destination's
-prefill of the rounds and the handoff) and b0 (the fixed part: the destination's load, round
-trips). Until two samples with different sizes exist the defaults stand. The fit travels in the
-node's locality state, so placement's migration option is priced by what this node measured.
+prefill of the rounds and the handoff) and b0 (the fixed part: round trips, the handoff's step).
+The destination's load of the model (prepare) is not in the samples: placement prices it apart,
+as that node's time-to-ready for the model. Until two samples with different sizes exist the
+defaults stand. The fit travels in the node's locality state, so placement's migration option
+is priced by what this node measured.
 Pure arithmetic, table-tested.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import collections
 import threading
 
 DEFAULT_A = 0.002        # s per token moved: a prefill rate of 500 tokens/s until measured
-DEFAULT_B0 = 0.5         # s: a load and a few round trips until measured
+DEFAULT_B0 = 0.2         # s: a few round trips and a decode step until measured
 MAX_SAMPLES = 64
 MIN_SPREAD = 0.25        # sizes must span this fraction of their mean before the slope is fitted
 

@@ -151,6 +151,7 @@ class PeerMigrate(Envelope):
 
     request_id: str = checked(max_len(128))
     to: str = checked(max_len(200))
+    reason: str = checked(max_len(200), default="")   # why (the scheduler's migration option says for whom)
 
 
 # Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).

@@ -87,7 +87,7 @@ class PeerServer(Server):
     def _peer_migrate(self, msg: PeerMigrate, call) -> Message:
         if self._migrations is None:
             raise BadMessageError("this node cannot migrate requests")
-        return Result(id=msg.id, data=self._migrations.migrate(msg.request_id, msg.to))
+        return Result(id=msg.id, data=self._migrations.migrate(msg.request_id, msg.to, reason=msg.reason))
 
 
 class _Connection(Client):
@@ -214,9 +214,9 @@ class PeerClient:
         """A live migration's round: the peer prefills these tokens of the request ahead of its handoff."""
         return self._call(lambda i: PeerPark(id=i, model=model, request_id=request_id, token_ids=list(token_ids)))
 
-    def migrate(self, request_id: str, to: str) -> dict:
+    def migrate(self, request_id: str, to: str, reason: str = "") -> dict:
         """Asks the peer, which runs `request_id`, to move it to node `to`."""
-        return self._call(lambda i: PeerMigrate(id=i, request_id=request_id, to=to))
+        return self._call(lambda i: PeerMigrate(id=i, request_id=request_id, to=to, reason=reason))
 
     def resume(self, state: dict) -> Iterator[dict]:
         """Live migration's handoff: the peer continues `state`; its events as infer's."""

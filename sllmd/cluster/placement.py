@@ -4,7 +4,8 @@ For a request for model M, every alive node n that can serve M gets an estimate 
 time until M answers there, and the smallest wins:
 
     instance  a loaded, non-saturated instance of M: its queue delay
-    dram      M in n's DRAM tier:    q + size / b(dram_device)
+    dram      M in n's DRAM tier:    q + size / b(dram_device)   (q includes the wait for device room
+                                     while busy instances fill it: device_room)
     ssd       M only on n's SSD:     q + size / b(ssd_device)   (the pipelined SSD->DRAM->device rate,
                                      else the slowest of its two stages)
     peer      another node holds M and n can fetch from peers: q + size/b(peer_ssd) + size/b(ssd_device)
@@ -29,6 +30,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from sllmd.cluster.device_room import room_for
 from sllmd.cluster.locality import NodeView
 
 # Only used for a path that no node has measured yet (bytes/s); the probe seeds real values.
@@ -254,6 +256,7 @@ def _holder_cost(state: dict, info: dict, inst: dict | None, fallbacks: _Fallbac
         delay = instance_delay(inst)   # loaded (saturated or not): loading it again here is no option
         return None if delay is None else ("instance", delay)
     q = float(state.get("queue_delay_s") or 0.0) if rates is None else rates[0]
+    q += room_for(state, info).wait_s   # a device full of busy instances: the load waits for them
     if "dram" in tiers:
         bw = rates[1] if rates is not None and rates[1] is not None else _bandwidth(state, "dram_device", fallbacks)[0]
         return "dram", q + _size(info) / bw
@@ -285,6 +288,10 @@ def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallback
             bw, via = _ssd_rate(state, fallbacks)
             detail = {"q_s": q, "bytes": _size(info), "bandwidth": bw, "via": via,
                       "measured": via in (state.get("bandwidths") or {})}
+        if path != "instance":
+            room = room_for(state, info)
+            if room.wait_s:
+                detail.update(room_wait_s=room.wait_s, blocking=list(room.blocking))
         out.append(Estimate(view.name, path, seconds, detail))
         return out
     ssd_bw, _ = _ssd_rate(state, fallbacks)
