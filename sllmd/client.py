@@ -271,6 +271,11 @@ class Client:
         from sllmd.protocol.messages import Nodes
         return self._call(lambda i: Nodes(id=i))
 
+    def metrics(self) -> str:
+        """The daemon's Prometheus metrics in the text exposition format (as GET /metrics with --http)."""
+        from sllmd.protocol.messages import MetricsRequest
+        return self._call(lambda i: MetricsRequest(id=i))
+
     def migrate(self, request_id: str, to: str) -> dict:
         """Moves the running request `request_id` to cluster node `to` (live migration); returns
         where it runs now, the tokens sent, the pause at the handoff and the steps' times."""

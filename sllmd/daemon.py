@@ -128,12 +128,15 @@ class Daemon:
             from sllmd.cluster.coordinator import Cluster
             self.cluster = Cluster(cfg, self.node)
             self.cluster.start()
+        from sllmd.http.metrics import Metrics
+        metrics = Metrics(self.node, self.cluster)   # one registry: `sllmctl metrics` and GET /metrics
         self.server = Server(self.node, self._endpoint, max_frame_bytes=cfg.max_frame_bytes,
-                             heartbeat_s=cfg.heartbeat_s, max_streams=cfg.max_streams, cluster=self.cluster)
+                             heartbeat_s=cfg.heartbeat_s, max_streams=cfg.max_streams, cluster=self.cluster,
+                             metrics=metrics)
         self.server.start()
         if getattr(cfg, "http", None):   # the OpenAI API: only with --http
             from sllmd.http.server import HttpServer
-            self.http = HttpServer(cfg, self.node, self.cluster)
+            self.http = HttpServer(cfg, self.node, self.cluster, metrics=metrics)
             self.http.start()
         self.state = State.RUNNING
         http = f"; http on {self.http.url}" if self.http is not None else ""

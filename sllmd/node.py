@@ -30,6 +30,7 @@ from .inference.engine import Instance
 from .inference.request import InferRequest, RequestState
 from .inference.tokenizer_lock import unwrap as unwrap_tokenizer
 from .model_card import model_card
+from .observability.counters import UNKNOWN_MODEL, NodeStats, outcome_of
 from .store.format import open_checkpoint
 from .tiers import policy
 from .tiers.device import DeviceTier, Slot
@@ -85,6 +86,7 @@ class Node:
         self.bandwidths = Bandwidths()  # measured by real loads: the cluster's placement reads them
         self.service_times = ServiceTimes()
         self.migration_cost = MigrationCost()  # a, b0 of a*(t_in + t_out) + b0, from this node's migrations
+        self.stats = NodeStats()  # requests, loads, evictions, migrations, counted here for /metrics
         self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict,
                                  on_evicting=self._on_device_evicting)
         self.loads = Loads(self.device, self._load_instance, keep_alive_s=config.keep_alive_s,
@@ -194,6 +196,7 @@ class Node:
     def _note_eviction(self, name: str, tier: Tier, reason: EvictReason) -> None:
         record = {"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()}
         self._evictions.append(record)
+        self.stats.eviction(tier.value, reason.value)
         with self._lock:
             self._last_eviction[name] = {k: record[k] for k in ("tier", "reason", "at")}
         self._bump(name)
@@ -376,6 +379,7 @@ class Node:
                                        skeleton=self._prepared.take_skeleton(name),
                                        compute_dtype=self.config.compute_dtype)
                 self.bandwidths.observe(f"{loaded.tier}_device", entry.checkpoint_bytes, loaded.seconds)
+                self.stats.load_finished(loaded.tier, loaded.seconds, entry.checkpoint_bytes)
                 self.service_times.observe_load(name, loaded.seconds)
                 inst = Instance(name, loaded.model, loaded.tokenizer, device=self.config.device,
                                 nbytes=nbytes, queue_depth=self.config.queue_depth,
@@ -456,9 +460,13 @@ class Node:
         Closing the iterator cancels the request and frees its queue slot; `cancelled`
         (the client went away) stops it even while its model loads or its prompt prefills."""
         arrived = time.perf_counter()
-        request = InferRequest.from_dict(req) if isinstance(req, dict) else req.validate()
-        self._check_open()
-        self.ssd.get(request.model)  # an unknown model fails here, before any streaming
+        try:
+            request = InferRequest.from_dict(req) if isinstance(req, dict) else req.validate()
+            self._check_open()
+            self.ssd.get(request.model)  # an unknown model fails here, before any streaming
+        except Exception as e:
+            self.stats.request_ended(self._model_label(req), outcome_of(e))
+            raise
         return self._infer(request, arrived, cancelled)
 
     def resume(self, state: RequestState | dict, cancelled: threading.Event | None = None) -> Iterator[dict]:
@@ -466,9 +474,13 @@ class Node:
         infer, then the instance carries on inside its running batch, streaming only what comes
         after `state`. The done event's stats say `resumed_at` (the output tokens it came with)."""
         arrived = time.perf_counter()
-        st = RequestState.from_dict(state) if isinstance(state, dict) else state
-        self._check_open()
-        self.ssd.get(st.model)
+        try:
+            st = RequestState.from_dict(state) if isinstance(state, dict) else state
+            self._check_open()
+            self.ssd.get(st.model)
+        except Exception as e:
+            self.stats.request_ended(self._model_label(state), outcome_of(e))
+            raise
         req = InferRequest(st.model, prompt="", raw=True, sampling=st.sampling, request_id=st.request_id)
         return self._infer(req, arrived, cancelled, resume_from=st)
 
@@ -491,8 +503,47 @@ class Node:
                     return s.instance, handle
         return None
 
+    def _model_label(self, req) -> str:
+        """A request's model as a metrics label: a model of the store, else UNKNOWN_MODEL (bounded)."""
+        name = req.get("model") if isinstance(req, dict) else getattr(req, "model", None)
+        return name if isinstance(name, str) and name in self.ssd else UNKNOWN_MODEL
+
     def _infer(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None,
                resume_from: RequestState | None = None) -> Iterator[dict]:
+        """_run's events, the request counted once when it ends (self.stats): ok at its done event
+        (its tokens, its time to first token unless resumed), migrated when it moved away, else
+        its error's code (cancelled when its consumer closed the stream)."""
+        events = self._run(req, arrived, cancelled, resume_from)
+        outcome: str | None = None
+        streamed = 0
+        try:
+            for event in events:
+                kind = event.get("type")
+                if kind == "token":
+                    streamed += 1
+                elif kind == "done" and outcome is None:
+                    outcome = "ok"
+                    stats = event.get("stats") or {}
+                    self.stats.request_ended(
+                        req.model, outcome, prompt_tokens=int(stats.get("prompt_tokens") or 0),
+                        generation_tokens=int(stats.get("tokens") or 0), load_tier=stats.get("load_tier"),
+                        ttft_s=None if resume_from is not None else stats.get("ttft_s"))
+                elif kind == "migrated" and outcome is None:
+                    outcome = "migrated"
+                    self.stats.request_ended(req.model, outcome, generation_tokens=streamed)
+                yield event
+        except BaseException as e:
+            if outcome is None:
+                outcome = outcome_of(e)
+                self.stats.request_ended(req.model, outcome, generation_tokens=streamed)
+            raise
+        finally:
+            events.close()  # its cleanup (leases, keep_alive 0) before the caller hears the end
+            if outcome is None:  # it ended without a final event
+                self.stats.request_ended(req.model, "internal", generation_tokens=streamed)
+
+    def _run(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None,
+             resume_from: RequestState | None = None) -> Iterator[dict]:
         ka = self._keep_alive(req.keep_alive)
         got = self._acquire(req.model, ka, cancelled.is_set if cancelled is not None else None)
         self._bump()
@@ -525,6 +576,13 @@ class Node:
             self._wake.set()
 
     # --- status -----------------------------------------------------------------------------------
+    def model_states(self) -> dict[str, int]:
+        """How many models are in each state (imports in flight as "importing"), for /metrics."""
+        counts: dict[str, int] = {}
+        for m in self.models():
+            counts[m["state"]] = counts.get(m["state"], 0) + 1
+        return counts
+
     def status(self) -> dict:
         """The node at a glance. `loads` counts finished loads by outcome: ok, failed (the
         model could not be loaded: see its error in `models`), busy (no device room within

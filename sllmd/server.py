@@ -95,8 +95,10 @@ class Server:
     LONG = LONG_RUNNING
 
     def __init__(self, node: Any, endpoint: ServerEndpoint, *, max_frame_bytes: int = 16 << 20,
-                 heartbeat_s: float = 1.0, max_streams: int = 64, control_workers: int = 4, cluster: Any = None):
+                 heartbeat_s: float = 1.0, max_streams: int = 64, control_workers: int = 4, cluster: Any = None,
+                 metrics: Any = None):
         self.node = node
+        self.metrics = metrics   # sllmd.http.metrics.Metrics, shared with --http (made on first use when None)
         self.cluster = cluster   # sllmd.cluster.Cluster: infer is placed cluster-wide (None: this node only)
         self.endpoint = endpoint
         self.max_frame_bytes = max_frame_bytes
@@ -126,6 +128,7 @@ class Server:
 
     def _make_handlers(self) -> dict[str, Callable[[Message, _Call], Message | bytes]]:
         return {
+            "metrics": self._metrics,
             "status": self._read, "models": self._read, "ps": self._read, "load": self._load,
             "evict": self._evict, "remove": self._remove, "pin": self._pin, "unpin": self._unpin,
             "import": self._import, "infer": self._infer, "show": self._show,
@@ -478,6 +481,13 @@ class Server:
         if msg.all and self.cluster is not None:
             return Result(id=msg.id, data=self.cluster.requests_all())
         return Result(id=msg.id, data=[dict(r, node=self._node_name()) for r in self.node.requests()])
+
+    def _metrics(self, msg, call) -> Message:
+        """The Prometheus text, the same as GET /metrics (read now, from the node)."""
+        if self.metrics is None:
+            from sllmd.http.metrics import Metrics
+            self.metrics = Metrics(self.node, self.cluster)
+        return Result(id=msg.id, data=self.metrics.render().decode("utf-8"))
 
     def _nodes(self, msg, call) -> Message:
         """The cluster's members; without a cluster, this node alone."""

@@ -13,6 +13,7 @@ from sllmd.protocol import (PROTOCOL_VERSION, REPLIES, REQUESTS, BadMessageError
 SAMPLES = {
     "hello": dict(version=PROTOCOL_VERSION, client="test"),
     "ping": {}, "status": {}, "models": {}, "ps": {}, "cancel": {},
+    "metrics": {},
     "requests": dict(all=True), "nodes": {}, "migrate": dict(request_id="3f2a9c", to="b"),
     "import": dict(name="smol", source="/models/smol.gguf"),
     "load": dict(name="smol", keep_alive=300.0),

@@ -54,7 +54,7 @@ def bind(address: str) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, config: Any, node: Any, cluster: Any = None):
+    def __init__(self, config: Any, node: Any, cluster: Any = None, metrics: Any = None):
         import socket as _socket
         from sllmd.http.app import Frontend, build_app
         from sllmd.http.auth import load_api_key
@@ -66,7 +66,7 @@ class HttpServer:
         self.front = Frontend(node=node, cluster=cluster,
                               node_name=getattr(config, "node_name", None) or _socket.gethostname(),
                               max_body=config.max_frame_bytes, streams=Streams(config.max_streams),
-                              api_key=api_key, metrics=Metrics(node))
+                              api_key=api_key, metrics=metrics if metrics is not None else Metrics(node, cluster))
         self.app = build_app(self.front)
         self._sock: socket.socket | None = None
         self._server = None

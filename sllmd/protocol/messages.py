@@ -10,6 +10,7 @@ A conversation:
 
     hello -> welcome                    (first, on every connection; carries PROTOCOL_VERSION)
     status | models | ps | show | load | evict | remove | pin | unpin | ping -> result | error
+    metrics -> result                   (data: the Prometheus text exposition, a str)
     import -> (progress | event)* -> result | error     (events: "phase", "evicted")
     infer  -> (token | event)* -> done | error
     watch  -> update* -> error          (until cancelled; the client acks each update it has taken)
@@ -204,6 +205,12 @@ class Show(Envelope):
     """A model's description (architecture, parameters, context length, dtype, chat template, sizes)."""
 
     name: str = checked(model_name)
+
+
+@request("metrics")
+@dataclass(frozen=True, kw_only=True)
+class MetricsRequest(Envelope):
+    """The node's Prometheus metrics, as text (what GET /metrics serves with --http)."""
 
 
 @request("cancel")
