@@ -5,6 +5,7 @@
       catalog.json    pins and last-use times (replaced atomically)
       models/<name>/  one checkpoint per model, published by rename
       staging/        imports in progress and removals (emptied at start)
+      downloads/      repository downloads in progress (kept across restarts: they resume)
 
 The catalog is rebuilt from models/ at start; catalog.json only adds what the
 directories cannot say (pins, last use). An import is written (converted or
@@ -107,6 +108,8 @@ class SsdStore:
         self.capacity = capacity_bytes
         self.models_dir = self.root / "models"
         self.staging_dir = self.root / "staging"
+        self.downloads_dir = self.root / "downloads"
+        self._reserved: dict[str, int] = {}  # bytes held for imports written elsewhere (downloads)
         self.on_evict = on_evict
         self._lock = threading.RLock()
         self._entries: dict[str, SsdEntry] = {}
@@ -121,6 +124,7 @@ class SsdStore:
         """Locks the store, clears leftovers of interrupted imports/removals, rebuilds the catalog."""
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -322,17 +326,7 @@ class SsdStore:
             with self._lock:
                 if stop():  # checked under the lock: nothing is evicted for a cancelled import
                     raise CancelledError("the import was cancelled")
-                evicted = self._make_room(nbytes, exclude={name}, reason=f"to make room for {name}")
-                dest = self.models_dir / name
-                os.rename(staged, dest)
-                fsync_dir(self.models_dir)
-                now = time.time()
-                entry = self._scan(name, dest)
-                entry.imported_at = entry.last_used = now
-                entry.source = os.fspath(src)
-                self._entries[name] = entry
-                self._imports.pop(name, None)
-                self._write_catalog()
+                entry, evicted = self._adopt_locked(name, staged, nbytes, os.fspath(src))
             log.info("imported %s from %s (%d bytes)", name, src, nbytes)
             for victim in evicted:
                 self._tell(notify, "evicted", victim)
@@ -346,6 +340,69 @@ class SsdStore:
             with self._lock:
                 self._imports.pop(name, None)
             job.finished.set()
+
+    def _adopt_locked(self, name: str, staged: Path, nbytes: int, source: str) -> tuple[SsdEntry, list[dict]]:
+        """Makes room for a staged checkpoint and renames it into models/ (caller holds the lock)."""
+        evicted = self._make_room(nbytes, exclude={name}, reason=f"to make room for {name}")
+        dest = self.models_dir / name
+        os.rename(staged, dest)
+        fsync_dir(self.models_dir)
+        now = time.time()
+        entry = self._scan(name, dest)
+        entry.imported_at = entry.last_used = now
+        entry.source = source
+        self._entries[name] = entry
+        self._imports.pop(name, None)
+        self._write_catalog()
+        return entry, evicted
+
+    # --- imports written elsewhere (repository downloads) ---------------------
+    def begin_import(self, name: str, source: str, nbytes: int, notify: Notify | None = None) -> ImportJob:
+        """Registers an import whose bytes someone else writes (sllmd.repository) and reserves
+        nbytes against the capacity now, evicting idle models if need be: a full store refuses
+        (StoreFullError) before the first byte moves. End it with finish_import or end_import."""
+        check_name(name)
+        job = ImportJob(name, source)
+        with self._lock:
+            if name in self._entries:
+                raise ModelExistsError(f"a model named {name!r} already exists (remove it first: sllmctl rm {name})")
+            if name in self._imports:
+                raise ModelExistsError(f"a model named {name!r} is being imported ({self._imports[name].describe()})")
+            evicted = self._make_room(nbytes, exclude={name}, reason=f"to make room for {name}")
+            self._reserved[name] = nbytes
+            self._imports[name] = job
+        for victim in evicted:
+            self._tell(notify, "evicted", victim)
+        return job
+
+    def finish_import(self, job: ImportJob, staged: Path, *, servable: bool = True, tokenizer: bool = True,
+                      notify: Notify | None = None) -> SsdEntry:
+        """Validates the checkpoint staged under the store's root (same filesystem) and publishes
+        it as job.name in one rename; the reservation becomes the model's size."""
+        try:
+            open_checkpoint(staged)
+            if servable:
+                check_servable(staged, tokenizer=tokenizer, name=job.name)
+            nbytes = dir_bytes(staged)
+            with self._lock:
+                if job.cancel.is_set():
+                    raise CancelledError("the import was cancelled")
+                self._reserved.pop(job.name, None)
+                entry, evicted = self._adopt_locked(job.name, staged, nbytes, job.source)
+            log.info("imported %s from %s (%d bytes)", job.name, job.source, nbytes)
+            for victim in evicted:
+                self._tell(notify, "evicted", victim)
+            return entry
+        finally:
+            self.end_import(job)
+
+    def end_import(self, job: ImportJob) -> None:
+        """Drops the job and its reservation (idempotent)."""
+        with self._lock:
+            if self._imports.get(job.name) is job:
+                del self._imports[job.name]
+                self._reserved.pop(job.name, None)
+        job.finished.set()
 
     @staticmethod
     def _tell(notify: Notify | None, event: str, data: dict) -> None:
@@ -394,9 +451,12 @@ class SsdStore:
             raise StoreFullError(f"the model needs {nbytes} bytes; the store holds at most {self.capacity}")
         cands = [policy.Candidate(e.name, e.nbytes, e.last_used, e.pinned, self._busy(e.name))
                  for e in self._entries.values()]
-        victims = policy.choose_victims(cands, nbytes, self.capacity - self.used_bytes, exclude)
+        reserved = sum(n for k, n in self._reserved.items() if k not in exclude)  # downloads in flight
+        free = self.capacity - self.used_bytes - reserved
+        victims = policy.choose_victims(cands, nbytes, free, exclude)
         if victims is None:
-            raise StoreFullError(f"the store has {self.capacity - self.used_bytes} of {self.capacity} bytes free "
+            held = f" ({reserved} held for downloads in flight)" if reserved else ""
+            raise StoreFullError(f"the store has {max(0, free)} of {self.capacity} bytes free{held} "
                                  f"and {nbytes} are needed; the other models are pinned or in use")
         evicted = []
         for v in victims:
@@ -444,4 +504,4 @@ class SsdStore:
     def stats(self) -> dict:
         with self._lock:
             return {"used_bytes": self.used_bytes, "capacity_bytes": self.capacity, "models": len(self._entries),
-                    "root": os.fspath(self.root)}
+                    "root": os.fspath(self.root), "reserved_bytes": sum(self._reserved.values())}
