@@ -24,6 +24,9 @@ from .widgets import (ConfirmScreen, EventLog, GpuPanel, InstancesTable, ModelsT
                       StatusLine, ThroughputPanel, TierBars)
 
 
+NARROW = 120   # columns below which the event log is hidden (80x24 keeps every table)
+
+
 class SllmTop(App):
     CSS_PATH = "sllmtui.tcss"
     TITLE = "sllm top"
@@ -72,6 +75,9 @@ class SllmTop(App):
         if self._source is not None:
             self._watch()
 
+    def on_resize(self, event) -> None:
+        self.set_class(event.size.width < NARROW, "-narrow")
+
     @work(thread=True, exclusive=True, group="watch")
     def _watch(self) -> None:
         self._source.run()
@@ -117,7 +123,9 @@ class SllmTop(App):
         self.query_one(ModelsTable).set_rows(rows.model_rows(node))
         self.query_one(InstancesTable).set_rows(rows.instance_rows(node, now))
         self.query_one(RequestsTable).set_rows(rows.request_rows(node, view))
-        self.query_one(NodesTable).set_rows(rows.node_rows(view, now))
+        nodes = self.query_one(NodesTable)
+        nodes.border_title = "nodes" if view.nodes else "nodes (not in a cluster)"
+        nodes.set_rows(rows.node_rows(view, now))
 
     # --- keys --------------------------------------------------------------------------------------
     def _selected_model(self) -> dict | None:

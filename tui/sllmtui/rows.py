@@ -11,8 +11,27 @@ from .state import TIERS, NodeView, View, fastest_tier
 TIER_LABELS = {"device": "device", "dram": "DRAM", "ssd": "SSD"}
 
 
+def fmt_short(n: float | None) -> str:
+    """Bytes in at most 4 characters and a unit letter: 564M, 4.0G, 450K (for narrow bars)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def fmt_rate(bps: float | None) -> str:
-    return "-" if bps is None else fmt_bytes(bps) + "/s"
+    """Bytes per second, binary units, three significant figures: '180 MiB/s', '1.25 GiB/s'."""
+    if bps is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(bps) < 1024 or unit == "TiB":
+            digits = 0 if unit == "B" or abs(bps) >= 100 else 1 if abs(bps) >= 10 else 2
+            return f"{bps:.{digits}f} {unit}/s"
+        bps /= 1024
+    raise AssertionError("unreachable")
 
 
 def tier_usage(node: NodeView, host: dict | None) -> list[tuple[str, int, int | None]]:
@@ -59,7 +78,7 @@ def instance_rows(node: NodeView, now: float) -> list[tuple[str, list[str]]]:
     return rows
 
 
-REQUEST_COLUMNS = ("ID", "MODEL", "STATE", "IN/OUT", "TOK/S", "AGE")
+REQUEST_COLUMNS = ("ID", "MODEL", "TOK/S", "IN/OUT", "STATE", "AGE")
 
 
 def request_rows(node: NodeView, view: View) -> list[tuple[str, list[str]]]:
@@ -68,9 +87,9 @@ def request_rows(node: NodeView, view: View) -> list[tuple[str, list[str]]]:
         rid = str(r.get("id", "?"))
         rate = view.token_rates.get(rid)
         tin = r.get("tokens_in")
-        rows.append((rid, [rid[:8], str(r.get("model", "?")), str(r.get("state", "?")),
-                           f"{'-' if tin is None else tin}/{r.get('tokens_out', 0)}",
-                           "-" if rate is None else f"{rate:.1f}", fmt_span(float(r.get("age_s") or 0))]))
+        rows.append((rid, [rid[:8], str(r.get("model", "?")), "-" if rate is None else f"{rate:.1f}",
+                           f"{'-' if tin is None else tin}/{r.get('tokens_out', 0)}", str(r.get("state", "?")),
+                           fmt_span(float(r.get("age_s") or 0))]))
     return rows
 
 
@@ -95,14 +114,19 @@ def node_rows(view: View, now: float) -> list[tuple[str, list[str]]]:
 
 
 def header_line(view: View) -> str:
-    d = view.status.get("daemon") or {}
+    status = view.status
     node = view.node_view()
-    where = f"node {node.name}" + ("" if node.local else " (remote, gossiped)")
-    up = view.status.get("uptime_s", d.get("uptime_s"))
-    parts = [f"sllmd {d.get('version', '?')}", where, node.device]
-    if up is not None:
-        parts.append(f"up {fmt_span(float(up))}")
-    parts.append(f"{d.get('requests_in_flight', 0)} in flight")
+    where = f"node {node.name}" + ("" if node.local else " (remote)")
+    parts = ["sllmd", where, node.device]
+    if status.get("uptime_s") is not None and node.local:
+        parts.append(f"up {fmt_span(float(status['uptime_s']))}")
+    running = sum(1 for r in node.requests if r.get("state") != "queued")
+    parts.append(f"{running} running, {len(node.requests) - running} queued")
+    loads = (status.get("loads") or {}).get("in_flight")
+    if loads and node.local:
+        parts.append(f"{loads} loading")
+    if len(view.nodes) > 1:
+        parts.append(f"{len(view.nodes)} nodes (n: next)")
     if view.dropped:
         parts.append(f"{view.dropped} update(s) coalesced")
     return " · ".join(parts)
@@ -120,7 +144,7 @@ def event_line(ev: dict) -> str:
             continue
         if isinstance(v, float):
             v = f"{v:.3g}"
-        elif k.endswith("bytes") and isinstance(v, int):
+        elif isinstance(v, int) and (k.endswith("bytes") or (k in ("done", "total") and kind.startswith("load"))):
             v = fmt_bytes(v)
         details.append(f"{k}={v}")
     return f"{stamp} {kind} {name} {' '.join(details)}".rstrip()

@@ -38,10 +38,11 @@ class DaemonUnreachable(Message):
 
 
 class WatchSource:
-    """Reads `watch` updates until stopped; `post(message)` is called from the reading thread."""
+    """Reads `watch` updates until stopped; `post(message)` is called from the reading thread.
+    cluster: every node's rows and the node list (a daemon without a cluster sends its own)."""
 
     def __init__(self, post: Callable[[Message], object], socket: str | None = None, timeout: float = 30.0,
-                 interval_s: float = 0.5, cluster: bool = False, probe=None):
+                 interval_s: float = 0.5, cluster: bool = True, probe=None):
         self.post = post
         self.socket, self.timeout, self.interval_s, self.cluster = socket, timeout, interval_s, cluster
         self.probe = probe
@@ -92,7 +93,7 @@ class WatchSource:
 
 
 def first_updates(socket: str | None, timeout: float, interval_s: float, count: int = 2,
-                  cluster: bool = False) -> list[dict]:
+                  cluster: bool = True) -> list[dict]:
     """The first `count` updates of a watch (for --once: two give the rates between them)."""
     out: list[dict] = []
     with Client(socket, timeout=timeout, client_name="sllmtui --once") as client:

@@ -73,8 +73,8 @@ class View:
     # --- feeding -----------------------------------------------------------------------------------
     def apply(self, update: dict) -> None:
         snap = update.get("snapshot")
-        if isinstance(snap, dict):
-            self.snapshot.update(snap)   # a key left out keeps its last value
+        if isinstance(snap, dict):   # a part left out or None (the daemon failed to read it) keeps its last value
+            self.snapshot.update({k: v for k, v in snap.items() if v is not None})
         self.seq = update.get("seq", self.seq)
         self.time = float(update.get("time") or self.time or 0.0)
         self.dropped = int(update.get("dropped") or 0)
@@ -162,20 +162,32 @@ class View:
         self.selected = None if nxt == self.local_name else nxt
         return nxt
 
+    def _rows(self, key: str, node: str | None) -> list[dict]:
+        """A cluster watch's rows carry their "node": those of `node` (None: the local one's, or all
+        rows of a watch without a cluster)."""
+        rows = [r for r in self.snapshot.get(key) or [] if isinstance(r, dict)]
+        name = node or self.local_name
+        if name is None or not any("node" in r for r in rows):
+            return rows
+        return [r for r in rows if r.get("node", name) == name]
+
     def node_view(self) -> NodeView:
-        """The selected node: the local one from the snapshot, another from its gossiped state."""
+        """The selected node: the local one from the snapshot; another from the cluster rows of
+        the snapshot and the tiers of its gossiped state."""
         if self.selected is not None:
             node = next((n for n in self.nodes if n.get("name") == self.selected), None)
             if node is not None and not node.get("self"):
                 state = node.get("state") or {}
-                return NodeView(self.selected, False, str(state.get("device") or "?"), state.get("tiers") or {},
-                                state.get("models") or [], state.get("instances") or [], state.get("requests") or [])
+                name = self.selected
+                models = self._rows("models", name) or list(state.get("models") or [])
+                return NodeView(name, False, str(state.get("device") or "?"), state.get("tiers") or {}, models,
+                                self._rows("ps", name) or list(state.get("instances") or []),
+                                self._rows("requests", name) or list(state.get("requests") or []))
             self.selected = None
         status = self.status
         return NodeView(self.local_name or "local", True, self.device, status.get("tiers") or {},
-                        list(self.snapshot.get("models") or []),
-                        list(self.snapshot.get("ps") or status.get("instances") or []),
-                        list(self.snapshot.get("requests") or []))
+                        self._rows("models", None), self._rows("ps", None) or list(status.get("instances") or []),
+                        self._rows("requests", None))
 
     def rate_now(self) -> dict[str, float]:
         return {"h2d": self.h2d[-1], "disk_direct": self.disk_direct[-1], "disk_cached": self.disk_cached[-1]}

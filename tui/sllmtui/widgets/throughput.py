@@ -21,8 +21,8 @@ class ThroughputPanel(Vertical):
         rate = view.rate_now()
         self.query_one("#h2d", RateGraph).set_points(view.h2d, fmt_rate(rate["h2d"]))
         disk = [a + b for a, b in zip(view.disk_direct, view.disk_cached)]
-        self.query_one("#disk", RateGraph).set_points(
-            disk, f"{fmt_rate(disk[-1])} (direct {fmt_rate(rate['disk_direct'])})")
+        direct = f", {100 * rate['disk_direct'] / disk[-1]:.0f}% direct" if disk[-1] else ""
+        self.query_one("#disk", RateGraph).set_points(disk, fmt_rate(disk[-1]) + direct)
         notes = []
         for load in view.loads.values():
             pct = f" {100 * load.done / load.total:.0f}%" if load.total else ""

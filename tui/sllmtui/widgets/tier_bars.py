@@ -5,14 +5,14 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widget import Widget
 
-from sllmctl.output import fmt_bytes
+from ..rows import fmt_short
 
-LABEL = 9
+LABEL = 9   # 'host RAM' and a space
 
 
 def bar_line(label: str, used: int, cap: int | None, width: int) -> Text:
-    """'device   ████░░░░  2.0 MiB/512.0 MiB   0%' fitted to `width` columns."""
-    figures = f" {fmt_bytes(used)}/{fmt_bytes(cap) if cap else 'unlimited'}"
+    """'device   ████░░░░ 564M/4.0G  14%' fitted to `width` columns."""
+    figures = f" {fmt_short(used)}/{fmt_short(cap) if cap else 'no limit'}"
     pct = f"{100 * used / cap:4.0f}%" if cap else "    -"
     bar_w = max(4, width - LABEL - len(figures) - len(pct) - 1)
     frac = min(1.0, used / cap) if cap else 0.0
