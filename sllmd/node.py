@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -24,18 +25,21 @@ from . import pool as pool_mod
 from .cluster.bandwidth import Bandwidths
 from .cluster.locality import ServiceTimes
 from .cluster.migration_cost import MigrationCost
+from .events import EventBus
 from .errors import (CancelledError, InstanceClosedError, InvalidRequestError, LoadCancelledError,
-                     ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
+                     ModelExistsError, ModelFailedError, ModelInUseError, ShuttingDownError, SllmError)
 from .inference.engine import Instance
 from .inference.request import InferRequest, RequestState
 from .inference.tokenizer_lock import unwrap as unwrap_tokenizer
 from .model_card import model_card
+from .repository.fetcher import Fetcher, is_repository_url
 from .observability.counters import UNKNOWN_MODEL, NodeStats, outcome_of
 from .store.format import open_checkpoint
 from .tiers import policy
 from .tiers.device import DeviceTier, Slot
 from .tiers.dram import DramTier
 from .tiers.inflight import Acquired, Loads, PendingLoad
+from .tiers.load_events import LoadEvents
 from .tiers.loader import device_bytes, load_instance
 from .tiers.prefault import BackgroundPrefault
 from .tiers.prepare import Preparer
@@ -86,7 +90,10 @@ class Node:
         self.bandwidths = Bandwidths()  # measured by real loads: the cluster's placement reads them
         self.service_times = ServiceTimes()
         self.migration_cost = MigrationCost()  # a, b0 of a*(t_in + t_out) + b0, from this node's migrations
+        self.events = EventBus()  # what happens here, pushed to watchers (sllmd.events, `watch`)
         self.stats = NodeStats()  # requests, loads, evictions, migrations, counted here for /metrics
+        # --repository: a model in no local tier is downloaded into the SSD store first (DESIGN.md 11)
+        self.repositories = Fetcher(config, self.ssd, self.bandwidths, stopping=self._stop.is_set)
         self.device = DeviceTier(config.device, config.device_memory_bytes, on_evict=self._on_device_evict,
                                  on_evicting=self._on_device_evicting)
         self.loads = Loads(self.device, self._load_instance, keep_alive_s=config.keep_alive_s,
@@ -196,6 +203,7 @@ class Node:
     def _note_eviction(self, name: str, tier: Tier, reason: EvictReason) -> None:
         record = {"name": name, "tier": tier.value, "reason": reason.value, "at": time.time()}
         self._evictions.append(record)
+        self.events.publish("evicted", model=name, tier=tier.value, reason=reason.value)
         self.stats.eviction(tier.value, reason.value)
         with self._lock:
             self._last_eviction[name] = {k: record[k] for k in ("tier", "reason", "at")}
@@ -242,8 +250,14 @@ class Node:
             if notify is not None:
                 notify(event, data)
 
-        self.ssd.import_model(name, source, progress, notify=relay, cancelled=cancelled, servable=True,
-                              tokenizer=not no_tokenizer)
+        if is_repository_url(source):   # a repository, or a model in one: a verified, resumable download
+            download = self.repositories.fetch(name, url=source, progress=progress, notify=relay,
+                                               cancelled=cancelled, tokenizer=not no_tokenizer)
+            download.pop("entry", None)
+            self._imported(name)
+            return dict(self._model_info(name), evicted=evicted, download=download)
+        self.ssd.import_model(name, source, self._import_progress(name, progress), notify=relay, cancelled=cancelled,
+                              servable=True, tokenizer=not no_tokenizer)
         self.loads.forget(name)
         with self._lock:
             self._last_eviction.pop(name, None)
@@ -253,6 +267,35 @@ class Node:
         info = self._model_info(name)
         info["evicted"] = evicted
         return info
+
+    def _import_progress(self, name: str, progress: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        """`progress`, and an import_progress event for watchers (coalesced per model by the bus)."""
+        def report(done: int, total: int) -> None:
+            self.events.publish("import_progress", model=name, done=done, total=total)
+            if progress is not None:
+                progress(done, total)
+        return report
+
+    def _imported(self, name: str) -> None:
+        """A model just arrived from a repository: forget what was known of an earlier one, prepare it."""
+        self.loads.forget(name)
+        with self._lock:
+            self._last_eviction.pop(name, None)
+        self._bump(name)
+        self._prepared.forget(name)
+        self._prepare([name])
+
+    def _local(self, name: str, cancelled: Callable[[], bool] | None = None):
+        """The model's SSD entry; a model that only a --repository lists is downloaded first
+        (concurrent requests share the download; `models` lists it as importing meanwhile)."""
+        if name not in self.ssd and self.repositories.repositories:
+            try:
+                self.repositories.fetch(name, cancelled=cancelled)
+            except ModelExistsError:
+                pass   # imported meanwhile (or importing: get() says so)
+            else:
+                self._imported(name)
+        return self.ssd.get(name)
 
     def _model_info(self, name: str) -> dict:
         """One model as `models` reports it, from the tiers. Sizes: ssd_bytes on disk,
@@ -321,7 +364,7 @@ class Node:
         sets how long it stays once idle. `already_loaded` says it had one."""
         self._check_open()
         ka = self._keep_alive(keep_alive)
-        self.ssd.get(name)
+        self._local(name)
         got = self._acquire(name, ka)
         self.device.unlease(name, ka)  # no request runs on it: its keep_alive starts now
         self._bump()
@@ -359,12 +402,16 @@ class Node:
 
     def _load_instance(self, load: PendingLoad) -> tuple[Instance, str, float]:
         name = load.name
+        events = LoadEvents(self.events, name)
         entry = self.ssd.acquire(name)
         try:
             if entry.error:
                 raise ModelFailedError(f"model {name!r} is unusable: {entry.error}")
             ckpt = open_checkpoint(entry.path)
             nbytes = device_bytes(ckpt, self.config.device, self.arena, self.config.compute_dtype)  # the cast size
+            in_dram = self.dram is not None and self.dram.bytes_of(name) is not None
+            events.started("dram" if in_dram else "ssd", entry.checkpoint_bytes, device=self.config.device,
+                           device_bytes=nbytes)
             t0 = time.perf_counter()
             self.device.reserve(name, nbytes, wait_s=self._room_wait_s, cancelled=load.cancelled.is_set)
             t1 = time.perf_counter()
@@ -388,8 +435,13 @@ class Node:
             except BaseException:
                 self.device.abort(name)
                 raise
+            events.finished(loaded.tier, loaded.seconds)
             return inst, loaded.tier, time.perf_counter() - t1
+        except BaseException as e:
+            events.failed(e)
+            raise
         finally:
+            events.stop()
             self.ssd.release(name)
 
     # --- instances --------------------------------------------------------------------------
@@ -463,7 +515,8 @@ class Node:
         try:
             request = InferRequest.from_dict(req) if isinstance(req, dict) else req.validate()
             self._check_open()
-            self.ssd.get(request.model)  # an unknown model fails here, before any streaming
+            # an unknown model fails here, before any streaming; one a repository lists is downloaded
+            self._local(request.model, cancelled.is_set if cancelled is not None else None)
         except Exception as e:
             self.stats.request_ended(self._model_label(req), outcome_of(e))
             raise
@@ -477,7 +530,7 @@ class Node:
         try:
             st = RequestState.from_dict(state) if isinstance(state, dict) else state
             self._check_open()
-            self.ssd.get(st.model)
+            self._local(st.model, cancelled.is_set if cancelled is not None else None)
         except Exception as e:
             self.stats.request_ended(self._model_label(state), outcome_of(e))
             raise
@@ -548,6 +601,9 @@ class Node:
         got = self._acquire(req.model, ka, cancelled.is_set if cancelled is not None else None)
         self._bump()
         handle = None
+        seen: dict[str, int] = {}  # event kinds streamed: request_finished's outcome and tokens
+        self.events.publish("request_started", id=req.request_id, model=req.model, load_tier=got.tier,
+                            resumed=resume_from is not None)
         try:
             if resume_from is not None:
                 handle = got.instance.resume(resume_from, arrived_at=arrived, cancelled=cancelled)
@@ -560,12 +616,15 @@ class Node:
                         stats.update(load_s=got.load_s, load_tier=got.tier, room_wait_s=got.room_wait_s)
                         stats["queue_s"] = (stats.get("queue_s") or 0.0) + got.room_wait_s
                         self.service_times.observe_request(req.model, stats)
+                    kind = event.get("type")
+                    seen[kind] = seen.get(kind, 0) + 1
                     yield event
             except (CancelledError, InstanceClosedError) as e:
                 if self._closed:  # the daemon stopped it: the same answer as a request that arrives now
                     raise ShuttingDownError("sllmd is shutting down; the request was stopped") from e
                 raise
         finally:
+            error = sys.exc_info()[1]  # what ends the request, if not its done event
             if handle is not None and not handle.done.is_set():
                 handle.cancel()
             self.device.unlease(req.model, ka)
@@ -574,6 +633,14 @@ class Node:
                 self.device.evict_expired()  # "unload after the request", once nothing else runs on it
             self._bump()
             self._wake.set()
+            self._request_finished(req, seen, error)
+
+    def _request_finished(self, req: InferRequest, seen: dict[str, int], error: BaseException | None) -> None:
+        outcome = ("ok" if seen.get("done") else "migrated" if seen.get("migrated") else
+                   "cancelled" if error is None or isinstance(error, GeneratorExit) else
+                   getattr(error, "code", "internal"))
+        self.events.publish("request_finished", id=req.request_id, model=req.model, outcome=outcome,
+                            tokens=seen.get("token", 0))
 
     # --- status -----------------------------------------------------------------------------------
     def model_states(self) -> dict[str, int]:

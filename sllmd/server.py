@@ -115,7 +115,8 @@ class Server:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
         self._snapshots = Snapshots(node)
-        self.events = getattr(node, "events", None) or EventBus()   # what `watch` streams (sllmd.events)
+        events = getattr(node, "events", None)   # what `watch` streams (sllmd.events)
+        self.events = events if isinstance(events, EventBus) else EventBus()
         self._last_read = 0.0            # I/O thread only
         self._retake_queued = False
         self._control_threads = [threading.Thread(target=self._control_worker, name=f"sllmd-ctl-{i}", daemon=True)
