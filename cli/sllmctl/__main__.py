@@ -20,7 +20,7 @@ from sllmd.errors import Exit, SllmError
 
 # Verb modules, in the order their verbs appear in --help.
 VERB_MODULES = ["sllmctl.offline", "sllmctl.daemon_verbs", "sllmctl.chat", "sllmctl.cluster_verbs", "sllmctl.cluster_reads",
-                "sllmctl.simulate", "sllmctl.metrics", "sllmctl.top", "sllmctl.watch"]
+                "sllmctl.simulate", "sllmctl.metrics", "sllmctl.top", "sllmctl.watch", "sllmctl.publish"]
 # Options that every verb takes and that may come before the verb as well.
 GLOBAL_OPTIONS = ("socket", "timeout", "json")
 
