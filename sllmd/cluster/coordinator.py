@@ -70,6 +70,7 @@ class Cluster:
         self._published: int | None = None
         self._advertised: str | None = None      # the peer endpoint gossiped (the bound one, never a wildcard)
         self.migrations = None                   # sllmd.cluster.migration.Migrations once started
+        self._member_status: dict[str, str] = {}  # member -> the status last told to watchers (`node` events)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,7 +87,7 @@ class Cluster:
         except Exception:
             log.exception("the bandwidth probe failed; placement uses the cluster's measurements")
         if self._membership is None:
-            self._membership = Membership(self.config, on_change=lambda _member: self._wake.set())
+            self._membership = Membership(self.config, on_change=self._member_changed)
         self._endpoint = bind_peer(self.config.peer_listen, public, secret, admitted=self._admitted)
         self._advertised = advertised_endpoint(self._endpoint.address, getattr(self.config, "gossip_listen", None))
         from sllmd.cluster.migration import Migrations
@@ -135,6 +136,21 @@ class Cluster:
         except Exception:
             log.exception("the admitted keys are unknown; refusing %r", key)
             return False
+
+    def _member_changed(self, member) -> None:
+        """Membership saw a change: pull again, and tell watchers (a `node` event: joined when
+        first seen, then alive/suspect/failed/left as its status changes)."""
+        self._wake.set()
+        with self._lock:
+            before = self._member_status.get(member.name)
+            self._member_status[member.name] = member.status
+        if before == member.status:
+            return
+        events = getattr(self.node, "events", None)
+        if events is not None:
+            status = "joined" if before is None and member.status == "alive" else member.status
+            events.publish("node", name=member.name, status=status, previous=before, address=member.address,
+                           self=member.name == self.name)
 
     def _local_state(self) -> tuple[int, dict]:
         from sllmd.cluster.locality import local_state
