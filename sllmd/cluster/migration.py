@@ -234,11 +234,12 @@ class Migrations:
             if not move.done.wait(RESUME_TIMEOUT_S):
                 raise PeerFailedError(f"request {request_id} was handed over but nothing resumed it within "
                                       f"{RESUME_TIMEOUT_S:.0f} s")
-        except BaseException:
+        except BaseException as e:
             with self._lock:
                 if self._moves.get(request_id) is move and not move.done.is_set():
                     self._moves.pop(request_id, None)
             self._count("failed")
+            self._publish(request_id, to, "failed", move.reason, error=str(e) or type(e).__name__)
             raise
         result = dict(move.result, request_id=request_id, source=self.name, to=to, rounds=len(rounds) + 1,
                       round_detail=rounds, prepare_s=t1 - t0, rounds_s=t_rounds - t1, handoff_s=t2 - t_rounds,
@@ -251,8 +252,17 @@ class Migrations:
             result["estimate_s"] = cost.estimate(int(result.get("tokens_sent") or 0))   # the destination's
             cost.observe(int(result.get("tokens_sent") or 0), result["moved_s"])         # load is priced apart
         self._count("ok" if result.get("ran_on") == to else "fallback")
+        self._publish(request_id, to, "ok" if result.get("ran_on") == to else "fallback", move.reason,
+                      ran_on=result.get("ran_on"), seconds=result["total_s"], tokens=result.get("tokens_sent"))
         log.info("migrated %s from %s to %s: %s", request_id, self.name, result.get("ran_on"), result)
         return result
+
+    def _publish(self, request_id: str, to: str, outcome: str, reason: str, **fields) -> None:
+        """A `migration` event for watchers (sllmd.events): ok, fallback (it resumed here), failed."""
+        events = getattr(self.node, "events", None)
+        if events is not None:
+            events.publish("migration", **{"id": request_id, "from": self.name, "to": to, "outcome": outcome,
+                                           "reason": reason, **fields})
 
     def _count(self, outcome: str) -> None:
         """sllmd_migrations_total: ok (it moved), fallback (it resumed here), failed."""
