@@ -50,6 +50,7 @@ bench: $(STAMP) serf
 	$(PY) bench/sim_vs_real.py
 	$(PY) bench/cluster_bench.py
 	$(PY) bench/migration_bench.py
+	$(PY) bench/metrics_bench.py
 	$(PY) bench/http_bench.py
 
 clean:
