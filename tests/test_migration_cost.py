@@ -30,3 +30,17 @@ def test_estimates_follow_what_was_measured_and_keep_the_latest():
     cost.observe(0, 1.0)            # nothing moved: not a sample
     cost.observe(10, -1.0)
     assert cost.to_dict()["samples"] == 2
+
+
+def test_before_migrations_fit_a_slope_it_is_the_nodes_measured_prefill_rate():
+    from sllmd.cluster.locality import ServiceTimes
+    times = ServiceTimes()
+    times.observe_request("m", {"total_s": 1.0, "prompt_tokens": 4, "prefill_s": 0.4})     # too short to time
+    assert times.prefill_s_per_token() is None
+    times.observe_request("m", {"total_s": 1.0, "prompt_tokens": 200, "prefill_s": 0.1})
+    times.observe_request("m", {"total_s": 1.0, "prompt_tokens": 200, "prefill_s": 0.5, "resumed_at": 9})  # not a prompt
+    assert times.prefill_s_per_token() == pytest.approx(0.0005)
+    cost = MigrationCost()
+    assert cost.to_dict(default_a=times.prefill_s_per_token())["a_s_per_token"] == pytest.approx(0.0005)
+    cost.observe(100, 0.3)
+    assert cost.estimate(100, default_a=0.0005) == pytest.approx(0.3)   # one size: the slope stays, b0 takes the rest

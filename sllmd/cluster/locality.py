@@ -32,6 +32,7 @@ MODEL_KEYS = ("name", "state", "tiers", "ssd_bytes", "dram_bytes", "device_bytes
 INSTANCE_KEYS = ("name", "state", "active_requests", "queued", "leases", "device_bytes", "expires_at", "load_tier",
                  "load_s")
 DEFAULT_LOAD_S = 1.0   # a load in flight before any load has been timed
+MIN_PREFILL_TOKENS = 8   # shorter prompts time the step's overhead more than the per-token rate
 
 
 @dataclasses.dataclass
@@ -50,11 +51,20 @@ class ServiceTimes:
     def __init__(self):
         self._service = Ewma()
         self._loads = Ewma()
+        self._prefill = Ewma()   # seconds per prompt token: what a migration's destination pays per token
 
     def observe_request(self, model: str, stats: dict) -> None:
         total, queued = stats.get("total_s"), stats.get("queue_s") or 0.0
         if isinstance(total, (int, float)) and total > 0:
             self._service.add(model, max(float(total) - float(queued), 0.0))
+        tokens, prefill = stats.get("prompt_tokens"), stats.get("prefill_s")
+        if isinstance(tokens, int) and tokens >= MIN_PREFILL_TOKENS and isinstance(prefill, (int, float)) \
+                and prefill > 0 and not stats.get("resumed_at"):
+            self._prefill.add("", float(prefill) / tokens)
+
+    def prefill_s_per_token(self) -> float | None:
+        """The node's prefill time per token (EWMA over its requests), None before one was timed."""
+        return self._prefill.get("")
 
     def observe_load(self, model: str, seconds: float) -> None:
         if seconds > 0:
@@ -137,7 +147,7 @@ def local_state(node) -> dict:
     }
     cost = getattr(node, "migration_cost", None)
     if cost is not None:   # the migration option's a*(t_in + t_out) + b0, as this node measured it
-        state["migration"] = cost.to_dict()
+        state["migration"] = cost.to_dict(default_a=times.prefill_s_per_token() if times is not None else None)
     requests = getattr(node, "requests", None)
     if callable(requests):
         try:

@@ -249,7 +249,9 @@ class Migrations:
         result["moved_s"] = result["total_s"] - result["prepare_s"]   # the migration proper: rounds + handoff
         cost = getattr(self.node, "migration_cost", None)
         if cost is not None and result.get("ran_on") == to:   # a*(t_in + t_out) + b0, fitted from real ones;
-            result["estimate_s"] = cost.estimate(int(result.get("tokens_sent") or 0))   # the destination's
+            times = getattr(self.node, "service_times", None)
+            prefill = times.prefill_s_per_token() if times is not None else None
+            result["estimate_s"] = cost.estimate(int(result.get("tokens_sent") or 0), prefill)   # the destination's
             cost.observe(int(result.get("tokens_sent") or 0), result["moved_s"])         # load is priced apart
         self._count("ok" if result.get("ran_on") == to else "fallback")
         self._publish(request_id, to, "ok" if result.get("ran_on") == to else "fallback", move.reason,

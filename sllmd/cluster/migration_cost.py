@@ -4,9 +4,10 @@ Every live migration this node runs as the source adds a sample (tokens moved, s
 a least-squares line through the most recent ones gives a (seconds per token: the destination's
 prefill of the rounds and the handoff) and b0 (the fixed part: round trips, the handoff's step).
 The destination's load of the model (prepare) is not in the samples: placement prices it apart,
-as that node's time-to-ready for the model. Until two samples with different sizes exist the
-defaults stand. The fit travels in the node's locality state, so placement's migration option
-is priced by what this node measured.
+as that node's time-to-ready for the model. Until samples of different sizes fit a slope, it is
+the node's measured prefill time per token (else DEFAULT_A) and b0 takes the rest. The fit
+travels in the node's locality state, so placement's migration option is priced by what this
+node measured.
 Pure arithmetic, table-tested.
 """
 from __future__ import annotations
@@ -56,17 +57,19 @@ class MigrationCost:
             with self._lock:
                 self._samples.append((float(tokens), float(seconds)))
 
-    def estimate(self, tokens: int) -> float:
-        a, b0 = self.coefficients()
+    def estimate(self, tokens: int, default_a: float | None = None) -> float:
+        a, b0 = self.coefficients(default_a)
         return a * tokens + b0
 
-    def coefficients(self) -> tuple[float, float]:
+    def coefficients(self, default_a: float | None = None) -> tuple[float, float]:
+        """default_a: the slope to use until migrations of different sizes fit one (the node's
+        measured prefill time per token; else DEFAULT_A)."""
         with self._lock:
             samples = list(self._samples)
-        return fit(samples)
+        return fit(samples, default_a=default_a if default_a else DEFAULT_A)
 
-    def to_dict(self) -> dict:
-        a, b0 = self.coefficients()
+    def to_dict(self, default_a: float | None = None) -> dict:
+        a, b0 = self.coefficients(default_a)
         with self._lock:
             n = len(self._samples)
         return {"a_s_per_token": a, "b0_s": b0, "samples": n}
