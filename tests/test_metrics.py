@@ -211,3 +211,85 @@ def test_sllmctl_metrics_prints_the_same_metrics_over_the_socket(daemon):
     assert any(smp["labels"] == {"tier": "device"} for smp in families["sllmd_tier_used_bytes"]["samples"])
     with Client(daemon.socket) as c:
         assert "# TYPE sllmd_requests_total counter" in c.metrics()
+
+
+# --- a cluster: a forwarded request counts once, where it ran ---------------------------------------
+def ipc_scrape(node) -> Scrape:
+    with Client(node.socket) as c:
+        return Scrape(c.metrics())
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    import shutil
+    if shutil.which("serf") is None:
+        pytest.skip("serf is not installed (make setup installs it)")
+    from cluster_helpers import close_all, make_nodes, start_all
+    from sllmd import store
+    tok = tiny_tokenizer()
+    ckpt = tmp_path_factory.mktemp("metrics-cluster") / MODEL
+    store.save_model(make_tiny_model("llama", seed=5, vocab_size=len(tok)), ckpt, tokenizer=tok)
+    root = short_tempdir("sllm-mcl-")
+    nodes = make_nodes(root, ["A", "B"], "--keep-alive", "-1", dram="64MiB", device_memory="512MiB")
+    try:
+        start_all(nodes)
+        run = nodes[1].ctl("import", MODEL, str(ckpt))   # on B only
+        assert run.returncode == 0, run.stderr
+        yield nodes
+    finally:
+        close_all(nodes)
+        remove_tree(root)
+
+
+def _wait(what: str, predicate, timeout: float = 30.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_a_forwarded_request_counts_where_it_ran_and_the_cluster_nodes_by_status(two_nodes):
+    a, b = two_nodes
+    _wait("A sees both nodes alive", lambda: ipc_scrape(a).value("sllmd_cluster_nodes", status="alive") == 2)
+
+    def placed_on_b() -> bool:   # A has pulled B's state, with the model servable there
+        with a.client() as c:
+            return any(m.get("node") == "B" and m.get("state") not in (None, "importing")
+                       for m in c.models(all=True) if m["name"] == MODEL)
+    _wait("A knows B holds the model", placed_on_b)
+    a0, b0 = ipc_scrape(a), ipc_scrape(b)
+    with a.client() as c, c.infer(MODEL, "hello", max_tokens=4, temperature=0, chat=False) as s:
+        s.text()
+        assert s.stats["placement"]["node"] == "B"
+    a1, b1 = ipc_scrape(a), ipc_scrape(b)
+    assert moved(b0, b1, "sllmd_requests_total", model=MODEL, outcome="ok") == 1      # where it ran
+    assert moved(b0, b1, "sllmd_generation_tokens_total", model=MODEL) == s.stats["tokens"]
+    assert moved(b0, b1, "sllmd_load_seconds_count", tier="ssd") == 1
+    assert moved(a0, a1, "sllmd_requests_total", model=MODEL, outcome="ok") == 0      # not where it arrived
+    assert moved(a0, a1, "sllmd_generation_tokens_total", model=MODEL) == 0
+    assert moved(a0, a1, "sllmd_forwarded_requests_total") == 1
+    assert moved(b0, b1, "sllmd_forwarded_requests_total") == 0
+
+    b.kill9()
+    _wait("A counts B failed", lambda: ipc_scrape(a).value("sllmd_cluster_nodes", status="failed") == 1)
+    s = ipc_scrape(a)
+    assert s.value("sllmd_cluster_nodes", status="alive") == 1
+
+
+def test_node_stats_buckets_are_cumulative_with_le_inclusive():
+    from sllmd.errors import BusyError
+    from sllmd.observability.counters import NodeStats, outcome_of
+    st = NodeStats()
+    for v in (0.005, 0.006, 1.0, 99.0):
+        st.request_ended("m", "ok", prompt_tokens=3, generation_tokens=2, ttft_s=v, load_tier="ssd")
+    st.request_ended("m", outcome_of(BusyError("full")))
+    snap = st.snapshot()
+    buckets = dict(snap["ttft"][("m", "ssd")].cumulative())
+    assert buckets["0.005"] == 1 and buckets["0.01"] == 2 and buckets["1.0"] == 3 and buckets["60.0"] == 3
+    assert buckets["+Inf"] == 4 and snap["ttft"][("m", "ssd")].sum == pytest.approx(100.011)
+    assert snap["requests"] == {("m", "ok"): 4, ("m", "busy"): 1}
+    assert snap["prompt_tokens"] == {"m": 12} and snap["generation_tokens"] == {"m": 8}
+    assert outcome_of(GeneratorExit()) == "cancelled" and outcome_of(ValueError("x")) == "internal"
