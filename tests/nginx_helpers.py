@@ -36,6 +36,7 @@ http {{
         listen 127.0.0.1:{port};
         root {www};
         location / {{ {location} }}
+        {server_extra}
     }}
 }}
 """
@@ -48,10 +49,11 @@ def free_port() -> int:
 
 
 class Nginx:
-    """nginx serving `www` at self.url; `location` adds directives (e.g. 'limit_rate 1m;', 'return 500;')."""
+    """nginx serving `www` at self.url; `location` adds directives to `location /` (e.g. 'limit_rate 1m;'),
+    server_extra whole blocks (e.g. 'location ~ \\.bin$ { return 500; }')."""
 
-    def __init__(self, root: Path, www: Path, location: str = ""):
-        self.root, self.www, self.location = Path(root), Path(www), location
+    def __init__(self, root: Path, www: Path, location: str = "", server_extra: str = ""):
+        self.root, self.www, self.location, self.server_extra = Path(root), Path(www), location, server_extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -61,7 +63,8 @@ class Nginx:
         conf = self.root / "nginx.conf"
         # as root, nginx's workers would run as nobody, who cannot enter pytest's 0700 directories
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
-        conf.write_text(CONF.format(user=user, root=self.root, www=self.www, port=self.port, location=self.location))
+        conf.write_text(CONF.format(user=user, root=self.root, www=self.www, port=self.port, location=self.location,
+                                    server_extra=self.server_extra))
         self.proc = subprocess.Popen([NGINX, "-p", str(self.root), "-c", str(conf), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr.log", "wb"))
         deadline = time.monotonic() + 10

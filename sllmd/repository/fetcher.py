@@ -15,6 +15,7 @@ failing server keeps them for the next attempt to resume.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from ..errors import CancelledError, CorruptCheckpointError, ModelNotFoundError, RepositoryError, StoreFullError
-from .download import Download
+from .download import BACKOFF_S, MAX_BACKOFF_S, Download
 from .index import INDEX, ModelEntry, parse_index
 from .remote import Remote, Retryable, open_remote
 
@@ -75,12 +76,21 @@ class Fetcher:
 
     def _index(self, url: str) -> dict[str, ModelEntry] | None:
         """The repository's models; None when `url` has no index.json."""
+        delay = BACKOFF_S
         with self._remote(url) as r:
-            try:
-                data = r.get(INDEX, missing_ok=True)
-            except Retryable as e:
-                raise RepositoryError(f"repository {url}: {e}") from None
-        return None if data is None else parse_index(data, f"{url}/{INDEX}")
+            for attempt in range(1, self.retries + 1):
+                try:
+                    data = r.get(INDEX, missing_ok=True)
+                    break
+                except Retryable as e:
+                    if attempt == self.retries:
+                        raise RepositoryError(f"repository {url}: {e}; gave up after {attempt} attempts") from None
+                    log.info("repository %s: %s; retrying in %.2f s", url, e, delay)
+                    time.sleep(delay)
+                    delay = min(MAX_BACKOFF_S, delay * 2)
+        if data is None or _is_tensor_index(data):   # nothing, or a checkpoint's own index.json: a model's directory
+            return None
+        return parse_index(data, f"{url}/{INDEX}")
 
     def lookup(self, name: str) -> tuple[str, ModelEntry] | None:
         """(repository URL, entry) of the first configured repository that lists `name`."""
@@ -223,6 +233,14 @@ class Fetcher:
             with self._lock:
                 self._jobs.pop(name, None)
             job.done.set()
+
+
+def _is_tensor_index(data: bytes) -> bool:
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(raw, dict) and "tensors" in raw and "format" not in raw
 
 
 def is_repository_url(source: str) -> bool:
