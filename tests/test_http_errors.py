@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,16 @@ def test_completions_refuse_their_unsupported_fields(served, field, value):
     _, h = served
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, field: value}
     error_of(post(h, "/v1/completions", body), 400, "invalid_request", field)
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"model": "tiny", "prompt": "x " * 5000}),
+                                       ("/v1/chat/completions", {**CHAT, "messages": [
+                                           {"role": "user", "content": "x " * 5000}]})])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_beyond_the_context_is_400_naming_both_lengths(served, path, body, stream):
+    _, h = served   # "x " is one token each in the tiny tokenizer: 10,000 tokens, context 8,192
+    error = error_of(post(h, path, {**body, "max_tokens": 4, "stream": stream}), 400, "invalid_request")
+    assert re.search(r"the prompt is 10,\d{3} tokens; tiny's context is 8,192", error["message"]), error
 
 
 def test_unknown_model_is_404(served):
