@@ -81,7 +81,23 @@ def test_a_request_migrated_mid_stream_equals_an_unmigrated_run(pair):
     assert started.wait(60)
     with a.client() as c:
         rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
-        moved = c.migrate(rid, "B")
+    shown: list[dict] = []
+    moving = threading.Event()
+
+    def poll():   # what `sllmctl requests` shows while it moves (B loads the model first: a long window)
+        with a.client() as c:
+            while not moving.is_set():
+                shown.extend(r for r in c.requests() if r["id"] == rid)
+                time.sleep(0.01)
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        with a.client() as c:
+            moved = c.migrate(rid, "B")
+    finally:
+        moving.set()
+        poller.join(30)
+    assert any(r["state"] == "migrating" and r["migrating_to"] == "B" for r in shown), shown[:3]
     reader.join(120)
     assert not reader.is_alive()
     assert moved["ran_on"] == "B" and moved["source"] == "A" and moved["tokens_sent"] > 0, moved
@@ -130,6 +146,8 @@ def test_a_destination_that_refuses_leaves_the_request_running_on_the_source(pai
         rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
         with pytest.raises(ModelNotFoundError):
             c.migrate(rid, "B")
+        row = next(r for r in c.requests() if r["id"] == rid)   # it stays here, shown running again
+        assert row["state"] in ("running", "prefill") and row["migrating_to"] is None, row
         got += list(events)
     assert [e["token_id"] for e in got if e["type"] == "token"] == reference
     assert "migration" not in got[-1]["stats"]

@@ -221,6 +221,7 @@ class Migrations:
                 raise InvalidRequestError(f"request {request_id} is already being migrated")
             move = self._moves[request_id] = _Move(to, reason or "requested")
             move.result["reason"] = move.reason
+        handle.migrating_to = to   # `sllmctl requests` shows it migrating from its first round
         try:
             t0 = time.perf_counter()
             peer = self._peer(to)
@@ -235,6 +236,7 @@ class Migrations:
                 raise PeerFailedError(f"request {request_id} was handed over but nothing resumed it within "
                                       f"{RESUME_TIMEOUT_S:.0f} s")
         except BaseException as e:
+            handle.migrating_to = None   # it stays here
             with self._lock:
                 if self._moves.get(request_id) is move and not move.done.is_set():
                     self._moves.pop(request_id, None)

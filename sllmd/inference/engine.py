@@ -274,7 +274,8 @@ class Instance:
             st = h.state
             base = r.base_tokens if r is not None else 0
             out.append({"id": h.request.request_id, "model": self.name,
-                        "state": "migrating" if h.handoff_wanted else state,
+                        "state": "migrating" if h.handoff_wanted or h.migrating_to else state,
+                        "migrating_to": h.migrating_to,
                         "tokens_in": len(h.prompt_ids) if h.prompt_ids is not None else None,
                         "tokens_out": max(0, len(st.output_ids) - base) if st is not None else 0,
                         "max_tokens": h.request.sampling.max_tokens, "age_s": now - h.arrived_at})

@@ -40,6 +40,7 @@ class RequestHandle:
         self.prefill_chunks_total = 0
         # live migration (Instance.handoff): asked to stop at a token boundary and hand over its state
         self.handoff_wanted = False
+        self.migrating_to: str | None = None   # the destination while a migration of it runs (its rounds too)
         self.handoff_state: RequestState | None = None
         self.handed_off = threading.Event()
 
