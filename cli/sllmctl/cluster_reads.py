@@ -56,7 +56,10 @@ def cmd_requests(args) -> int:
     if args.json:
         print_json(reqs)
         return 0
-    rows = [[str(r.get("node", "?")), str(r.get("id", "?"))[:12], str(r.get("model", "?")), str(r.get("state", "?")),
+    def state(r: dict) -> str:
+        to = r.get("migrating_to")
+        return f"{r.get('state', '?')} -> {to}" if to else str(r.get("state", "?"))
+    rows = [[str(r.get("node", "?")), str(r.get("id", "?"))[:12], str(r.get("model", "?")), state(r),
              "-" if r.get("tokens_in") is None else str(r["tokens_in"]), str(r.get("tokens_out", 0)),
              "-" if r.get("age_s") is None else fmt_span(float(r["age_s"]))] for r in reqs]
     print_table(["NODE", "ID", "MODEL", "STATE", "TOKENS IN", "TOKENS OUT", "AGE"], rows)
