@@ -13,7 +13,10 @@ clock gives the inter-token gaps. Reported, medians over --runs:
 - bytes on the wire (token rounds + the final state) vs the KV cache the same request holds
   (layers x 2 x KV heads x head dim x dtype size x tokens), which a KV-copying migration moves.
 
-    .venv/bin/python bench/migration_bench.py [--runs 3] [--after 48] [--max-tokens 160]
+- the estimator's error: each run's a*(t_in+t_out)+b0, fitted from the runs before it, against
+  the migration it predicted (runs migrate at several points, so the fit sees several sizes).
+
+    .venv/bin/python bench/migration_bench.py [--runs 6] [--after 24,48,96,144] [--max-tokens 220]
 """
 from __future__ import annotations
 
@@ -89,10 +92,12 @@ def re_prefill_ttft(b, text: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--after", type=int, default=48, help="tokens streamed from A before the migration")
-    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--runs", type=int, default=6)
+    p.add_argument("--after", default="24,48,96,144",
+                   help="tokens streamed from A before the migration; run i uses the i-th (cycling)")
+    p.add_argument("--max-tokens", type=int, default=220)
     args = p.parse_args(argv)
+    points = [int(x) for x in str(args.after).split(",") if x.strip()]
     from cluster_helpers import BENCH_FLAGS, close_all, make_nodes, start_all
     from daemon_helpers import remove_tree, short_tempdir
     from sllmd.errors import RequestNotFoundError
@@ -118,15 +123,17 @@ def main(argv=None) -> int:
         with b.client() as c:
             dtype = (c.show(NAME).get("compute_dtype") or "bfloat16")
         for i in range(args.runs):
+            after = points[i % len(points)]
             try:
-                r = one_run(a, args.after, args.max_tokens)
+                r = one_run(a, after, args.max_tokens)
             except RequestNotFoundError:   # the answer ended before the migration point: ask again
-                r = one_run(a, args.after, args.max_tokens)
-            prefix = QUESTION + " Answer at length, in detail." + r["text"][:len(r["text"]) * args.after // max(1, r["tokens"])]
+                r = one_run(a, after, args.max_tokens)
+            prefix = QUESTION + " Answer at length, in detail." + r["text"][:len(r["text"]) * after // max(1, r["tokens"])]
             r["re_prefill_s"] = re_prefill_ttft(b, prefix)
             runs.append(r)
             m = r["moved"]
-            log(f"run {i + 1}: pause {r['pause_s'] * 1e3:.0f} ms, median gap {r['median_gap_s'] * 1e3:.0f} ms, "
+            log(f"run {i + 1} (after {after} tokens, {m['tokens_sent']} moved, estimate "
+                f"{m.get('estimate_s') or 0:.3f} s vs {m['moved_s']:.3f} s): pause {r['pause_s'] * 1e3:.0f} ms, median gap {r['median_gap_s'] * 1e3:.0f} ms, "
                 f"rounds {m['rounds']}, re-prefill {r['re_prefill_s'] * 1e3:.0f} ms; handoff {m['handoff_s'] * 1e3:.0f} ms, "
                 f"handoff to B's first token {m['handoff_to_first_s'] * 1e3:.0f} ms (B's prefill "
                 f"{(r['stats'].get('prefill_s') or 0) * 1e3:.0f} ms, {r['stats'].get('prefill_chunks')} chunk(s)), "
@@ -155,8 +162,9 @@ def main(argv=None) -> int:
               if r["moved"].get("estimate_s") is not None]   # the first run has only the defaults to go on
     if errors:
         err = med(errors)
-        print(f"| estimator error, median of runs 2-{len(runs)}: a*(t_in+t_out)+b0 fitted from the runs before "
-              f"| {err:.0%} | | | < 20%: {'met' if err < 0.2 else 'missed'} |")
+        sizes = sorted({int(r["moved"]["tokens_sent"]) for r in runs})
+        print(f"| estimator error, median of runs 2-{len(runs)} ({sizes[0]}-{sizes[-1]} tokens moved): "
+              f"a*(t_in+t_out)+b0 fitted from the runs before | {err:.0%} | | | < 20%: {'met' if err < 0.2 else 'missed'} |")
     print(f"| bytes on the wire vs the KV cache of {tokens:.0f} tokens ({dtype}) | {sent / 1e3:.1f} kB "
           f"| {kv / 1e6:.2f} MB | {sent / kv:.4f}x | |")
     return 0
