@@ -151,3 +151,17 @@ def test_daemon_on_cuda_serves_from_each_tier(sources):
             assert loader["dram_hits"] >= 1 and loader["bytes_h2d"] > 0 and loader["ns_h2d"] > 0
     finally:
         remove_tree(root)
+
+
+def test_the_warm_up_forward_runs_on_the_nodes_device(cuda_node, monkeypatch, caplog):
+    """The one-time forward at start (context, kernels) runs on cuda:0, not on the CPU."""
+    import logging
+    import sllmd.tiers.prepare as prepare
+    devices = []
+    real = prepare._warm_up
+    monkeypatch.setattr(prepare, "_warm_up", lambda device="cpu": (devices.append(device), real(device)))
+    caplog.set_level(logging.DEBUG, logger="sllmd.tiers.prepare")
+    node = cuda_node()
+    node._prepared.join(120)
+    assert devices == ["cuda:0"]
+    assert "warm-up forward done" in caplog.text and "warm-up failed" not in caplog.text
