@@ -88,7 +88,7 @@ class EventBus:
         """Whether anyone listens (a publisher may skip computing an event's fields when not)."""
         return bool(self._subs)
 
-    def publish(self, kind: str, **fields: Any) -> None:
+    def publish(self, kind: str, /, **fields: Any) -> None:
         subs = self._subs
         if not subs:
             return

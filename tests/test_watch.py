@@ -280,5 +280,43 @@ def test_the_bus_coalesces_progress_and_bounds_each_queue():
     bus.publish("load_progress", model="a", tier="ssd", done=2)
     events, dropped = sub.take()
     assert [e.get("done") for e in events] == [None, None, None, 2] and dropped == 2
+    bus.publish("node", name="A", status="joined", self=True)   # any field name, "self" included
+    assert sub.take()[0][0]["self"] is True
     bus.unsubscribe(sub)
     assert not bus.watched
+
+
+# --- a cluster ----------------------------------------------------------------------------------
+def test_a_cluster_watch_shows_every_node_and_their_comings_and_goings(tiny_servable_checkpoint):
+    from cluster_helpers import close_all, make_nodes
+    root = short_tempdir()
+    a, b = make_nodes(root, ["A", "B"])
+    try:
+        a.start()
+        with a.client() as c, c.watch(interval_s=0.1, cluster=True) as stream:
+            first = next(stream)["snapshot"]
+            assert [n["name"] for n in first["nodes"]] == ["A"]
+            b.start()
+            with b.client() as cb:
+                cb.import_model("tiny", tiny_servable_checkpoint)
+
+            def b_joined(events):
+                return any(e["kind"] == "node" and e["name"] == "B" and e["status"] == "joined" for e in events)
+            _, events = read_until(stream, b_joined, timeout=60)
+            assert b_joined(events), events
+            deadline, snap = time.monotonic() + 60, None
+            while time.monotonic() < deadline:   # B's models arrive with the next pull of its state
+                snap = next(stream)["snapshot"]
+                if any(m.get("node") == "B" and m["name"] == "tiny" for m in snap["models"]):
+                    break
+            assert {(n["name"], n["status"]) for n in snap["nodes"]} == {("A", "alive"), ("B", "alive")}
+            assert [(m["node"], m["name"]) for m in snap["models"]] == [("B", "tiny")]
+
+            b.kill9()
+            _, events = read_until(stream, lambda ev: any(e["kind"] == "node" and e["name"] == "B" and
+                                                          e["status"] == "failed" for e in ev), timeout=60)
+            (failed,) = [e for e in events if e["kind"] == "node" and e["status"] == "failed"]
+            assert failed["previous"] in ("alive", "suspect") and failed["self"] is False
+    finally:
+        close_all([a, b])
+        remove_tree(root)
