@@ -564,16 +564,21 @@ class Node:
     def _infer(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None,
                resume_from: RequestState | None = None) -> Iterator[dict]:
         """_run's events, the request counted once when it ends (self.stats): ok at its done event
-        (its tokens, its time to first token unless resumed), migrated when it moved away, else
-        its error's code (cancelled when its consumer closed the stream)."""
-        events = self._run(req, arrived, cancelled, resume_from)
+        (its tokens, its time to first token unless resumed), migrated when it moved away (the
+        tokens it streamed here, and its first token's time when that came here), else its
+        error's code (cancelled when its consumer closed the stream)."""
+        got: dict = {}  # _run says where the model came from
+        events = self._run(req, arrived, cancelled, resume_from, got)
         outcome: str | None = None
         streamed = 0
+        first_at: float | None = None
         try:
             for event in events:
                 kind = event.get("type")
                 if kind == "token":
                     streamed += 1
+                    if first_at is None:
+                        first_at = time.perf_counter()
                 elif kind == "done" and outcome is None:
                     outcome = "ok"
                     stats = event.get("stats") or {}
@@ -583,7 +588,10 @@ class Node:
                         ttft_s=None if resume_from is not None else stats.get("ttft_s"))
                 elif kind == "migrated" and outcome is None:
                     outcome = "migrated"
-                    self.stats.request_ended(req.model, outcome, generation_tokens=streamed)
+                    first = first_at is not None and resume_from is None
+                    self.stats.request_ended(req.model, outcome, generation_tokens=streamed,
+                                             ttft_s=first_at - arrived if first else None,
+                                             load_tier=got.get("load_tier"))
                 yield event
         except BaseException as e:
             if outcome is None:
@@ -596,9 +604,11 @@ class Node:
                 self.stats.request_ended(req.model, "internal", generation_tokens=streamed)
 
     def _run(self, req: InferRequest, arrived: float, cancelled: threading.Event | None = None,
-             resume_from: RequestState | None = None) -> Iterator[dict]:
+             resume_from: RequestState | None = None, info: dict | None = None) -> Iterator[dict]:
         ka = self._keep_alive(req.keep_alive)
         got = self._acquire(req.model, ka, cancelled.is_set if cancelled is not None else None)
+        if info is not None:
+            info["load_tier"] = got.tier
         self._bump()
         handle = None
         seen: dict[str, int] = {}  # event kinds streamed: request_finished's outcome and tokens

@@ -293,3 +293,73 @@ def test_node_stats_buckets_are_cumulative_with_le_inclusive():
     assert snap["requests"] == {("m", "ok"): 4, ("m", "busy"): 1}
     assert snap["prompt_tokens"] == {"m": 12} and snap["generation_tokens"] == {"m": 8}
     assert outcome_of(GeneratorExit()) == "cancelled" and outcome_of(ValueError("x")) == "internal"
+
+
+# --- live migration: counted on the source as migrated, where it finished as ok ------------------------
+@pytest.fixture(scope="module")
+def migration_pair(tmp_path_factory):
+    import shutil
+    if shutil.which("serf") is None:
+        pytest.skip("serf is not installed (make setup installs it)")
+    from cluster_helpers import close_all, make_nodes, start_all
+    from sllmd import store
+    tok = tiny_tokenizer()
+    tok.eos_token = None   # no end token: it answers until max_tokens
+    ckpt = store.save_model(make_tiny_model("llama", seed=0, vocab_size=len(tok), max_position_embeddings=100_000,
+                                            eos_token_id=None), tmp_path_factory.mktemp("metrics-mig") / MODEL,
+                            tokenizer=tok)
+    root = short_tempdir("sllm-mmg-")
+    nodes = make_nodes(root, ["A", "B"], "--compute-dtype", "fp32", "--keep-alive", "-1")
+    try:
+        start_all(nodes)
+        for n in nodes:
+            with n.client() as c:
+                c.import_model(MODEL, str(ckpt))
+        _wait("A sees B alive", lambda: ipc_scrape(nodes[0]).value("sllmd_cluster_nodes", status="alive") == 2)
+        yield nodes
+    finally:
+        close_all(nodes)
+        remove_tree(root)
+
+
+def test_a_migrated_request_counts_as_migrated_on_the_source_and_its_tokens_once(migration_pair):
+    import threading
+    a, b = migration_pair
+    tokens = 1000
+    a0, b0 = ipc_scrape(a), ipc_scrape(b)
+    got: list[dict] = []
+    started = threading.Event()
+
+    def consume():
+        with a.client() as c, c.infer(MODEL, "a story", max_tokens=tokens, temperature=0.0, chat=False,
+                                      node="A") as s:
+            for ev in s.events():
+                got.append(ev)
+                if len(got) == 50:
+                    started.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert started.wait(60)
+    with a.client() as c:
+        rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
+        assert c.migrate(rid, "B")["ran_on"] == "B"
+    reader.join(120)
+    assert not reader.is_alive() and got[-1]["type"] == "done"
+    prompt_tokens = got[-1]["stats"]["prompt_tokens"]
+    a1, b1 = ipc_scrape(a), ipc_scrape(b)
+    assert moved(a0, a1, "sllmd_migrations_total", outcome="ok") == 1
+    assert moved(a0, a1, "sllmd_requests_total", model=MODEL, outcome="migrated") == 1
+    assert moved(a0, a1, "sllmd_requests_total", model=MODEL, outcome="ok") == 0
+    assert moved(b0, b1, "sllmd_requests_total", model=MODEL, outcome="ok") == 1
+    assert moved(b0, b1, "sllmd_migrations_total", outcome="ok") == 0
+    generated = moved(a0, a1, "sllmd_generation_tokens_total", model=MODEL) + \
+        moved(b0, b1, "sllmd_generation_tokens_total", model=MODEL)
+    assert generated == tokens                                   # each token counted once, where it was made
+    assert moved(a0, a1, "sllmd_generation_tokens_total", model=MODEL) >= 50
+    assert moved(b0, b1, "sllmd_prompt_tokens_total", model=MODEL) == prompt_tokens
+    assert moved(a0, a1, "sllmd_prompt_tokens_total", model=MODEL) == 0
+    ttft_b = sum(moved(b0, b1, "sllmd_time_to_first_token_seconds_count", model=MODEL, load_tier=t)
+                 for t in ("device", "dram", "ssd"))
+    assert ttft_b == 0                                           # a resumed request has no first token of its own
+    assert moved(a0, a1, "sllmd_time_to_first_token_seconds_count", model=MODEL, load_tier="ssd") == 1   # A's
