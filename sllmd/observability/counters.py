@@ -5,8 +5,8 @@ front end caused it: the IPC socket, HTTP, or a peer's forwarded request. A forw
 is counted once, where it ran: the node that ran it counts it in `requests` (its outcome,
 tokens, time to first token); the node that placed it on a peer only counts it in `forwarded`.
 A migrated request is counted on its source with outcome `migrated` (the tokens it streamed
-there) and again where it finished (its outcome there, the tokens streamed there and its
-prompt tokens), so tokens add up once across the cluster.
+there, its time to first token) and again where it finished (its outcome there, the tokens
+streamed there and its prompt tokens), so tokens add up once across the cluster.
 
 Labels stay bounded: a model label is a model of this node's store (a request for any other
 name is counted under UNKNOWN_MODEL, which no model name can be: names start with a letter or
