@@ -116,6 +116,10 @@ class Client:
     def _cancel_message(self, rid: int) -> Message:
         return Cancel(id=rid)
 
+    def _ack_message(self, rid: int, seq: int) -> Message:
+        from sllmd.protocol.messages import Ack
+        return Ack(id=rid, seq=seq)
+
     @staticmethod
     def _decode_reply(frame: bytes) -> Message:
         return decode_reply(frame)
@@ -357,9 +361,8 @@ class Client:
 
     def _ack(self, rid: int, seq: int) -> None:
         """Tells the daemon the replies of stream `rid` up to `seq` were taken (watch's flow control)."""
-        from sllmd.protocol.messages import Ack
         if rid in self._open and self._ep is not None:
-            if not self._ep.send(encode(Ack(id=rid, seq=seq)), self.timeout):
+            if not self._ep.send(encode(self._ack_message(rid, seq)), self.timeout):
                 raise DaemonTimeoutError(f"could not send to sllmd at {self.socket} within {self.timeout:g}s")
 
     def generate(self, model: str, prompt: str | None = None, **kwargs) -> str:

@@ -58,6 +58,12 @@ class Subscription:
                 self._latest[key] = cell
         self.changed.set()
 
+    def add_dropped(self, n: int) -> None:
+        """Counts events lost before they reached this queue (a relayed stream's own `dropped`)."""
+        if n > 0:
+            with self._lock:
+                self._dropped += n
+
     def _forget(self, cell: list) -> None:
         keys = COALESCE.get(cell[0]["kind"])
         if keys:

@@ -92,6 +92,7 @@ class Server:
     PROTOCOL = PROTOCOL_VERSION
     HELLO: type[Message] = Hello
     CANCEL: type[Message] = Cancel
+    ACK: type[Message] = Ack
     LONG = LONG_RUNNING
 
     def __init__(self, node: Any, endpoint: ServerEndpoint, *, max_frame_bytes: int = 16 << 20,
@@ -252,7 +253,7 @@ class Server:
                 log.debug("cancel %s#%d", call.type, call.id)
                 call.cancelled.set()
             return
-        if isinstance(msg, Ack):   # a watcher took updates up to seq: the watch may send more
+        if isinstance(msg, self.ACK):   # a watcher took updates up to seq: the watch may send more
             with self._lock:
                 call = self._calls.get((peer, msg.id))
             if call is not None and call.flow is not None:
@@ -516,7 +517,8 @@ class Server:
             self.endpoint.wake()
 
         watch = Watch(self.node, self.events, self._snapshots, request_id=msg.id, interval_s=msg.interval_s,
-                      send=send, cancelled=call.cancelled, cluster=self.cluster if msg.cluster else None,
+                      send=send, cancelled=call.cancelled,
+                      cluster=self.cluster if getattr(msg, "cluster", False) else None,
                       max_events=msg.max_events)
         call.flow = watch
         watch.run()   # returns only by raising CancelledError

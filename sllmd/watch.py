@@ -14,7 +14,11 @@ An update (the `data` of an `update` reply):
                   "loader": sllmd.pool.counters() now (cumulative: a UI takes differences)},
      "events": [{"kind", "time", ...}, ...]}
 
-With `cluster`, models/ps/requests are every node's (each row with its "node"), as `--all` gives them.
+Every event carries the "node" it happened on. With `cluster`, models/ps/requests are every
+node's (each row with its "node"), as `--all` gives them, and the events are every node's too:
+the watch relays each live peer's own stream (peer_watch, one per peer, opened and closed with
+this watch; a peer's dropped events count in this watch's `dropped`; its `node` events are left
+out, this node reports membership as it sees it).
 A client that stops reading stops acknowledging: the daemon then sends nothing more for it
 but heartbeats, and its events wait (bounded) in its subscription. Nothing here runs on the
 I/O thread, and nothing a watcher does holds a lock a request needs for longer than a read.
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WINDOW = 4          # updates sent but not yet acknowledged, at most
 POLL_S = 0.1        # how often a waiting watch looks at its cancel flag
+PEERS_S = 2.0       # how often a cluster watch looks for peers to relay (joined, or back)
 
 _UPDATE_HEAD = b"\x83" + pack("type") + pack("update") + pack("id")
 _DATA_KEY = pack("data")
@@ -64,6 +69,9 @@ class Watch:
         self._sub = bus.subscribe(max_events)
         self._seq = 0
         self._acked = 0
+        self._name = getattr(getattr(node, "config", None), "node_name", None) or socket.gethostname()
+        self._relays: dict[str, threading.Thread] = {}
+        self._stopped = threading.Event()
 
     def ack(self, seq: int) -> None:
         if seq > self._acked:
@@ -74,10 +82,14 @@ class Watch:
         """Sends updates until cancelled (raises CancelledError then, as a cancelled request does)."""
         try:
             next_at = time.monotonic()
+            peers_at = next_at
             while True:
                 if self._cancelled.is_set():
                     raise CancelledError("watch cancelled")
                 now = time.monotonic()
+                if self.cluster is not None and now >= peers_at:
+                    self._relay_peers()
+                    peers_at = now + PEERS_S
                 if self._seq - self._acked >= WINDOW:
                     self._wait(POLL_S)      # the client has not taken what it was sent
                     continue
@@ -88,16 +100,52 @@ class Watch:
                 self._send(self.frame(self._seq))
                 next_at = max(next_at + self.interval_s, now)   # at most one per interval, no catching up
         finally:
+            self._stopped.set()
             self.bus.unsubscribe(self._sub)
 
     def _wait(self, timeout: float) -> None:
         self._sub.changed.wait(timeout)
         self._sub.changed.clear()
 
+    # --- a cluster's other nodes --------------------------------------------------------------------
+    def _relay_peers(self) -> None:
+        try:
+            peers = self.cluster.watch_peers()
+        except Exception:
+            log.debug("listing the peers to watch failed", exc_info=True)
+            return
+        for name in peers:
+            relay = self._relays.get(name)
+            if relay is None or not relay.is_alive():
+                relay = self._relays[name] = threading.Thread(target=self._relay, args=(name,), daemon=True,
+                                                              name=f"sllmd-watch-{name}")
+                relay.start()
+
+    def _relay(self, name: str) -> None:
+        """Offers peer `name`'s events to this watch's queue until this watch ends or the peer fails."""
+        try:
+            updates = self.cluster.peer_watch(name, self.interval_s, self._sub.max_events)
+        except Exception as e:   # noqa: BLE001 - not reachable now: tried again in PEERS_S
+            log.debug("watching peer %s failed: %s", name, e)
+            return
+        try:
+            for update in updates:
+                if self._stopped.is_set():
+                    break
+                self._sub.add_dropped(int(update.get("dropped") or 0))
+                for event in update.get("events") or []:
+                    if isinstance(event, dict) and event.get("kind") != "node":
+                        self._sub.offer(dict(event, node=event.get("node") or name))
+        except Exception as e:   # noqa: BLE001 - the peer failed or left: its relay ends
+            log.debug("the watch of peer %s ended: %s", name, e)
+        finally:
+            updates.close()
+
     # --- one update ---------------------------------------------------------------------------
     def frame(self, seq: int) -> bytes:
         """The encoded `update` reply: the snapshot's parts spliced in as the snapshot packed them."""
         events, dropped = self._sub.take()
+        events = [e if "node" in e else dict(e, node=self._name) for e in events]
         snapshot = self._snapshot_items()
         data = (map_header(5) + pack("seq") + pack(seq) + pack("time") + pack(time.time())
                 + pack("dropped") + pack(dropped)

@@ -312,6 +312,15 @@ def test_a_cluster_watch_shows_every_node_and_their_comings_and_goings(tiny_serv
             assert {(n["name"], n["status"]) for n in snap["nodes"]} == {("A", "alive"), ("B", "alive")}
             assert [(m["node"], m["name"]) for m in snap["models"]] == [("B", "tiny")]
 
+            with b.client() as cb:      # B's own events reach A's cluster watch (relayed over peer_watch)
+                cb.load("tiny")
+                cb.generate("tiny", "hello", max_tokens=2, seed=1)
+            _, events = read_until(stream, lambda ev: "request_finished" in kinds(ev), timeout=60)
+            on_b = [(e["kind"], e["node"]) for e in events if e.get("model") == "tiny"]
+            assert ("load_started", "B") in on_b and ("load_finished", "B") in on_b, events
+            assert ("request_started", "B") in on_b and ("request_finished", "B") in on_b, events
+            assert all(e["node"] == "A" for e in events if e["kind"] == "node")
+
             b.kill9()
             _, events = read_until(stream, lambda ev: any(e["kind"] == "node" and e["name"] == "B" and
                                                           e["status"] == "failed" for e in ev), timeout=60)

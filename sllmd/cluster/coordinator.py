@@ -232,6 +232,15 @@ class Cluster:
             raise NodeNotFoundError(f"node {name!r} is not an alive member; see `sllmctl nodes`")
         return self._client(member)
 
+    def watch_peers(self) -> list[str]:
+        """The live members, other than this node, whose watch stream can be asked for."""
+        return sorted(m.name for m in self._membership.members()
+                      if m.name != self.name and m.status in LIVE and m.endpoint and m.public_key)
+
+    def peer_watch(self, name: str, interval_s: float, max_events: int) -> Iterator[dict]:
+        """Member `name`'s own watch updates (peer_watch); closing the iterator ends it there."""
+        return self._peer_client(name).watch(interval_s=interval_s, max_events=max_events)
+
     def _is_alive(self, name: str) -> bool:
         member = self._membership.get(name)
         return member is not None and member.status in LIVE

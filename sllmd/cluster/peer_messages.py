@@ -16,6 +16,8 @@ index, event, done, heartbeat, error): a relayed stream is the same stream.
     peer_park    -> result                (a round: the destination prefills the tokens so far)
     peer_resume  -> (token | event)* -> done | error   (the handoff: continue a request state here)
     peer_migrate -> result                (move a request this node runs to another node)
+    peer_watch   -> update*               (this node's watch stream, sllmd.watch; peer_ack each update)
+    peer_ack                              (no reply: the caller took a peer_watch's updates up to seq)
 """
 from __future__ import annotations
 
@@ -25,15 +27,16 @@ from typing import Any
 from sllmd.errors import BadMessageError, InvalidRequestError
 from sllmd.inference.request import InferRequest
 from sllmd.protocol import codec
-from sllmd.protocol.messages import REPLIES, REQUESTS, Envelope, InferFields
-from sllmd.protocol.schema import Message, at_least, checked, max_len, model_name
+from sllmd.protocol.messages import MAX_ID, REPLIES, REQUESTS, Envelope, InferFields, WatchFields
+from sllmd.protocol.schema import Message, at_least, checked, in_range, max_len, model_name
 
 PEER_PROTOCOL_VERSION = 1
 
 PEER_REQUESTS: dict[str, type[Message]] = {}
 # Replies are the client protocol's own classes: the same shapes travel back.
 PEER_REPLIES: dict[str, type[Message]] = {name: REPLIES[name] for name in
-                                          ("welcome", "result", "token", "event", "done", "heartbeat", "error")}
+                                          ("welcome", "result", "token", "event", "done", "heartbeat", "error",
+                                                        "update")}
 _CLIENT_MESSAGES = {**REQUESTS, **REPLIES}
 
 
@@ -154,8 +157,23 @@ class PeerMigrate(Envelope):
     reason: str = checked(max_len(200), default="")   # why (the scheduler's migration option says for whom)
 
 
+@peer_request("peer_watch")
+@dataclass(frozen=True, kw_only=True)
+class PeerWatch(WatchFields):
+    """This node's own watch stream (its snapshot and events, as a local `watch` without `cluster`)."""
+
+
+@peer_request("peer_ack")
+@dataclass(frozen=True, kw_only=True)
+class PeerAck(Envelope):
+    """The caller has taken peer_watch `id`'s updates up to `seq` (its flow control). No reply."""
+
+    seq: int = checked(in_range(0, MAX_ID))
+
+
 # Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).
-PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_park", "peer_resume", "peer_migrate"})
+PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_park", "peer_resume", "peer_migrate",
+                               "peer_watch"})
 
 
 def decode_peer_request(frame: bytes, max_bytes: int | None = None) -> Message:

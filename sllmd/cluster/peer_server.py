@@ -20,13 +20,14 @@ import logging
 import threading
 from typing import Any, Iterator
 
-from sllmd.client import Client, InferStream
+from sllmd.client import Client, InferStream, WatchStream
 from sllmd.errors import BadMessageError, SllmError
 from sllmd.protocol import Message, Result
 from sllmd.server import Server
 
-from .peer_messages import (PEER_LONG_RUNNING, PEER_PROTOCOL_VERSION, PeerCancel, PeerHello, PeerInfer, PeerMigrate,
-                            PeerPark, PeerPrepare, PeerResume, StatePull, decode_peer_reply, decode_peer_request)
+from .peer_messages import (PEER_LONG_RUNNING, PEER_PROTOCOL_VERSION, PeerAck, PeerCancel, PeerHello, PeerInfer,
+                            PeerMigrate, PeerPark, PeerPrepare, PeerResume, PeerWatch, StatePull, decode_peer_reply,
+                            decode_peer_request)
 from .peer_transport import PeerTransport
 from .state_delta import StateHistory, apply_delta
 
@@ -42,6 +43,7 @@ class PeerServer(Server):
     PROTOCOL = PEER_PROTOCOL_VERSION
     HELLO = PeerHello
     CANCEL = PeerCancel
+    ACK = PeerAck
     LONG = PEER_LONG_RUNNING
 
     def __init__(self, node: Any, endpoint, state_provider, *, heartbeat_s: float = 1.0, max_streams: int = 64,
@@ -55,7 +57,7 @@ class PeerServer(Server):
     def _make_handlers(self):
         return {"state_pull": self._state_pull, "peer_infer": self._peer_infer, "peer_prepare": self._peer_prepare,
                 "peer_park": self._peer_park,
-                "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate}
+                "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate, "peer_watch": self._watch}
 
     def _decode(self, frame: bytes) -> Message:
         return decode_peer_request(frame, self.max_frame_bytes)
@@ -108,6 +110,9 @@ class _Connection(Client):
 
     def _cancel_message(self, rid: int) -> Message:
         return PeerCancel(id=rid)
+
+    def _ack_message(self, rid: int, seq: int) -> Message:
+        return PeerAck(id=rid, seq=seq)
 
     @staticmethod
     def _decode_reply(frame: bytes) -> Message:
@@ -201,6 +206,27 @@ class PeerClient:
             healthy = stream.done
         except GeneratorExit:
             healthy = True     # closed early by the caller: the cancel went out, the connection is fine
+            raise
+        finally:
+            stream.close()
+            self._checkin(conn, healthy)
+
+    def watch(self, interval_s: float = 0.5, max_events: int = 1000) -> Iterator[dict]:
+        """The peer's own watch updates (sllmd.watch), each acknowledged as it is taken; closing
+        the iterator ends the watch there."""
+        conn = self._checkout()
+        healthy = False
+        stream = WatchStream(conn, conn._stream(lambda i: PeerWatch(id=i, interval_s=interval_s,
+                                                                     max_events=max_events)))
+        try:
+            while True:
+                try:
+                    update = next(stream)
+                except StopIteration:
+                    return
+                yield update
+        except GeneratorExit:
+            healthy = True     # closed by the caller: the cancel went out, the connection is fine
             raise
         finally:
             stream.close()

@@ -219,16 +219,22 @@ class Cancel(Envelope):
     """Cancels the in-flight request with this id on this connection."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class WatchFields(Envelope):
+    """A watch's fields as they travel: the client's `watch` and the peer protocol's `peer_watch`."""
+
+    interval_s: float = checked(in_range(0.05, 10.0), default=0.5)
+    max_events: int = checked(in_range(1, 100_000), default=1000)   # events held for this watcher
+
+
 @request("watch")
 @dataclass(frozen=True, kw_only=True)
-class Watch(Envelope):
+class Watch(WatchFields):
     """A stream of `update`s (snapshot + events, sllmd.watch) at most every interval_s, until cancelled.
     Flow control: the daemon keeps a few updates unacknowledged at most (`ack`); meanwhile it
     coalesces events, and the next update counts what it dropped."""
 
-    interval_s: float = checked(in_range(0.05, 10.0), default=0.5)
     cluster: bool = False       # also the other cluster nodes' view (nodes, their models/instances/requests)
-    max_events: int = checked(in_range(1, 100_000), default=1000)   # events held for this watcher
 
 
 @request("ack")
