@@ -363,3 +363,26 @@ def test_a_migrated_request_counts_as_migrated_on_the_source_and_its_tokens_once
                  for t in ("device", "dram", "ssd"))
     assert ttft_b == 0                                           # a resumed request has no first token of its own
     assert moved(a0, a1, "sllmd_time_to_first_token_seconds_count", model=MODEL, load_tier="ssd") == 1   # A's
+
+
+def test_a_request_its_client_leaves_counts_as_cancelled_with_the_tokens_it_streamed(migration_pair):
+    import time
+    a, _ = migration_pair
+    before = ipc_scrape(a)
+    with a.client() as c:
+        s = c.infer(MODEL, "a story", max_tokens=5000, temperature=0.0, chat=False, node="A")
+        n = 0
+        for ev in s.events():
+            n += ev["type"] == "token"
+            if n == 10:
+                break
+        s.close()   # the client leaves: the daemon cancels the request
+        deadline = time.monotonic() + 30
+        while c.requests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _wait("the cancel is counted",
+          lambda: moved(before, ipc_scrape(a), "sllmd_requests_total", model=MODEL, outcome="cancelled") == 1)
+    after = ipc_scrape(a)
+    assert moved(before, after, "sllmd_requests_total", model=MODEL, outcome="ok") == 0
+    assert 10 <= moved(before, after, "sllmd_generation_tokens_total", model=MODEL) < 5000
+    assert after.value("sllmd_requests_running", model=MODEL) == 0
