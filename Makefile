@@ -6,9 +6,9 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: setup serf demo demo-cluster test bench clean
+.PHONY: setup serf nginx demo demo-cluster test bench clean
 
-setup: $(STAMP) serf
+setup: $(STAMP) serf nginx
 
 # The cluster's membership runs on Serf (Debian's package). As root it is installed directly; otherwise
 # through sudo -n, which fails at once instead of prompting (CI has no terminal).
@@ -16,6 +16,13 @@ serf:
 	@command -v serf >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q serf; }
+
+# The repository tests and bench serve a directory with a real nginx (Debian's nginx-light), run as
+# the test's child; the system service the package may start is not used.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q nginx-light; }
 
 # torch is pinned to the CPU build that lies on this machine's disk; an unpinned
 # torch would pull a multi-GB CUDA build. The extension is built without build
@@ -34,10 +41,10 @@ demo: $(STAMP)
 demo-cluster: $(STAMP) serf
 	$(PY) scripts/demo_cluster.py
 
-test: $(STAMP) serf
+test: $(STAMP) serf nginx
 	$(PY) -m pytest -q
 
-bench: $(STAMP) serf
+bench: $(STAMP) serf nginx
 	$(PIP) install -q --no-build-isolation -e '.[bench]'
 	@command -v fio >/dev/null || apt-get install -y -q fio >/dev/null 2>&1 || \
 		echo "note: fio is not installed (apt-get install fio); the disk limit is measured with preadv only"
@@ -52,6 +59,7 @@ bench: $(STAMP) serf
 	$(PY) bench/migration_bench.py
 	$(PY) bench/metrics_bench.py
 	$(PY) bench/http_bench.py
+	$(PY) bench/repository_bench.py
 
 clean:
 	rm -rf build *.egg-info sllmd/_native*.so

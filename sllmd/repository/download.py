@@ -280,32 +280,45 @@ class Download:
         nxt = lo
         while nxt < hi:
             self._check()
-            buf = bytearray()
+            pending = bytearray()  # the start of a block split across network reads
+
+            def land(block: memoryview) -> None:
+                nonlocal nxt
+                n = len(block)
+                if f.crcs:
+                    got = _native.crc32c(block, 0)
+                    if got != f.crcs[nxt]:
+                        raise CorruptCheckpointError(
+                            f"{url}: offset {nxt * f.block_size}: checksum mismatch in the {n}-byte block "
+                            f"(crc32c {got:08x}, the manifest says {f.crcs[nxt]:08x}); nothing was imported")
+                os.pwrite(f.fd, block, nxt * f.block_size)
+                with self._cv:
+                    f.done[nxt] = 1
+                    self.landed += n
+                    self._cv.notify_all()
+                nxt += 1
+                self._report()
 
             def sink(data: memoryview) -> None:
-                nonlocal nxt
                 self._check()
-                buf.extend(data)
                 with self._lock:
                     self.fetched += len(data)
-                while nxt < hi and len(buf) >= f.block_len(nxt):
-                    n = f.block_len(nxt)
-                    block = memoryview(buf)[:n]
-                    if f.crcs:
-                        got = _native.crc32c(block, 0)
-                        if got != f.crcs[nxt]:
-                            raise CorruptCheckpointError(
-                                f"{url}: offset {nxt * f.block_size}: checksum mismatch in the {n}-byte block "
-                                f"(crc32c {got:08x}, the manifest says {f.crcs[nxt]:08x}); nothing was imported")
-                    os.pwrite(f.fd, block, nxt * f.block_size)
-                    del block
-                    del buf[:n]
-                    with self._cv:
-                        f.done[nxt] = 1
-                        self.landed += n
-                        self._cv.notify_all()
-                    nxt += 1
-                    self._report()
+                pos = 0
+                if pending:  # complete the split block first
+                    take = min(len(data), f.block_len(nxt) - len(pending))
+                    pending.extend(data[:take])
+                    pos = take
+                    if len(pending) < f.block_len(nxt):
+                        return
+                    view = memoryview(pending)
+                    land(view)
+                    view.release()  # before the buffer can shrink
+                    pending.clear()
+                while nxt < hi and len(data) - pos >= (n := f.block_len(nxt)):  # whole blocks: no copy
+                    land(data[pos:pos + n])
+                    pos += n
+                if pos < len(data):
+                    pending.extend(data[pos:])
 
             before = nxt
             try:

