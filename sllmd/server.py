@@ -46,6 +46,8 @@ MAX_CLIENTS = 4096            # greeted connections remembered (least recently a
 MAX_BACKLOG = 10_000          # replies held for a client that does not read before it counts as gone
 MAX_CONTROL_QUEUE = 1024      # quick requests waiting for a control worker before "busy"
 PROGRESS_INTERVAL_S = 0.1
+MAX_WATCHES = 128             # watch streams at once; they have their own threads, not the long requests' slots
+WATCHES = frozenset({"watch", "peer_watch"})
 READ_INTEREST_S = 5.0         # after a read, retake a stale snapshot in the background for this long
 # Requests after which the next read must see their effect: the snapshot is retaken before their reply.
 MUTATING = frozenset({"load", "evict", "remove", "pin", "unpin", "import", "infer"})
@@ -112,6 +114,7 @@ class Server:
         self._idle = threading.Condition(self._lock)
         self._calls: dict[tuple[bytes, int], _Call] = {}
         self._n_long = 0
+        self._n_watch = 0
         self._clients: collections.OrderedDict[bytes, _Client] = collections.OrderedDict()   # I/O thread only
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
@@ -268,18 +271,22 @@ class Server:
         if msg.TYPE in READ_ONLY and not getattr(msg, "all", False) and self._answer_from_snapshot(peer, msg):
             return
         long = msg.TYPE in self.LONG
+        watch = msg.TYPE in WATCHES   # a watcher never takes a slot an infer could use
         with self._lock:
             if (peer, msg.id) in self._calls:
                 problem: SllmError | None = BadMessageError(f"request id {msg.id} is already in flight")
-            elif long and self._n_long >= self.max_streams:
+            elif watch and self._n_watch >= MAX_WATCHES:
+                problem = BusyError(f"{self._n_watch} watches are open; close one or try again later")
+            elif long and not watch and self._n_long >= self.max_streams:
                 problem = BusyError(f"{self._n_long} long requests are running; try again later")
             elif not long and self._control.qsize() >= MAX_CONTROL_QUEUE:
                 problem = BusyError("too many requests are waiting; try again later")
             else:
                 problem = None
-                call = _Call(peer, msg, long, credentials)
+                call = _Call(peer, msg, long and not watch, credentials)
                 self._calls[(peer, msg.id)] = call
-                self._n_long += long
+                self._n_long += call.long
+                self._n_watch += watch
         if problem is not None:
             self._send_error(peer, msg.id, problem)
             return
@@ -395,6 +402,7 @@ class Server:
                 with self._idle:
                     self._calls.pop((call.peer, call.id), None)
                     self._n_long -= call.long
+                    self._n_watch -= call.type in WATCHES
                     self._idle.notify_all()
 
     def _heartbeats(self, now: float) -> None:

@@ -201,6 +201,25 @@ def test_closing_the_watch_frees_it_on_the_daemon(daemon):
         assert wait_in_flight(c, 0)
 
 
+def test_watchers_never_take_the_slots_of_requests(tiny_servable_checkpoint):
+    root = short_tempdir()
+    try:
+        with DaemonProcess(root, "--max-streams", "1") as d, Client(d.socket) as c:
+            c.import_model("tiny", tiny_servable_checkpoint)
+            watchers = [Client(d.socket) for _ in range(3)]
+            streams = [w.watch(interval_s=0.05) for w in watchers]
+            try:
+                assert all(next(s)["seq"] == 1 for s in streams)
+                assert in_flight(c) == 3
+                assert isinstance(c.generate("tiny", "hello", max_tokens=2, seed=1), str)   # the one slot is free
+            finally:
+                for s, w in zip(streams, watchers):
+                    s.close()
+                    w.close()
+    finally:
+        remove_tree(root)
+
+
 def test_a_malformed_watch_is_refused_and_the_daemon_serves_on(daemon):
     with Client(daemon.socket) as c:
         for rid, bad in enumerate(({"interval_s": -1}, {"interval_s": 60.0}, {"interval_s": "fast"}, {"cluster": 1},

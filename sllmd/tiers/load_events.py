@@ -41,7 +41,8 @@ class LoadEvents:
     def started(self, tier: str, total: int, **fields) -> None:
         """The bytes start moving from `tier` (where they are expected to come from)."""
         self.tier, self.total, self._t0 = tier, int(total or 0), time.monotonic()
-        self.bus.publish("load_started", model=self.model, tier=tier, bytes=self.total, **fields)
+        self.bus.publish("load_started", model=self.model, tier=tier, bytes=self.total, done=0, total=self.total,
+                         **fields)
         if self.bus.watched and self.total > 0:
             self._thread = threading.Thread(target=self._sample, name=f"sllm-load-progress-{self.model}",
                                             daemon=True)
@@ -50,7 +51,7 @@ class LoadEvents:
     def finished(self, tier: str, seconds: float) -> None:
         self.stop()
         self.bus.publish("load_finished", model=self.model, tier=tier, seconds=seconds, bytes=self.total,
-                         bandwidth=self.total / seconds if seconds > 0 else None)
+                         done=self.total, total=self.total, bandwidth=self.total / seconds if seconds > 0 else None)
 
     def failed(self, err: BaseException) -> None:
         self.stop()
