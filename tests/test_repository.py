@@ -220,6 +220,29 @@ def test_two_concurrent_requests_share_one_download(big_checkpoint, root):
         assert sum(1 for u, *_ in ng.served() if u.endswith("manifest.json")) == 1
 
 
+def test_rm_cancels_a_download_at_once_and_leaves_nothing(big_checkpoint, root):
+    publish(big_checkpoint, root / "repo", "big")
+    total = data_bytes(root / "repo", "big")
+    with Nginx(root / "nginx", root / "repo", location="limit_rate 512k;") as ng, \
+            DaemonProcess(root / "d", "--download-connections", "2") as d:
+        importer = subprocess.Popen([sys.executable, "-m", "sllmctl", "--socket", d.socket, "import", "big",
+                                     f"{ng.url}/big"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while _downloaded_fraction(d, "big", total) < 0.1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with Client(d.socket) as c:
+            assert [m["name"] for m in c.models()] == ["big"] and c.models()[0]["state"] == "importing"
+        t0 = time.monotonic()
+        run = sllmctl("rm", "big", socket_path=d.socket)
+        assert run.returncode == 0 and "cancelled the import of big" in run.stdout, run.stderr
+        assert time.monotonic() - t0 < 5
+        _, err = importer.communicate(timeout=30)
+        assert importer.returncode != 0 and "cancelled" in err
+        assert store_is_clean(d, "big")
+        with Client(d.socket) as c:
+            assert c.models() == [] and c.status()["tiers"]["ssd"]["reserved_bytes"] == 0
+
+
 def test_concurrent_publishers_keep_every_entry(tiny_servable_checkpoint, root):
     errors = []
 

@@ -226,10 +226,10 @@ class Fetcher:
             if not isinstance(e, (RepositoryError, CancelledError, CorruptCheckpointError, StoreFullError)):
                 log.exception("downloading %s failed", name)
         finally:
+            if not keep:   # before the import ends: whoever cancelled it finds nothing left
+                shutil.rmtree(work, ignore_errors=True)
             if imp is not None:
                 self.ssd.end_import(imp)
-            if not keep:
-                shutil.rmtree(work, ignore_errors=True)
             with self._lock:
                 self._jobs.pop(name, None)
             job.done.set()
