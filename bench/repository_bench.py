@@ -79,8 +79,8 @@ def first_token_s(socket: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=4)   # sllmd's default
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "repository")
     args = ap.parse_args()
     if NGINX is None or not shutil.which("curl"):
@@ -106,8 +106,9 @@ def main() -> int:
             shutil.rmtree(work / "curl", ignore_errors=True)
             shutil.rmtree(work / "ours", ignore_errors=True)
             curl_gbps, ours_gbps = size / median(curl_s) / 1e9, size / median(ours_s) / 1e9
+            best = min(curl_s) / min(ours_s)   # on a shared machine the best round is the least disturbed
             print(f"download  curl {curl_gbps:.2f} GB/s  ours {ours_gbps:.2f} GB/s  "
-                  f"ratio {ours_gbps / curl_gbps:.2f}x (goal >= 0.9x)  "
+                  f"ratio {ours_gbps / curl_gbps:.2f}x of medians, {best:.2f}x of best rounds (goal >= 0.9x)  "
                   f"[curl {', '.join(f'{s:.3f}' for s in curl_s)} s; ours {', '.join(f'{s:.3f}' for s in ours_s)} s]")
 
             # cold TTFT: only in the repository, then already on SSD (a fresh daemon each: DRAM empty)
@@ -122,7 +123,7 @@ def main() -> int:
               f"(SSD + a download at the measured rate: {ttft_ssd + download_s:.2f} s)")
         result = {"bench": "repository", "model": NAME, "bytes": size, "files": len(files),
                   "connections": args.connections, "rounds": args.rounds, "curl_s": curl_s, "ours_s": ours_s,
-                  "curl_gbps": curl_gbps, "ours_gbps": ours_gbps, "ratio": ours_gbps / curl_gbps,
+                  "curl_gbps": curl_gbps, "ours_gbps": ours_gbps, "ratio": ours_gbps / curl_gbps, "ratio_best": best,
                   "ttft_repository_s": ttft_repo, "ttft_ssd_s": ttft_ssd}
         RESULTS_DIR.mkdir(exist_ok=True)
         (RESULTS_DIR / "repository.json").write_text(json.dumps(result, indent=1))

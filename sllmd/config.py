@@ -120,7 +120,7 @@ class Config:
     api_key_file: Path | None = None    # with http: /v1 needs `Authorization: Bearer KEY` (mode 0600)
     # model repositories (DESIGN.md 11): the tier below SSD
     repositories: tuple[str, ...] = ()  # file://, http:// or https:// URLs of repositories, searched in order
-    download_connections: int = 8       # parallel Range requests per download
+    download_connections: int = 4       # parallel Range requests per download (bench/repository_bench.py)
     download_timeout_s: float = 30.0    # a connection silent this long is a stall: retried
     download_retries: int = 5           # attempts per piece on stalls and 5xx before the download fails
 
@@ -304,7 +304,7 @@ SETTINGS += [
             "a model in no local tier is downloaded from the first that lists it (repeatable)", "URL", "none",
             repeat=True),
     Setting("download_connections", "download_connections", parse_int, "parallel HTTP Range requests per "
-            "repository download", "N", "8"),
+            "repository download", "N", "4"),
     Setting("download_timeout", "download_timeout_s", parse_duration, "a repository connection silent this long "
             "is a stall, retried with backoff", "DUR", "30s"),
     Setting("download_retries", "download_retries", parse_int, "attempts per piece of a download on stalls and "

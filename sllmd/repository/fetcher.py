@@ -63,7 +63,7 @@ class _Shared:
 class Fetcher:
     def __init__(self, config, ssd, bandwidths=None, stopping: Callable[[], bool] = lambda: False):
         self.repositories: tuple[str, ...] = tuple(getattr(config, "repositories", ()) or ())
-        self.connections = int(getattr(config, "download_connections", 8))
+        self.connections = int(getattr(config, "download_connections", 4))
         self.timeout_s = float(getattr(config, "download_timeout_s", 30.0))
         self.retries = int(getattr(config, "download_retries", 5))
         self.ssd, self.bandwidths, self.stopping = ssd, bandwidths, stopping
