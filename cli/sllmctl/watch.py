@@ -39,7 +39,7 @@ def register(sub) -> None:
                                    "update (snapshot and events) as one JSON line.")
     p.add_argument("--interval", type=_interval, default=0.5, metavar="S",
                    help="at most one update every S seconds (0.05 to 10)")
-    p.add_argument("--cluster", action="store_true", help="the snapshot covers every cluster node (with --json)")
+    p.add_argument("--cluster", action="store_true", help="every cluster node's events (and, with --json, snapshot rows)")
     p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N updates")
     p.set_defaults(func=cmd_watch)
 
