@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -306,10 +307,22 @@ def test_the_bus_coalesces_progress_and_bounds_each_queue():
 
 
 # --- a cluster ----------------------------------------------------------------------------------
-def test_a_cluster_watch_shows_every_node_and_their_comings_and_goings(tiny_servable_checkpoint):
+@pytest.fixture(scope="module")
+def endless_checkpoint(tmp_path_factory):
+    """A tiny llama without an end token: it answers until max_tokens (a request long enough to move)."""
+    from conftest import make_tiny_model
+    from sllmd import store
+    from test_inference import tiny_tokenizer
+    tok = tiny_tokenizer()
+    tok.eos_token = None
+    model = make_tiny_model("llama", seed=0, vocab_size=len(tok), max_position_embeddings=100_000, eos_token_id=None)
+    return store.save_model(model, tmp_path_factory.mktemp("endless") / "tiny", tokenizer=tok)
+
+
+def test_a_cluster_watch_shows_every_node_and_their_comings_and_goings(endless_checkpoint):
     from cluster_helpers import close_all, make_nodes
     root = short_tempdir()
-    a, b = make_nodes(root, ["A", "B"])
+    a, b = make_nodes(root, ["A", "B"], "--keep-alive", "-1")
     try:
         a.start()
         with a.client() as c, c.watch(interval_s=0.1, cluster=True) as stream:
@@ -317,7 +330,7 @@ def test_a_cluster_watch_shows_every_node_and_their_comings_and_goings(tiny_serv
             assert [n["name"] for n in first["nodes"]] == ["A"]
             b.start()
             with b.client() as cb:
-                cb.import_model("tiny", tiny_servable_checkpoint)
+                cb.import_model("tiny", endless_checkpoint)
 
             def b_joined(events):
                 return any(e["kind"] == "node" and e["name"] == "B" and e["status"] == "joined" for e in events)
@@ -339,6 +352,34 @@ def test_a_cluster_watch_shows_every_node_and_their_comings_and_goings(tiny_serv
             assert ("load_started", "B") in on_b and ("load_finished", "B") in on_b, events
             assert ("request_started", "B") in on_b and ("request_finished", "B") in on_b, events
             assert all(e["node"] == "A" for e in events if e["kind"] == "node")
+
+            c.import_model("tiny", endless_checkpoint)   # a request on A moves to B: both tell the watch
+            started = threading.Event()
+
+            def consume():
+                with a.client() as ca, ca.infer("tiny", "a story", max_tokens=1500, temperature=0.0, chat=False,
+                                                node="A") as s:
+                    for i, _ in enumerate(s.events()):
+                        if i == 50:
+                            started.set()
+            reader = threading.Thread(target=consume)
+            reader.start()
+            try:
+                assert started.wait(60)
+                rid = next(r["id"] for r in c.requests() if r["model"] == "tiny")
+                moved = c.migrate(rid, "B")
+            finally:
+                reader.join(120)
+            assert moved["ran_on"] == "B"
+            _, events = read_until(stream, lambda ev: any(e["kind"] == "request_finished" and e["node"] == "B"
+                                                          and e["id"] == rid for e in ev), timeout=60)
+            mine = [e for e in events if e.get("id") == rid]
+            (migration,) = [e for e in mine if e["kind"] == "migration"]
+            assert (migration["from"], migration["to"], migration["outcome"], migration["node"]) == \
+                ("A", "B", "ok", "A") and migration["tokens"] > 0, migration
+            finished = {e["node"]: e for e in mine if e["kind"] == "request_finished"}
+            assert finished["A"]["outcome"] == "migrated" and finished["B"]["outcome"] == "ok", finished
+            assert any(e["kind"] == "request_started" and e["node"] == "B" and e["resumed"] for e in mine), mine
 
             b.kill9()
             _, events = read_until(stream, lambda ev: any(e["kind"] == "node" and e["name"] == "B" and
