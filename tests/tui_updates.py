@@ -46,6 +46,9 @@ def update(seq: int, h2d: int, direct: int, tokens_out: int, events=()) -> dict:
 
 HOST = {"memory_used_bytes": 9 * 1024 * MiB, "memory_total_bytes": 24 * 1024 * MiB,
         "disk_read_bytes_per_s": 310 * MiB, "store_disk": None, "gpus": None}
+GPU_HOST = dict(HOST, gpus=[{"index": 0, "name": "NVIDIA H200", "memory_used_bytes": 3 << 30,
+                             "memory_total_bytes": 140 << 30, "pcie_tx_bytes_per_s": 1e8,
+                             "pcie_rx_bytes_per_s": 2.5e10}])
 
 
 def updates(n: int = 24) -> list[dict]:

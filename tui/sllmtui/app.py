@@ -12,6 +12,7 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
 from textual.widgets import Footer
 
 from sllmd.client import DEFAULT_TIMEOUT, Client
@@ -82,10 +83,9 @@ class SllmTop(App):
     def _watch(self) -> None:
         self._source.run()
 
-    async def action_quit(self) -> None:
-        if self._source is not None:
+    def on_unmount(self) -> None:
+        if self._source is not None:   # the reading thread ends at its next update (or retry)
             self._source.stop()
-        self.exit()
 
     # --- updates -----------------------------------------------------------------------------------
     def feed(self, update: dict, host: dict | None = None) -> None:
@@ -98,8 +98,11 @@ class SllmTop(App):
         self.view.apply(message.update)
         if message.host is not None:
             self.host = message.host
-        self.query_one(EventLog).add(message.update.get("events") or [])
-        self.refresh_panels()
+        try:
+            self.query_one(EventLog).add(message.update.get("events") or [])
+            self.refresh_panels()
+        except NoMatches:   # an update that arrived while the app shuts down
+            pass
 
     def on_daemon_unreachable(self, message: DaemonUnreachable) -> None:
         self.unreachable = message.reason

@@ -1,4 +1,4 @@
-"""The GPU the daemon uses, from NVML: memory, PCIe RX/TX as moving graphs. Shown only on a
+"""The GPU the daemon uses, from NVML: PCIe RX/TX as moving graphs, memory on the bottom edge. Shown only on a
 host where NVML sees a GPU."""
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import collections
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label
 
 from sllmctl.output import fmt_bytes
 
@@ -22,7 +21,6 @@ class GpuPanel(Vertical):
         self.tx = collections.deque([0.0] * HISTORY, maxlen=HISTORY)
 
     def compose(self) -> ComposeResult:
-        yield Label("", id="gpu-memory")
         yield RateGraph("PCIe rx", id="pcie-rx")
         yield RateGraph("PCIe tx", id="pcie-tx")
 
@@ -35,8 +33,7 @@ class GpuPanel(Vertical):
         self.border_title = f"GPU {g['index']} {g['name']}"[:40]
         self.rx.append(g["pcie_rx_bytes_per_s"])
         self.tx.append(g["pcie_tx_bytes_per_s"])
-        self.query_one("#gpu-memory", Label).update(
-            f"memory {fmt_bytes(g['memory_used_bytes'])}/{fmt_bytes(g['memory_total_bytes'])}")
+        self.border_subtitle = f"memory {fmt_bytes(g['memory_used_bytes'])}/{fmt_bytes(g['memory_total_bytes'])}"
         self.query_one("#pcie-rx", RateGraph).set_points(self.rx, fmt_rate(self.rx[-1]))
         self.query_one("#pcie-tx", RateGraph).set_points(self.tx, fmt_rate(self.tx[-1]))
         return True

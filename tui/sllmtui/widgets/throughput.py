@@ -1,10 +1,9 @@
-"""Host->device and disk read throughput (from the loader's counters), loads in flight, and
-this host's disk reads."""
+"""Host->device and disk read throughput (from the loader's counters); on the bottom edge the
+loads in flight, else this host's disk reads."""
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label
 
 from ..rows import fmt_rate
 from ..state import View
@@ -15,7 +14,6 @@ class ThroughputPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield RateGraph("host->device", id="h2d")
         yield RateGraph("disk read", id="disk")
-        yield Label("", id="loads")
 
     def show(self, view: View, host: dict | None) -> None:
         rate = view.rate_now()
@@ -29,4 +27,4 @@ class ThroughputPanel(Vertical):
             notes.append(f"loading {load.name}{' from ' + load.tier if load.tier else ''}{pct}")
         if not notes and host and host.get("disk_read_bytes_per_s") is not None:
             notes.append(f"host disks read {fmt_rate(host['disk_read_bytes_per_s'])}")
-        self.query_one("#loads", Label).update("; ".join(notes))
+        self.border_subtitle = "; ".join(notes)   # on the panel's bottom edge

@@ -14,6 +14,8 @@ def bar_line(label: str, used: int, cap: int | None, width: int) -> Text:
     """'device   ████░░░░ 564M/4.0G  14%' fitted to `width` columns."""
     figures = f" {fmt_short(used)}/{fmt_short(cap) if cap else 'no limit'}"
     pct = f"{100 * used / cap:4.0f}%" if cap else "    -"
+    if width - LABEL - len(figures) - len(pct) - 1 < 6:   # a narrow panel keeps the bar, drops the figures
+        figures = ""
     bar_w = max(4, width - LABEL - len(figures) - len(pct) - 1)
     frac = min(1.0, used / cap) if cap else 0.0
     filled = round(frac * bar_w)
