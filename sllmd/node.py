@@ -286,9 +286,9 @@ class Node:
         self._prepare([name])
 
     def _local(self, name: str, cancelled: Callable[[], bool] | None = None):
-        """The model's SSD entry; a model that only a --repository lists is downloaded first
-        (concurrent requests share the download; `models` lists it as importing meanwhile)."""
-        if name not in self.ssd and self.repositories.repositories:
+        """The model's SSD entry; a model that only a cluster peer holds or a --repository lists is
+        downloaded first (concurrent requests share the download; `models` lists it as importing)."""
+        if name not in self.ssd and self.repositories.can_fetch(name):
             try:
                 self.repositories.fetch(name, cancelled=cancelled)
             except ModelExistsError:

@@ -95,6 +95,9 @@ class Cluster:
         self._peer_server = PeerServer(self.node, self._endpoint, state_provider=self._local_state,
                                        migrations=self.migrations)
         self._peer_server.start()
+        fetcher = getattr(self.node, "repositories", None)
+        if fetcher is not None:
+            fetcher.peers = self.holders_of   # peer transfer: a model a member holds comes from it
         self._membership.start()
         self._publish()
         self._pulls = ThreadPoolExecutor(PULL_WORKERS, thread_name_prefix="sllmd-cluster-pull")
@@ -109,6 +112,8 @@ class Cluster:
             return
         self._stop.set()
         self._wake.set()
+        if getattr(getattr(self.node, "repositories", None), "peers", None) == self.holders_of:
+            self.node.repositories.peers = None
         if self._sync_thread is not None:
             self._sync_thread.join(5.0)
         if self._pulls is not None:
@@ -225,6 +230,21 @@ class Cluster:
         if old is not None:
             old.close()
         return client
+
+    def holders_of(self, model: str) -> list[tuple[str, Any]]:
+        """Peer transfer's sources: the alive peers whose last pulled state has `model` on SSD, as
+        (name, PeerClient), in name order."""
+        with self._lock:
+            pulled = dict(self._views)
+        out = []
+        for m in sorted(self._membership.members(), key=lambda m: m.name):
+            view = pulled.get(m.name)
+            if m.name == self.name or m.status not in LIVE or view is None or not m.endpoint or not m.public_key:
+                continue
+            if any(x.get("name") == model and "ssd" in (x.get("tiers") or []) and not x.get("error")
+                   and x.get("state") != "importing" for x in (view.state or {}).get("models") or []):
+                out.append((m.name, self._client(m)))
+        return out
 
     def _peer_client(self, name: str):
         member = self._membership.get(name)

@@ -18,6 +18,8 @@ index, event, done, heartbeat, error): a relayed stream is the same stream.
     peer_migrate -> result                (move a request this node runs to another node)
     peer_watch   -> update*               (this node's watch stream, sllmd.watch; peer_ack each update)
     peer_ack                              (no reply: the caller took a peer_watch's updates up to seq)
+    peer_files   -> result {"files": [{"path", "size", "sha256"}]}   (a checkpoint this node holds)
+    peer_read    -> result {"data": bytes}  (up to PEER_READ_MAX bytes of one of its files)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from sllmd.protocol.messages import MAX_ID, REPLIES, REQUESTS, Envelope, InferFi
 from sllmd.protocol.schema import Message, at_least, checked, in_range, max_len, model_name
 
 PEER_PROTOCOL_VERSION = 1
+PEER_READ_MAX = 8 << 20   # one peer_read's bytes: well inside a frame (max_frame, 16 MiB by default)
 
 PEER_REQUESTS: dict[str, type[Message]] = {}
 # Replies are the client protocol's own classes: the same shapes travel back.
@@ -171,9 +174,29 @@ class PeerAck(Envelope):
     seq: int = checked(in_range(0, MAX_ID))
 
 
+@peer_request("peer_files")
+@dataclass(frozen=True, kw_only=True)
+class PeerFiles(Envelope):
+    """Peer transfer: the files of `model`'s checkpoint here, with sizes and SHA-256 (as a
+    repository index lists them, so the caller downloads it the same way)."""
+
+    model: str = checked(model_name)
+
+
+@peer_request("peer_read")
+@dataclass(frozen=True, kw_only=True)
+class PeerRead(Envelope):
+    """Peer transfer: `length` bytes at `offset` of the file `path` of `model`'s checkpoint."""
+
+    model: str = checked(model_name)
+    path: str = checked(max_len(255))
+    offset: int = checked(at_least(0))
+    length: int = checked(in_range(1, PEER_READ_MAX))
+
+
 # Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).
 PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_park", "peer_resume", "peer_migrate",
-                               "peer_watch"})
+                               "peer_watch", "peer_files", "peer_read"})
 
 
 def decode_peer_request(frame: bytes, max_bytes: int | None = None) -> Message:

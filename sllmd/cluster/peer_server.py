@@ -57,7 +57,8 @@ class PeerServer(Server):
     def _make_handlers(self):
         return {"state_pull": self._state_pull, "peer_infer": self._peer_infer, "peer_prepare": self._peer_prepare,
                 "peer_park": self._peer_park,
-                "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate, "peer_watch": self._watch}
+                "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate, "peer_watch": self._watch,
+                "peer_files": self._peer_files, "peer_read": self._peer_read}
 
     def _decode(self, frame: bytes) -> Message:
         return decode_peer_request(frame, self.max_frame_bytes)
@@ -85,6 +86,14 @@ class PeerServer(Server):
         if self._migrations is not None:
             return self._stream(msg, call, self._migrations.resume(msg.state, cancelled=call.cancelled))
         return self._stream(msg, call, self.node.resume(msg.state, cancelled=call.cancelled))
+
+    def _peer_files(self, msg, call) -> Message:
+        from sllmd.repository.peer import serve_files
+        return Result(id=msg.id, data={"files": serve_files(self.node.ssd, msg.model)})
+
+    def _peer_read(self, msg, call) -> Message:
+        from sllmd.repository.peer import serve_read
+        return Result(id=msg.id, data={"data": serve_read(self.node.ssd, msg.model, msg.path, msg.offset, msg.length)})
 
     def _peer_migrate(self, msg: PeerMigrate, call) -> Message:
         if self._migrations is None:
@@ -239,6 +248,16 @@ class PeerClient:
     def park(self, model: str, request_id: str, token_ids: list[int]) -> dict:
         """A live migration's round: the peer prefills these tokens of the request ahead of its handoff."""
         return self._call(lambda i: PeerPark(id=i, model=model, request_id=request_id, token_ids=list(token_ids)))
+
+    def files(self, model: str) -> list[dict]:
+        """Peer transfer: the files of the peer's copy of `model` (path, size, sha256)."""
+        from .peer_messages import PeerFiles
+        return self._call(lambda i: PeerFiles(id=i, model=model))["files"]
+
+    def read(self, model: str, path: str, offset: int, length: int) -> bytes:
+        """Peer transfer: up to `length` bytes (at most PEER_READ_MAX) of one of those files."""
+        from .peer_messages import PeerRead
+        return self._call(lambda i: PeerRead(id=i, model=model, path=path, offset=offset, length=length))["data"]
 
     def migrate(self, request_id: str, to: str, reason: str = "") -> dict:
         """Asks the peer, which runs `request_id`, to move it to node `to`."""

@@ -49,8 +49,10 @@ class _Shared:
     """One download in flight and everyone waiting for it."""
 
     name: str
-    repo: str
+    repo: str  # the repository's URL, or peer://NODE
     entry: ModelEntry
+    open: Callable[[], Remote]  # the model's directory there
+    kind: str = "repo"  # or "peer": which bandwidth the download measures
     waiters: list[_Waiter] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -69,6 +71,8 @@ class Fetcher:
         self.ssd, self.bandwidths, self.stopping = ssd, bandwidths, stopping
         self._lock = threading.Lock()
         self._jobs: dict[str, _Shared] = {}
+        # peer transfer (set by the cluster): the alive peers holding a model, as (node, PeerClient)
+        self.peers: Callable[[str], list[tuple[str, object]]] | None = None
 
     # --- where a model is ---------------------------------------------------------------
     def _remote(self, url: str) -> Remote:
@@ -127,15 +131,23 @@ class Fetcher:
     # --- fetching ---------------------------------------------------------------------
     def fetch(self, name: str, *, url: str | None = None, progress: Progress | None = None,
               notify: Notify | None = None, cancelled: Callable[[], bool] | None = None,
-              tokenizer: bool = True) -> dict:
+              tokenizer: bool = True, use_peers: bool = True) -> dict:
         """Downloads `name` into the SSD store (from `url`, else the first configured repository
         listing it) and publishes it; joins a download of the same name already in flight.
-        Returns {"entry", "repository", "seconds", "fetched_bytes", "resumed_bytes", "shared"}."""
+        Returns {"entry", "repository", "seconds", "fetched_bytes", "resumed_bytes", "shared"}.
+        Without `url`, a cluster peer holding the model comes first (peer transfer); a peer that
+        fails falls back to the repositories."""
         with self._lock:
             job = self._jobs.get(name)
         shared = job is not None
         if job is None:
-            found = self.resolve(url, name) if url is not None else self.lookup(name)
+            found = None
+            if url is None and use_peers:
+                found = self._from_peer(name)
+            if found is None:
+                repo = self.resolve(url, name) if url is not None else self.lookup(name)
+                if repo is not None:
+                    found = (repo[0], repo[1], self._opener(*repo), "repo")
             if found is None:
                 raise ModelNotFoundError(f"no model named {name!r} in the store or in the repositories "
                                          f"({', '.join(self.repositories) or 'none configured'})")
@@ -159,8 +171,32 @@ class Fetcher:
                 if not job.waiters and not job.done.is_set():
                     job.cancel.set()  # nobody wants it any more
         if job.error is not None:
+            if job.kind == "peer" and isinstance(job.error, RepositoryError) and not shared:
+                log.warning("fetching %s from %s failed (%s); trying the repositories", name, job.repo, job.error)
+                return self.fetch(name, progress=progress, notify=notify, cancelled=cancelled, tokenizer=tokenizer,
+                                  use_peers=False)
             raise job.error
         return dict(job.stats, entry=job.result, shared=shared)
+
+    def _opener(self, repo: str, entry: ModelEntry) -> Callable[[], Remote]:
+        return lambda: self._remote(repo).child(entry.path)
+
+    def _from_peer(self, name: str):
+        """(peer://NODE, entry, opener, "peer") of the first alive peer that lists `name`, or None."""
+        from .peer import PeerRemote
+        for node, client in (self.peers(name) if self.peers is not None else []):
+            remote = PeerRemote(client, node, name)
+            try:
+                entry = remote.entry()
+            except (RepositoryError, Retryable) as e:
+                log.info("peer %s cannot send %s: %s", node, name, e)
+                continue
+            return f"peer://{node}", entry, (lambda r=remote: r), "peer"
+        return None
+
+    def can_fetch(self, name: str) -> bool:
+        """Whether a repository is configured or a peer holds `name`: worth a fetch."""
+        return bool(self.repositories) or bool(self.peers is not None and self.peers(name))
 
     def downloading(self, name: str) -> bool:
         with self._lock:
@@ -182,7 +218,7 @@ class Fetcher:
     def _run(self, job: _Shared, tokenizer: bool) -> None:
         name, entry = job.name, job.entry
         work = self.ssd.downloads_dir / name
-        source = f"{job.repo}/{entry.path}"
+        source = f"{job.repo}/{entry.path}" if job.kind == "repo" else f"{job.repo}/{name}"
         keep = False
         imp = None
         try:
@@ -201,8 +237,7 @@ class Fetcher:
 
             stop = lambda: job.cancel.is_set() or imp.cancel.is_set()  # noqa: E731
             t0 = time.monotonic()
-            with self._remote(job.repo) as repo:
-                remote = repo.child(entry.path)
+            with job.open() as remote:
                 dl = Download(remote, entry, work, connections=self.connections, retries=self.retries,
                               progress=landed, cancelled=stop)
                 try:
@@ -212,7 +247,7 @@ class Fetcher:
                     raise
             seconds = time.monotonic() - t0
             if self.bandwidths is not None and dl.fetched:
-                self.bandwidths.observe("repo_ssd", dl.fetched, seconds)
+                self.bandwidths.observe(f"{job.kind}_ssd", dl.fetched, seconds)
             clock.update("publishing")
             self._tell(job, None, ("phase", clock.event()))
             job.result = self.ssd.finish_import(imp, ckpt, tokenizer=tokenizer,
