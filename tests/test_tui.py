@@ -230,3 +230,34 @@ def test_render_text_has_every_section():
     for part in ("device", "DRAM", "SSD", "host RAM", "host->device", "loading qwen-0.5b from ssd 61%",
                  "models:", "instances:", "requests:", "nodes:", "failed", "2/8"):
         assert part in text, part
+
+
+# --- a loopback cluster ------------------------------------------------------------------------------
+def test_cluster_panel_lists_three_nodes_and_marks_a_killed_one_failed():
+    from cluster_helpers import close_all, make_nodes, start_all
+    from sllmtui.widgets import NodesTable
+    root = short_tempdir("sllm-tui-cl-")
+    nodes = make_nodes(root, ["A", "B", "C"])
+
+    def status_of(app, name):
+        row = next((cells for key, cells in zip(app.query_one(NodesTable)._keys, app.query_one(NodesTable)._cells)
+                    if key == name), None)
+        return row[1] if row else None
+
+    async def go():
+        app = SllmTop(socket=nodes[0].socket, interval_s=0.5)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await until(pilot, "three nodes alive",
+                        lambda: all(status_of(app, n) == "alive" for n in ("A", "B", "C")), timeout=60)
+            assert app.query_one(NodesTable)._cells[[*app.query_one(NodesTable)._keys].index("A")][0] == "A *"
+            await asyncio.to_thread(nodes[2].kill9)
+            await until(pilot, "C shown failed", lambda: status_of(app, "C") == "failed", timeout=45)
+            assert status_of(app, "B") == "alive"
+            await pilot.press("n")      # B's panels, from the cluster rows
+            assert app.view.node_view().name == "B"
+    try:
+        start_all(nodes)
+        run(go())
+    finally:
+        close_all(nodes)
+        remove_tree(root)
