@@ -359,12 +359,12 @@ class Node:
         self._bump()
 
     # --- loading ----------------------------------------------------------------------------
-    def load(self, name: str, keep_alive: float | None = None) -> dict:
+    def load(self, name: str, keep_alive: float | None = None, fetch: bool = True) -> dict:
         """Makes sure `name` has a ready instance; keep_alive (seconds; negative = forever)
         sets how long it stays once idle. `already_loaded` says it had one."""
         self._check_open()
         ka = self._keep_alive(keep_alive)
-        self._local(name)
+        self._local(name) if fetch else self.ssd.get(name)   # fetch=False: only what is here (migration)
         got = self._acquire(name, ka)
         self.device.unlease(name, ka)  # no request runs on it: its keep_alive starts now
         self._bump()

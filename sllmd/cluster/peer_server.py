@@ -75,7 +75,7 @@ class PeerServer(Server):
         return self._stream(msg, call, self.node.infer(request, cancelled=call.cancelled))
 
     def _peer_prepare(self, msg: PeerPrepare, call) -> Message:
-        info = self.node.load(msg.model)
+        info = self.node.load(msg.model, fetch=False)   # a migration never waits for a download
         return Result(id=msg.id, data={k: info.get(k) for k in ("name", "load_tier", "load_s", "state")})
 
     def _peer_park(self, msg: PeerPark, call) -> Message:
