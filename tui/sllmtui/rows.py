@@ -140,7 +140,8 @@ def event_line(ev: dict) -> str:
     name = ev.get("name") or ev.get("model") or ev.get("node") or ""
     details = []
     for k, v in ev.items():
-        if k in skip or v in (None, "", [], {}) or v == name:
+        if k in skip or v in (None, "", [], {}) or v == name or (k == "done" and not v) \
+                or (k == "total" and v == ev.get("bytes")):
             continue
         if isinstance(v, float):
             v = f"{v:.3g}"

@@ -144,8 +144,17 @@ class View:
 
     @property
     def local_name(self) -> str | None:
+        """This node's name: the cluster's self entry; without a cluster, what its rows say."""
         me = next((n for n in self.nodes if n.get("self")), None)
-        return me.get("name") if me else None
+        if me:
+            return me.get("name")
+        if self.nodes:
+            return None
+        for key in ("requests", "models", "ps"):
+            row = next((r for r in self.snapshot.get(key) or [] if isinstance(r, dict) and r.get("node")), None)
+            if row:
+                return str(row["node"])
+        return None
 
     def node_names(self) -> list[str]:
         return [str(n.get("name")) for n in self.nodes if n.get("name") is not None]
