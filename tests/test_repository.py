@@ -243,6 +243,34 @@ def test_rm_cancels_a_download_at_once_and_leaves_nothing(big_checkpoint, root):
             assert c.models() == [] and c.status()["tiers"]["ssd"]["reserved_bytes"] == 0
 
 
+@pytest.fixture
+def small_disk(root):
+    """A 6 MiB tmpfs for the daemon's store (root only: skipped elsewhere)."""
+    mnt = root / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_download_at_once_and_leaves_nothing(big_checkpoint, root, small_disk):
+    publish(big_checkpoint, root / "repo", "big")   # 9 MiB onto a 6 MiB disk, with no --ssd-capacity
+    with Nginx(root / "nginx", root / "repo") as ng, \
+            DaemonProcess(root / "d", "--store", str(small_disk / "store")) as d:
+        run = sllmctl("import", "big", f"{ng.url}/big", socket_path=d.socket)
+        assert run.returncode == 1, run.stderr
+        assert "is full" in run.stderr and "No space left on device" in run.stderr
+        assert not (small_disk / "store" / "downloads" / "big").exists()
+        assert not (small_disk / "store" / "models" / "big").exists()
+        with Client(d.socket) as c:
+            assert c.models() == [] and c.status()["tiers"]["ssd"]["reserved_bytes"] == 0
+        assert sum(f.stat().st_size for f in (small_disk / "store").rglob("*") if f.is_file()) < 1 << 20
+
+
 def test_concurrent_publishers_keep_every_entry(tiny_servable_checkpoint, root):
     errors = []
 
