@@ -338,7 +338,8 @@ def register(subparsers) -> None:
         p.set_defaults(func=func)
         return p
 
-    p = verb("import", cmd_import, "import SOURCE (our format, a HF directory, .safetensors, .gguf) as NAME")
+    p = verb("import", cmd_import, "import SOURCE (our format, a HF directory, .safetensors, .gguf, or the URL of "
+                                   "a repository or of a model in one) as NAME")
     p.add_argument("name")
     p.add_argument("source")
     p.add_argument("--no-tokenizer", action="store_true",
