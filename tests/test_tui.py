@@ -130,6 +130,10 @@ def test_once_prints_a_plain_snapshot(daemon):
         assert out.returncode == 0, out.stderr
         assert "models:" in out.stdout and "tiny" in out.stdout and "host->device" in out.stdout, out.stdout
         assert "\x1b[" not in out.stdout   # plain text
+        nodes = out.stdout.split("nodes:")[1]
+        assert " * " in nodes and "alive" in nodes   # no cluster: the node itself
+    bad = sllmctl("top", "--once", "--interval", "0", socket_path=daemon.socket)
+    assert bad.returncode == 2 and "--interval" in bad.stderr
     gone = sllmctl("top", "--once", socket_path="/tmp/sllm-no-such-daemon.sock")
     assert gone.returncode == 69 and "daemon unreachable" in gone.stderr and "Traceback" not in gone.stderr
 

@@ -14,6 +14,8 @@ import sys
 from sllmd.client import DEFAULT_TIMEOUT
 from sllmd.errors import Exit, SllmError
 
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.05, 10.0
+
 
 def add_options(p: argparse.ArgumentParser, with_globals: bool = True) -> None:
     """top's own options; with_globals False where the caller (sllmctl) adds --socket, --timeout, --json."""
@@ -24,13 +26,14 @@ def add_options(p: argparse.ArgumentParser, with_globals: bool = True) -> None:
                        help="give up on a silent daemon after S seconds (default: %(default)g)")
         p.add_argument("--json", action="store_true", help="with --once: print the update as JSON")
     p.add_argument("--interval", type=float, default=0.5, metavar="S",
-                   help="ask the daemon for an update every S seconds (default: %(default)g)")
+                   help="an update from the daemon every S seconds, 0.05-10 (default: %(default)g)")
     p.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.interval > 0:
-        print("sllmtui: error: --interval must be > 0", file=sys.stderr)
+    if not MIN_INTERVAL_S <= args.interval <= MAX_INTERVAL_S:   # the watch request's own bounds
+        print(f"sllmtui: error: --interval must be {MIN_INTERVAL_S:g}-{MAX_INTERVAL_S:g} seconds, not {args.interval:g}",
+              file=sys.stderr)
         return Exit.USAGE
     if args.once:
         return once(args)

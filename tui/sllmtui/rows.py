@@ -97,8 +97,14 @@ NODE_COLUMNS = ("NAME", "STATUS", "DEVICE", "DEV USE", "MODELS", "RUN", "QUEUE",
 
 
 def node_rows(view: View, now: float) -> list[tuple[str, list[str]]]:
+    """A row per cluster member; without a cluster, the node itself (as `sllmctl nodes` lists it)."""
     rows = []
-    for n in view.nodes:
+    nodes = view.nodes
+    if not nodes and view.updates:
+        me = view.node_view()
+        nodes = [{"name": me.name, "status": "alive", "self": True,
+                  "state": {"device": me.device, "tiers": me.tiers, "models": me.models, "instances": me.instances}}]
+    for n in nodes:
         state = n.get("state") or {}
         dev = (state.get("tiers") or {}).get("device") or {}
         cap = dev.get("capacity_bytes")
