@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                     "web server (e.g. nginx) and start sllmd with --repository URL.")
     p.add_argument("source", metavar="SOURCE", help="what `import` accepts")
     p.add_argument("repo", metavar="REPO_DIR", help="the repository directory (created if missing)")
-    p.add_argument("--name", required=True, help="the model's name in the repository")
+    p.add_argument("--name", required=True, help="the model's name in the repository (required: no default)")
     p.add_argument("--overwrite", action="store_true", help="replace a model of that name")
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="cast floating-point weights when converting (default: as stored; bfloat16 for GGUF)")
