@@ -87,10 +87,13 @@ def test_bars_move_on_load_and_evict_and_the_load_shows_throughput(daemon):
                 # the load's bytes appear as a point of the host->device graph (differences of the counters)
                 await until(pilot, "a throughput point", lambda: max(app.view.h2d) > 0)
                 assert app.view.updates > before
+                kinds = lambda: {e.get("kind") for e in app.view.events}  # noqa: E731
+                await until(pilot, "the load's events", lambda: {"load_started", "load_finished"} <= kinds())
                 assert "device" in tiers_of(app, "tiny")
                 await asyncio.to_thread(c.evict, "tiny", "device")
                 await until(pilot, "the device bar shrinks", lambda: device_bar(app) < loaded)
                 assert "device" not in tiers_of(app, "tiny")
+                await until(pilot, "the eviction's event", lambda: "evicted" in kinds())
             text = str(app.query_one("#h2d").query_one("Label").render())
             assert text.startswith("host->device")
     run(go())
