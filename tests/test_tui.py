@@ -164,6 +164,16 @@ def test_daemon_unreachable_then_back(checkpoint):
         remove_tree(root)
 
 
+def test_no_daemon_at_start_says_so():
+    async def go():
+        app = SllmTop(socket="/tmp/sllm-no-such-daemon.sock", interval_s=INTERVAL)
+        async with app.run_test(size=(80, 24)) as pilot:
+            line = app.query_one(StatusLine)
+            await until(pilot, "unreachable shown", lambda: "daemon unreachable, retrying" in str(line.render()))
+            await until(pilot, "still retrying", lambda: "attempt 2" in str(line.render()), timeout=10)
+    run(go())
+
+
 # --- fixed updates: no daemon ------------------------------------------------------------------------
 def fixed_app() -> SllmTop:
     return SllmTop(watch=False, clock=lambda: tui_updates.T0 + 12)
