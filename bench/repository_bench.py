@@ -73,6 +73,70 @@ def ours_once(url: str, entry, out: Path, connections: int) -> float:
     return time.perf_counter() - t0
 
 
+def zmq_limit_gbps(nbytes: int, curve: bool, chunk: int = 4 << 20) -> float:
+    """The loopback TCP limit as the peer socket sees it: a raw ZeroMQ stream of nbytes in
+    chunk-sized messages (PUSH -> PULL over tcp://127.0.0.1), CurveZMQ-encrypted or not."""
+    import threading
+
+    import zmq
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    if curve:
+        spub, ssec = zmq.curve_keypair()
+        cpub, csec = zmq.curve_keypair()
+        pull.curve_server, pull.curve_secretkey, pull.curve_publickey = True, ssec, spub
+        push.curve_serverkey, push.curve_secretkey, push.curve_publickey = spub, csec, cpub
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push.connect(f"tcp://127.0.0.1:{port}")
+    payload = os.urandom(chunk)
+    count = nbytes // chunk
+    sender = threading.Thread(target=lambda: [push.send(payload, copy=False) for _ in range(count)])
+    t0 = time.perf_counter()
+    sender.start()
+    for _ in range(count):
+        pull.recv(copy=False)
+    seconds = time.perf_counter() - t0
+    sender.join()
+    push.close(0)
+    pull.close(0)
+    ctx.term()
+    return count * chunk / seconds / 1e9
+
+
+def peer_transfer(src: Path, work: Path) -> dict:
+    """Two real cluster nodes on loopback: the model imported on a; b loads it, which fetches it
+    from a over the peer socket (Download through PeerRemote); its rate from b's log."""
+    import re
+
+    from cluster_helpers import close_all, make_nodes, start_all
+    (work / "cluster").mkdir()
+    a, b = nodes = make_nodes(work / "cluster", ["a", "b"], "--log-level", "info", **SIZES)
+    try:
+        start_all(nodes)
+        with a.client() as c:
+            c.import_model(NAME, src)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with b.client() as c:
+                if any(n["name"] == "a" and any(m["name"] == NAME and "ssd" in m.get("tiers", [])
+                                                for m in (n.get("state") or {}).get("models") or [])
+                       for n in c.nodes()):
+                    break
+            time.sleep(0.2)
+        with b.client() as c:
+            t0 = time.perf_counter()
+            c.load(NAME)
+            load_s = time.perf_counter() - t0
+            source = next(m["source"] for m in c.models() if m["name"] == NAME)
+        found = re.search(r"downloaded peer://a/\S+ \((\d+) bytes, (\d+) fetched.*?in ([0-9.]+) s", b.log())
+        if found is None or source != f"peer://a/{NAME}":
+            raise RuntimeError(f"b did not fetch from a (source {source})")
+        nbytes, seconds = int(found.group(1)), float(found.group(3))
+        return {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9, "load_s": load_s}
+    finally:
+        close_all(nodes)
+
+
 def first_token_s(socket: str) -> float:
     with Client(socket, timeout=600) as c:
         t0 = time.perf_counter()
@@ -86,6 +150,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=4)   # sllmd's default
+    ap.add_argument("--no-peer", action="store_true", help="skip the peer transfer (two cluster nodes)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "repository")
     args = ap.parse_args()
     if NGINX is None or not shutil.which("curl"):
@@ -134,7 +199,16 @@ def main() -> int:
         download_s = median(ours_s)
         print(f"cold TTFT  repository only {ttft_repo:.2f} s   on SSD {ttft_ssd:.2f} s   "
               f"(SSD + a download at the measured rate: {ttft_ssd + download_s:.2f} s)")
-        result = {"bench": "repository", "model": NAME, "bytes": size, "files": len(files),
+        peer = None
+        if shutil.which("serf") and not args.no_peer:
+            peer = peer_transfer(src, work)
+            limit, limit_curve = zmq_limit_gbps(size, False), zmq_limit_gbps(size, True)
+            peer.update(zmq_gbps=limit, zmq_curve_gbps=limit_curve)
+            print(f"peer transfer  {peer['gbps']:.2f} GB/s ({peer['seconds']:.2f} s; b's load incl. it "
+                  f"{peer['load_s']:.2f} s)   raw ZeroMQ stream on loopback {limit:.2f} GB/s, with CurveZMQ "
+                  f"{limit_curve:.2f} GB/s   ratio {peer['gbps'] / limit:.2f}x (goal >= 0.8x), "
+                  f"{peer['gbps'] / limit_curve:.2f}x of the encrypted stream")
+        result = {"bench": "repository", "peer": peer, "model": NAME, "bytes": size, "files": len(files),
                   "connections": args.connections, "rounds": args.rounds, "curl_s": curl_s, "ours_s": ours_s,
                   "curl_fsync_s": sync_s, "curl_fsync_gbps": sync_gbps, "curl_gbps": curl_gbps, "ours_gbps": ours_gbps, "ratio": ours_gbps / curl_gbps, "ratio_best": best,
                   "ttft_repository_s": ttft_repo, "ttft_ssd_s": ttft_ssd}

@@ -54,7 +54,7 @@ def serve_read(ssd, model: str, path: str, offset: int, length: int) -> bytes:
 class PeerRemote(Remote):
     """A peer's copy of one model, read over the peer socket (PeerClient.files / read)."""
 
-    def __init__(self, client: Any, node: str, model: str, chunk: int = 4 << 20):
+    def __init__(self, client: Any, node: str, model: str, chunk: int = 8 << 20):
         self.client, self.node, self.model, self.chunk = client, node, model, chunk
         self.url = f"peer://{node}/{model}"
 
