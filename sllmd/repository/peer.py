@@ -17,7 +17,8 @@ from typing import Any
 
 from ..errors import (BusyError, DaemonTimeoutError, DaemonUnreachableError, PeerFailedError, RepositoryError,
                       ShuttingDownError, SllmError)
-from .index import ModelEntry, RemoteFile, entry_for
+from .index import ModelEntry, entry_for
+from .index import _entry as parse_entry
 from .remote import Remote, Retryable, Sink
 
 _listings: dict[tuple[str, str, float], list[dict]] = {}  # (store, model, imported_at) -> files
@@ -59,9 +60,12 @@ class PeerRemote(Remote):
         self.url = f"peer://{node}/{model}"
 
     def entry(self) -> ModelEntry:
-        files = tuple(RemoteFile(f["path"], int(f["size"]), f["sha256"]) for f in self._call(self.client.files,
-                                                                                              self.model))
-        return ModelEntry(self.model, self.model, files, sum(f.size for f in files))
+        """The peer's listing, validated as an index entry is (plain relative paths, sizes, digests)."""
+        files = self._call(self.client.files, self.model)
+        try:
+            return parse_entry(self.model, {"path": self.model, "files": files})
+        except (ValueError, TypeError) as e:
+            raise RepositoryError(f"{self.url}: a malformed file listing: {e}") from None
 
     def _call(self, fn, *args):
         try:
