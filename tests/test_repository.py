@@ -271,6 +271,32 @@ def test_a_full_disk_stops_the_download_at_once_and_leaves_nothing(big_checkpoin
         assert sum(f.stat().st_size for f in (small_disk / "store").rglob("*") if f.is_file()) < 1 << 20
 
 
+def test_a_resumed_download_rechecks_what_its_record_claims(big_checkpoint, root):
+    """In process, over file://: a stopped download keeps its record; a block the record lists
+    but the disk lost (a power cut) is fetched again, the rest is not."""
+    from sllmd.errors import CancelledError
+    from sllmd.repository.download import Download
+    from sllmd.repository.remote import FileRemote
+    publish(big_checkpoint, root / "repo", "big")
+    entry = read_local_index(root / "repo")["big"]
+    remote = FileRemote(f"file://{root / 'repo'}").child("big")
+    first = Download(remote, entry, root / "work", connections=1, piece_bytes=1 << 20)
+    first.cancelled = lambda: first.landed > (4 << 20)
+    with pytest.raises(CancelledError):
+        first.run()
+    record = json.loads((root / "work" / "progress.json").read_text())
+    done = [i for lo, hi in record["files"]["data-00000.bin"] for i in range(lo, hi)]
+    assert len(done) >= 3
+    with open(root / "work" / "checkpoint" / "data-00000.bin", "r+b") as f:   # lose one block's bytes
+        f.seek(done[1] << 20)
+        f.write(bytes(1 << 20))
+    again = Download(remote, entry, root / "work", connections=2)
+    ckpt = again.run()
+    assert again.resumed_bytes == (len(done) - 1) << 20
+    assert again.fetched == entry.size_bytes - again.resumed_bytes - entry.file("manifest.json").size
+    assert (ckpt / "data-00000.bin").read_bytes() == (root / "repo" / "big" / "data-00000.bin").read_bytes()
+
+
 def test_concurrent_publishers_keep_every_entry(tiny_servable_checkpoint, root):
     errors = []
 
