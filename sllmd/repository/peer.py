@@ -58,12 +58,15 @@ class PeerRemote(Remote):
     def __init__(self, client: Any, node: str, model: str, chunk: int = 8 << 20):
         self.client, self.node, self.model, self.chunk = client, node, model, chunk
         self.url = f"peer://{node}/{model}"
+        self._sizes: dict[str, int] | None = None  # the listing, asked once
 
     def entry(self) -> ModelEntry:
         """The peer's listing, validated as an index entry is (plain relative paths, sizes, digests)."""
         files = self._call(self.client.files, self.model)
         try:
-            return parse_entry(self.model, {"path": self.model, "files": files})
+            entry = parse_entry(self.model, {"path": self.model, "files": files})
+            self._sizes = {f.path: f.size for f in entry.files}
+            return entry
         except (ValueError, TypeError) as e:
             raise RepositoryError(f"{self.url}: a malformed file listing: {e}") from None
 
@@ -76,7 +79,9 @@ class PeerRemote(Remote):
             raise RepositoryError(f"{self.url}: {e}") from None
 
     def get(self, rel: str, missing_ok: bool = False) -> bytes | None:
-        size = {f["path"]: f["size"] for f in self._call(self.client.files, self.model)}.get(rel)
+        if self._sizes is None:
+            self._sizes = {f["path"]: f["size"] for f in self._call(self.client.files, self.model)}
+        size = self._sizes.get(rel)
         if size is None:
             if missing_ok:
                 return None
