@@ -167,3 +167,14 @@ def test_ewma_and_bandwidth_input_checks():
         bws.observe("nvme_moon", 1 << 30, 1.0)
     with pytest.raises(ValueError):
         Ewma(alpha=0)
+
+
+def test_a_node_with_a_repository_configured_is_priced_at_the_default_until_it_measured_one():
+    a = view("a", bw={"ssd_device": 1 * GB})
+    a.state["fetch"] = ["repo"]                      # --repository set, nothing downloaded yet
+    d = place(M, [a, view("b")], NOW, repository={M: GB})
+    assert (d.winner.node, d.winner.path) == ("a", "repo")
+    assert d.winner.seconds == pytest.approx(GB / DEFAULT_BANDWIDTHS["repo_ssd"] + 1.0)
+    assert d.winner.detail["measured"] is False and [c.node for c in d.candidates] == ["a"]
+    a.state["fetch"] = []                            # no repository configured there: no repo path
+    assert place(M, [NodeView("a", "alive", dict(a.state), 1, NOW)], NOW, repository={M: GB}).winner is None

@@ -60,3 +60,40 @@ def test_a_model_held_by_a_peer_comes_from_the_peer_not_the_repository(tiny_serv
                 close_all(nodes)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_model_only_in_the_repository_is_placed_by_its_repository_path(tiny_servable_checkpoint):
+    """No node holds it: placement prices the repository path (a node with --repository, at the
+    default bandwidth before it measured one); once a holds it, a request through b goes to a."""
+    root = short_tempdir("sllm-repoplace-")
+    try:
+        publish(tiny_servable_checkpoint, root / "repo", "tiny")
+        with Nginx(root / "nginx", root / "repo") as ng:
+            a, b = nodes = make_nodes(root, ["a", "b"], "--repository", ng.url)
+            try:
+                start_all(nodes)
+                def both_alive():
+                    with a.client() as c:
+                        return len([n for n in c.nodes() if n["status"] == "alive"]) == 2
+                _wait("a sees b", both_alive, 60)
+                with a.client() as c, c.infer("tiny", "hello", max_tokens=2, chat=False) as s:
+                    list(s.events())
+                    placement = s.stats["placement"]
+                assert placement["winner"]["path"] == "repo" and placement["node"] == "a", placement
+                assert placement["winner"]["detail"]["bytes"] > 0
+
+                def b_sees_a_holding_it():
+                    with b.client() as c:
+                        return any(n["name"] == "a" and any(m["name"] == "tiny" for m in
+                                                            (n.get("state") or {}).get("models") or [])
+                                   for n in c.nodes())
+                _wait("b sees a's copy", b_sees_a_holding_it, 60)
+                with b.client() as c, c.infer("tiny", "hello", max_tokens=2, chat=False) as s:
+                    list(s.events())
+                    assert s.stats["placement"]["node"] == "a", s.stats["placement"]   # the holder, no download
+                with b.client() as c:
+                    assert not any(m["name"] == "tiny" for m in c.models())
+            finally:
+                close_all(nodes)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

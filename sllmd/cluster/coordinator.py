@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 0.05     # how often the digest and the members' versions are compared
 REFRESH_S = 3.0            # a peer's state is pulled at least this often while it is alive
 STALE_AFTER_S = 10.0       # a view older than this is unknown to placement
+REPOSITORY_INDEX_AGE_S = 5.0   # placement reads a repository's index at most this often
 PULL_WORKERS = 4
 LIVE = ("alive", "suspect")
 # Errors that the next candidate would repeat: the request itself is at fault, or it was stopped.
@@ -416,12 +417,29 @@ class Cluster:
         from sllmd.cluster import make_room
         from sllmd.cluster.placement import place
         views, now = self.views(), time.monotonic()
+        repository = self._repository_sizes(model, views)
         decision = place(model, views, now, stale_after_s=STALE_AFTER_S, prefer=self.name,   # a tie is served
-                         migration=make_room.hook(views, now, stale_after_s=STALE_AFTER_S))   # here: no hop
+                         repository=repository,                                             # here: no hop
+                         migration=make_room.hook(views, now, stale_after_s=STALE_AFTER_S, repository=repository))
         order = list(dict.fromkeys(c.node for c in decision.candidates))   # place() orders them: known, then stale
         if not order:
             order = [self.name]   # nobody is known to hold it: this node answers (model_not_found, or runs it)
         return decision, order
+
+    def _repository_sizes(self, model: str, views: list) -> dict[str, int]:
+        """{model: size} when no node holds `model` and this node's repositories list it: the
+        repository path placement then prices on every node that can fetch from one. (This
+        node's repositories stand for theirs: nodes of one cluster share them, as a rule.)"""
+        from sllmd.cluster.placement import holding
+        fetcher = getattr(self.node, "repositories", None)
+        if fetcher is None or not getattr(fetcher, "repositories", None) or holding(model, views):
+            return {}
+        try:
+            found = fetcher.lookup(model, max_age_s=REPOSITORY_INDEX_AGE_S)
+        except Exception as e:
+            log.info("the repositories could not be asked for %s: %s", model, e)
+            return {}
+        return {model: int(found[1].size_bytes)} if found is not None else {}
 
     @staticmethod
     def _option(decision, name: str):

@@ -8,6 +8,8 @@
                     queue_delay_s}],
      "queue_delay_s":  how long a new load waits for the loads in flight (their measured mean time),
      "bandwidths":     {path: bytes/s} measured online (sllmd.cluster.bandwidth),
+     "fetch":          ["repo"] when a repository is configured: a path it can fetch by, priced
+                       at the default bandwidth until measured,
      "migration":      {a_s_per_token, b0_s, samples}: its migrations' fitted cost (migration_cost),
      "requests":       running/queued requests (Node.requests) where the node lists them}
 
@@ -127,6 +129,14 @@ def _load_bytes(node, model: dict) -> int | None:
     return memo[key]
 
 
+def _fetch_paths(node) -> list[str]:
+    """The fetching paths this node offers before it has measured them: a repository's when one
+    is configured (`--repository`). A peer's is offered once a real transfer measured it: priced
+    at a default, it would beat a busy holder for every small model on a fast link's guess."""
+    fetcher = getattr(node, "repositories", None)
+    return ["repo"] if getattr(fetcher, "repositories", None) else []
+
+
 def local_state(node) -> dict:
     """The state of `node` now (a started Node); see the module doc for its shape."""
     version = node.version
@@ -144,6 +154,7 @@ def local_state(node) -> dict:
         "loads_in_flight": in_flight,
         "queue_delay_s": in_flight * mean_load,
         "bandwidths": bandwidths.to_dict() if bandwidths is not None else {},
+        "fetch": _fetch_paths(node),
     }
     cost = getattr(node, "migration_cost", None)
     if cost is not None:   # the migration option's a*(t_in + t_out) + b0, as this node measured it
@@ -199,6 +210,9 @@ def state_problem(state) -> str | None:
     for path, bw in (state.get("bandwidths") or {}).items():
         if not _number(bw) or bw == 0:
             return f"bandwidth {path!r} is not a positive number"
+    fetch = state.get("fetch")
+    if fetch is not None and (not isinstance(fetch, list) or not all(isinstance(f, str) for f in fetch)):
+        return "fetch is not a list of path names"
     if state.get("queue_delay_s") is not None and not _number(state["queue_delay_s"]):
         return "queue_delay_s is not a number"
     return None

@@ -123,8 +123,7 @@ class _Index:
             probe = _Probe()
             ssd_bw = _ssd_rate(self.state, probe)[0]
             self.fetch = (float(self.state.get("queue_delay_s") or 0.0),
-                          float(bws["peer_ssd"]) if bws.get("peer_ssd") else None,
-                          float(bws["repo_ssd"]) if bws.get("repo_ssd") else None,
+                          fetch_bandwidth(self.state, "peer_ssd"), fetch_bandwidth(self.state, "repo_ssd"),
                           None if probe.borrowed else ssd_bw)
         return self.fetch
 
@@ -166,9 +165,18 @@ def _index(state: dict) -> _Index:
     return ix
 
 
+def fetch_bandwidth(state: dict, path: str) -> float | None:
+    """bytes/s of a fetching path (peer_ssd, repo_ssd) on this node: measured, else the default
+    when the node says it can fetch that way (state["fetch"]: "peer" in a cluster, "repo" with a
+    repository configured) but has not yet; None when it cannot."""
+    bw = (state.get("bandwidths") or {}).get(path)
+    if isinstance(bw, (int, float)) and bw > 0:
+        return float(bw)
+    return DEFAULT_BANDWIDTHS[path] if path.split("_")[0] in (state.get("fetch") or ()) else None
+
+
 def _fetches(state: dict) -> bool:
-    bws = state.get("bandwidths")
-    return bool(bws and (bws.get("peer_ssd") or bws.get("repo_ssd")))
+    return fetch_bandwidth(state, "peer_ssd") is not None or fetch_bandwidth(state, "repo_ssd") is not None
 
 
 def _models(state: dict) -> dict[str, dict]:
@@ -297,17 +305,18 @@ def node_estimates(model: str, view: NodeView, holders: dict[str, int], fallback
     ssd_bw, _ = _ssd_rate(state, fallbacks)
     bws = state.get("bandwidths") or {}
     others = {n: s for n, s in holders.items() if n != view.name}
-    if others and bws.get("peer_ssd"):   # only a node that can fetch from peers
+    peer_bw, repo_bw = fetch_bandwidth(state, "peer_ssd"), fetch_bandwidth(state, "repo_ssd")
+    if others and peer_bw is not None:   # only a node that can fetch from peers
         source = min(others, key=lambda n: (others[n], n))
         size = others[source]
-        bw = float(bws["peer_ssd"])
+        bw = peer_bw
         out.append(Estimate(view.name, "peer", q + size / bw + size / ssd_bw,
-                            {"q_s": q, "bytes": size, "bandwidth": bw, "from": source}))
-    if model in repository and bws.get("repo_ssd"):
+                            {"q_s": q, "bytes": size, "bandwidth": bw, "from": source, "measured": "peer_ssd" in bws}))
+    if model in repository and repo_bw is not None:
         size = repository[model]
-        bw = float(bws["repo_ssd"])
+        bw = repo_bw
         out.append(Estimate(view.name, "repo", q + size / bw + size / ssd_bw,
-                            {"q_s": q, "bytes": size, "bandwidth": bw}))
+                            {"q_s": q, "bytes": size, "bandwidth": bw, "measured": "repo_ssd" in bws}))
     return out
 
 
@@ -448,8 +457,7 @@ def place(model: str, views: list[NodeView], now: float, *, stale_after_s: float
     NodeView.fetched_at. migration(model, view) -> Estimate | None adds the option of moving a
     running request away (section 9).
 
-    Only the nodes that hold `model`, the nodes that can fetch it (a measured peer_ssd or
-    repo_ssd) and, with a hook, every live node for the hook are visited: a node that neither
+    Only the nodes that hold `model`, the nodes that can fetch it (fetch_bandwidth) and, with a hook, every live node for the hook are visited: a node that neither
     holds nor can fetch the model has no option of its own."""
     views = views if isinstance(views, list) else list(views)
     states = [v.state or _EMPTY for v in views]

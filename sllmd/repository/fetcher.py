@@ -71,6 +71,7 @@ class Fetcher:
         self.ssd, self.bandwidths, self.stopping = ssd, bandwidths, stopping
         self._lock = threading.Lock()
         self._jobs: dict[str, _Shared] = {}
+        self._indexes: dict[str, tuple[float, dict[str, ModelEntry]]] = {}   # url -> (when read, models)
         # peer transfer (set by the cluster): the alive peers holding a model, as (node, PeerClient)
         self.peers: Callable[[str], list[tuple[str, object]]] | None = None
 
@@ -96,17 +97,30 @@ class Fetcher:
             return None
         return parse_index(data, f"{url}/{INDEX}")
 
-    def lookup(self, name: str) -> tuple[str, ModelEntry] | None:
-        """(repository URL, entry) of the first configured repository that lists `name`."""
+    def lookup(self, name: str, max_age_s: float = 0.0) -> tuple[str, ModelEntry] | None:
+        """(repository URL, entry) of the first configured repository that lists `name`.
+        max_age_s: an index read that long ago will do (placement asks per request; a fetch
+        reads it fresh)."""
         for url in self.repositories:
             try:
-                models = self._index(url) or {}
+                models = self._cached_index(url, max_age_s)
             except RepositoryError as e:
                 log.warning("repository %s is unusable: %s", url, e)
                 continue
             if name in models:
                 return url, models[name]
         return None
+
+    def _cached_index(self, url: str, max_age_s: float) -> dict[str, ModelEntry]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._indexes.get(url)
+        if hit is not None and now - hit[0] <= max_age_s:
+            return hit[1]
+        models = self._index(url) or {}
+        with self._lock:
+            self._indexes[url] = (now, models)
+        return models
 
     def resolve(self, url: str, name: str) -> tuple[str, ModelEntry]:
         """`sllmctl import NAME URL`: URL is a repository (NAME is looked up in it) or a model's
