@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--interval", type=_interval, default=0.5, metavar="S",
                    help="at most one update every S seconds (0.05 to 10)")
     p.add_argument("--cluster", action="store_true", help="every cluster node's events (and, with --json, snapshot rows)")
-    p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N updates")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N updates (default: none, until interrupted)")
     p.set_defaults(func=cmd_watch)
 
 
