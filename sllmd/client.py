@@ -357,7 +357,9 @@ class Client:
         from sllmd.protocol.messages import Watch
         make = lambda i: Watch(id=i, interval_s=interval_s, cluster=cluster, max_events=max_events)  # noqa: E731
         _build(make, 0)
-        return WatchStream(self, self._stream(make))
+        replies = self._stream(make)
+        first = next(replies)   # the watch runs from here on: what happens next is in its updates
+        return WatchStream(self, replies, first)
 
     def _ack(self, rid: int, seq: int) -> None:
         """Tells the daemon the replies of stream `rid` up to `seq` were taken (watch's flow control)."""
@@ -442,11 +444,13 @@ class InferStream:
 class WatchStream:
     """The updates of one watch request, as dicts (sllmd.watch describes them); `close()`
     (or leaving a `with` block) ends the watch in the daemon. Each update taken from the
-    iterator is acknowledged: a caller that stops iterating makes the daemon hold back."""
+    iterator is acknowledged: a caller that stops iterating makes the daemon hold back. The
+    watch starts when Client.watch returns (its first update already came)."""
 
-    def __init__(self, client: Client, replies: Iterator[Message]):
+    def __init__(self, client: Client, replies: Iterator[Message], first: Message | None = None):
         self._client = client
         self._replies = replies
+        self._first = first     # the first reply, taken when the watch was opened
         self.closed = False
 
     def __iter__(self) -> Iterator[dict]:
@@ -465,11 +469,13 @@ class WatchStream:
             raise StopIteration
         from sllmd.protocol.messages import Update
         while True:
-            try:
-                msg = next(self._replies)
-            except StopIteration:
-                self.closed = True
-                raise
+            msg, self._first = self._first, None
+            if msg is None:
+                try:
+                    msg = next(self._replies)
+                except StopIteration:
+                    self.closed = True
+                    raise
             if isinstance(msg, Update):
                 self._client._ack(msg.id, int(msg.data.get("seq", 0)))
                 return msg.data

@@ -117,6 +117,24 @@ def test_load_and_evict_produce_events_and_move_the_tier_occupancy(daemon):
         assert snap["status"]["tiers"]["device"]["used_bytes"] == 0 and snap["ps"] == []
 
 
+def test_a_load_that_fails_says_why(daemon, tiny_servable_checkpoint):
+    with Client(daemon.socket) as c, c.watch(interval_s=0.05) as stream:
+        c.import_model("broken", tiny_servable_checkpoint)
+        data = daemon.store / "models" / "broken" / "data-00000.bin"
+        with open(data, "r+b") as f:     # a flipped byte: its block's checksum no longer matches
+            f.seek(data.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(Exception) as err:
+            c.load("broken")
+        _, events = read_until(stream, lambda ev: "load_failed" in kinds(ev, "broken"))
+        c.remove("broken")
+    assert kinds(events, "broken")[:1] == ["import_progress"] and "load_started" in kinds(events, "broken"), events
+    (failed,) = [e for e in events if e["kind"] == "load_failed"]
+    assert failed["code"] == err.value.code == "corrupt_checkpoint" and failed["tier"] == "ssd" and failed["error"]
+
+
 def test_an_infer_produces_request_started_and_finished(daemon):
     with Client(daemon.socket) as c, c.watch(interval_s=0.05) as stream:
         next(stream)
@@ -153,26 +171,24 @@ def test_a_watcher_that_never_reads_costs_the_daemon_nothing(daemon):
         idle = Client(daemon.socket)
         stream = idle.watch(interval_s=0.05, max_events=8)
         try:
-            assert next(stream)["seq"] == 1
-            t = time.perf_counter()   # the watcher stops reading; 12 requests make 24 events
+            assert next(stream)["seq"] == 1     # taken and acknowledged; then the watcher stops reading
+            time.sleep(0.5)    # the daemon sends WINDOW more updates (nothing happened yet), then holds back
+            t = time.perf_counter()
             for _ in range(3):
                 c.generate("tiny", "hello there", max_tokens=4, seed=1)
             watched = time.perf_counter() - t
-            for _ in range(9):
+            for _ in range(9):   # 12 requests: 24 events for a queue of 8
                 c.generate("tiny", "hi", max_tokens=1, seed=1)
             time.sleep(1.0)   # 20 intervals: without flow control 20 more updates would be on their way
             assert watched < 2 * alone + 0.5, (watched, alone)
             assert c.ping() < 0.5
 
-            seen = []
-            for update in stream:
-                seen.append(update)
-                if update["dropped"] > 0:
-                    break
-            # at most WINDOW updates were sent unacknowledged while it did not read; the next says what it lost
-            assert seen[-1]["seq"] <= 1 + WINDOW + 1, [u["seq"] for u in seen]
-            assert seen[-1]["dropped"] >= 24 - 8 - 2 * WINDOW and len(seen[-1]["events"]) <= 8
-            assert all(e["kind"] in ("request_started", "request_finished") for e in seen[-1]["events"])
+            seen = [next(stream) for _ in range(WINDOW + 1)]
+            assert [u["seq"] for u in seen] == list(range(2, WINDOW + 3))     # nothing was made meanwhile
+            assert all(u["events"] == [] and u["dropped"] == 0 for u in seen[:-1])
+            last = seen[-1]            # the first update after it read again says what it lost
+            assert last["dropped"] == 24 - 8 and len(last["events"]) == 8
+            assert kinds(last["events"])[-2:] == ["request_started", "request_finished"]   # the newest kept
         finally:
             stream.close()
             idle.close()
