@@ -443,7 +443,7 @@ class Server:
             if call.cancelled.is_set():
                 raise CancelledError("request cancelled")
             final = self._handlers[msg.TYPE](msg, call)
-            frame = final if isinstance(final, bytes) else encode(final)
+            frame = final if isinstance(final, bytes | tuple) else encode(final)   # tuple: frames, as encoded
         except SllmError as e:
             if isinstance(e, CancelledError) and not self._accepting:  # stopped by the shutdown, not its client:
                 e = ShuttingDownError("sllmd is shutting down; the request was stopped")  # as a new request hears

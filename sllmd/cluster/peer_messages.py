@@ -20,6 +20,8 @@ index, event, done, heartbeat, error): a relayed stream is the same stream.
     peer_ack                              (no reply: the caller took a peer_watch's updates up to seq)
     peer_files   -> result {"files": [{"path", "size", "sha256"}]}   (a checkpoint this node holds)
     peer_read    -> result {"data": bytes}  (up to PEER_READ_MAX bytes of one of its files)
+    peer_fetch   -> result {"length": n} + a frame of n raw bytes   (peer_read without msgpack
+                                          around the bytes: sllmd.cluster.peer_data)
 """
 from __future__ import annotations
 
@@ -194,9 +196,21 @@ class PeerRead(Envelope):
     length: int = checked(in_range(1, PEER_READ_MAX))
 
 
+@peer_request("peer_fetch")
+@dataclass(frozen=True, kw_only=True)
+class PeerFetch(Envelope):
+    """Peer transfer: as peer_read, but the bytes come back as a frame of their own after the
+    result (sllmd.cluster.peer_data), never copied into or out of msgpack."""
+
+    model: str = checked(model_name)
+    path: str = checked(max_len(255))
+    offset: int = checked(at_least(0))
+    length: int = checked(in_range(1, PEER_READ_MAX))
+
+
 # Requests that may run for long: each gets a stream thread (bounded by the server's max_streams).
 PEER_LONG_RUNNING = frozenset({"peer_infer", "peer_prepare", "peer_park", "peer_resume", "peer_migrate",
-                               "peer_watch", "peer_files", "peer_read"})
+                               "peer_watch", "peer_files", "peer_read", "peer_fetch"})
 
 
 def decode_peer_request(frame: bytes, max_bytes: int | None = None) -> Message:

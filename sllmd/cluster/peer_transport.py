@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FRAME = 16 << 20
 ZAP_DOMAIN = "sllm-peers"  # the domain our ZAP handler answers for
 REFUSAL_LOG_S = 60.0
+MAX_REPLY_BYTES = 4 * DEFAULT_MAX_FRAME   # any one message a peer may send us; ZeroMQ drops a connection that tries more
 HANDSHAKE_MS = 5000        # a connection that has not finished its Curve handshake by then is dropped
 
 
@@ -146,7 +147,7 @@ def connect_peer(address: str, server_public: bytes, public: bytes, secret: byte
         raise ConfigError(f"a peer endpoint is tcp://HOST:PORT, got {address!r}")
     return ZmqClientEndpoint(ctx, address, options={
         zmq.CURVE_SERVERKEY: server_public, zmq.CURVE_PUBLICKEY: public, zmq.CURVE_SECRETKEY: secret,
-        zmq.HANDSHAKE_IVL: HANDSHAKE_MS})
+        zmq.HANDSHAKE_IVL: HANDSHAKE_MS, zmq.MAXMSGSIZE: MAX_REPLY_BYTES})   # no reply makes us allocate more
 
 
 def advertised_endpoint(bound: str, gossip_listen: str | None = None) -> str:

@@ -2,7 +2,8 @@
 
     fetching node                                   holding node (PeerServer)
     Fetcher ── peer_files(model) ─────────────────► serve_files: its files, sizes, SHA-256
-            ── peer_read(model, path, off, len)* ─► serve_read: the bytes (at most 8 MiB a call)
+            ── peer_fetch(model, path, off, len)* ► serve_read: the bytes (at most 8 MiB a call),
+                                                      in a ZeroMQ frame of their own (cluster.peer_data)
 
 over the peer socket (CurveZMQ, members only). PeerRemote makes those calls look like a
 repository's Remote, so the download is the same Download: parallel pieces, every block's
@@ -15,8 +16,9 @@ import os
 import threading
 from typing import Any
 
+from ..cluster.peer_data import fetch
 from ..errors import (BusyError, DaemonTimeoutError, DaemonUnreachableError, PeerFailedError, RepositoryError,
-                      ShuttingDownError, SllmError)
+                      ShuttingDownError, SllmError, UnknownTypeError)
 from .index import ModelEntry, entry_for
 from .index import _entry as parse_entry
 from .remote import Remote, Retryable, Sink
@@ -59,6 +61,7 @@ class PeerRemote(Remote):
         self.client, self.node, self.model, self.chunk = client, node, model, chunk
         self.url = f"peer://{node}/{model}"
         self._sizes: dict[str, int] | None = None  # the listing, asked once
+        self._old_peer = False                     # it knows peer_read only
 
     def entry(self) -> ModelEntry:
         """The peer's listing, validated as an index entry is (plain relative paths, sizes, digests)."""
@@ -78,6 +81,16 @@ class PeerRemote(Remote):
         except SllmError as e:
             raise RepositoryError(f"{self.url}: {e}") from None
 
+    def _read(self, rel: str, offset: int, length: int):
+        """peer_fetch (the bytes in a frame of their own, sllmd.cluster.peer_data); peer_read
+        with a peer too old to know it."""
+        if not self._old_peer:
+            try:
+                return fetch(self.client, self.model, rel, offset, length)
+            except UnknownTypeError:
+                self._old_peer = True
+        return self.client.read(self.model, rel, offset, length)
+
     def get(self, rel: str, missing_ok: bool = False) -> bytes | None:
         if self._sizes is None:
             self._sizes = {f["path"]: f["size"] for f in self._call(self.client.files, self.model)}
@@ -93,7 +106,7 @@ class PeerRemote(Remote):
     def read_range(self, rel: str, start: int, end: int, sink: Sink) -> None:
         pos = start
         while pos < end:
-            data = self._call(self.client.read, self.model, rel, pos, min(self.chunk, end - pos))
+            data = self._call(self._read, rel, pos, min(self.chunk, end - pos))
             if not data:
                 raise RepositoryError(f"{self.url}/{rel}: ends at byte {pos}")
             sink(memoryview(data))

@@ -164,7 +164,10 @@ class ZmqServerEndpoint(ServerEndpoint):
 
     def send(self, peer, frame):
         try:
-            self._sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            if isinstance(frame, tuple):   # a reply of several frames (a peer_fetch's data): not copied
+                self._sock.send_multipart([peer, *frame], zmq.NOBLOCK, copy=False)
+            else:
+                self._sock.send_multipart([peer, frame], zmq.NOBLOCK)
             return SendResult.SENT
         except zmq.Again:
             return SendResult.FULL
@@ -215,6 +218,12 @@ class ZmqClientEndpoint(ClientEndpoint):
         if not self._sock.poll(None if timeout is None else max(0, int(timeout * 1000)), zmq.POLLIN):
             return None
         return self._sock.recv_multipart(zmq.NOBLOCK)
+
+    def recv_frames(self, timeout):
+        """As recv, but the frames as zmq.Frame (their memory not copied), or None."""
+        if not self._sock.poll(None if timeout is None else max(0, int(timeout * 1000)), zmq.POLLIN):
+            return None
+        return self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
 
     def close(self):
         if not self._closed:
