@@ -164,6 +164,11 @@ class Node:
         (not on counters and clocks, which change all the time)."""
         return self._version
 
+    def changed(self) -> None:
+        """Something `requests` shows changed without a tier changing (a request began or stopped
+        migrating): the version moves, so no snapshot answers from before it."""
+        self._bump()
+
     def _bump(self, name: str | None = None) -> None:
         """A change: the version goes up; with a name, that model's state changed now."""
         with self._version_lock:

@@ -118,7 +118,7 @@ class Server:
         self._clients: collections.OrderedDict[bytes, _Client] = collections.OrderedDict()   # I/O thread only
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
-        self._snapshots = Snapshots(node)
+        self._snapshots = Snapshots(node, readers={"nodes": self._node_rows})
         events = getattr(node, "events", None)   # what `watch` streams (sllmd.events)
         self.events = events if isinstance(events, EventBus) else EventBus()
         self._last_read = 0.0            # I/O thread only
@@ -464,7 +464,7 @@ class Server:
 
     # --- handlers: one protocol request -> one Node call ----------------------------------------------------
     def _read(self, msg, call) -> Message | bytes:
-        """status, models, ps when the snapshot was stale: retaken here, then answered from.
+        """status, models, ps, nodes when the snapshot was stale: retaken here, then answered from.
         models/ps with `all` gather every cluster node's (this node's alone without a cluster)."""
         if getattr(msg, "all", False):
             local = self.node.models if msg.TYPE == "models" else self.node.ps
@@ -485,12 +485,15 @@ class Server:
                 "clients": len(self._clients)}
 
     def _node_name(self) -> str:
-        return getattr(self.node.config, "node_name", None) or socket.gethostname()
+        return getattr(getattr(self.node, "config", None), "node_name", None) or socket.gethostname()
 
     def _requests(self, msg, call) -> Message:
         if msg.all and self.cluster is not None:
             return Result(id=msg.id, data=self.cluster.requests_all())
-        return Result(id=msg.id, data=[dict(r, node=self._node_name()) for r in self.node.requests()])
+        return Result(id=msg.id, data=self._local_requests())
+
+    def _local_requests(self) -> list[dict]:
+        return [dict(r, node=self._node_name()) for r in self.node.requests()]
 
     def _metrics(self, msg, call) -> Message:
         """The Prometheus text, the same as GET /metrics (read now, from the node)."""
@@ -499,15 +502,17 @@ class Server:
             self.metrics = Metrics(self.node, self.cluster)
         return Result(id=msg.id, data=self.metrics.render().decode("utf-8"))
 
-    def _nodes(self, msg, call) -> Message:
+    def _nodes(self, msg, call) -> Message | bytes:
+        return self._read(msg, call)   # from the snapshot (its "nodes" part: _node_rows), retaken here
+
+    def _node_rows(self) -> list[dict]:
         """The cluster's members; without a cluster, this node alone."""
         if self.cluster is not None:
-            return Result(id=msg.id, data=self.cluster.nodes())
+            return self.cluster.nodes()
         from sllmd.cluster.locality import local_state
-        return Result(id=msg.id, data=[{"name": self._node_name(), "status": "alive", "address": None,
-                                        "endpoint": None, "public_key": None, "version": getattr(self.node, "version", 0),
-                                        "self": True, "last_heard": time.time(), "state": local_state(self.node),
-                                        "state_age_s": 0.0}])
+        return [{"name": self._node_name(), "status": "alive", "address": None, "endpoint": None, "public_key": None,
+                 "version": getattr(self.node, "version", 0), "self": True, "last_heard": time.time(),
+                 "state": local_state(self.node), "state_age_s": 0.0}]
 
     def _migrate(self, msg, call) -> Message:
         if self.cluster is None:

@@ -1,12 +1,15 @@
-"""The node's read-only answers (status, models, ps), taken once and served many times.
+"""The node's read-only answers (status, models, ps, nodes), taken once and served many times.
 
 The server's I/O thread answers a read from the current snapshot without a
 worker hop and without touching a tier lock, as long as the snapshot is
 fresh: taken at the node's current `version` (an int the node bumps on every
 state change) and less than `max_age_s` ago (for figures that move without a
-state change, e.g. loader counters). A stale snapshot is retaken on a worker,
-never on the I/O thread. The replies' msgpack bytes are made once per
-snapshot: serving one is a few bytes of header around them.
+state change: loader counters, when a peer was last heard). `requests` is not
+among them: a request's state and tokens move on every step, and a read of
+them takes only the instances' own locks, briefly.
+A stale snapshot is retaken on a worker, never on the I/O thread. The replies'
+msgpack bytes are made once per snapshot: serving one is a few bytes of header
+around them.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from .protocol.codec import encode_packed_result, pack
 
 log = logging.getLogger(__name__)
 
-READ_ONLY = ("status", "models", "ps")
+READ_ONLY = ("status", "models", "ps", "nodes")
+LIST_PARTS = ("models", "ps", "nodes")
 
 
 def map_header(n: int) -> bytes:
@@ -36,7 +40,8 @@ class Snapshot:
 
     __slots__ = ("version", "taken_at", "_started_at", "_status_items", "_n_status_items", "_lists")
 
-    def __init__(self, node: Any, version: int | None, parts: tuple[str, ...] = READ_ONLY):
+    def __init__(self, node: Any, version: int | None, parts: tuple[str, ...] = READ_ONLY,
+                 readers: dict[str, Callable[[], list]] | None = None):
         self.version = version
         self.taken_at = time.monotonic()
         self._lists: dict[str, bytes | BaseException] = {}
@@ -45,8 +50,10 @@ class Snapshot:
         self._n_status_items = 0
         if "status" in parts:
             self._take_status(node)
-        for kind, read in (("models", node.models), ("ps", node.ps)):
-            if kind not in parts:
+        readers = dict({"models": node.models, "ps": node.ps}, **(readers or {}))
+        for kind in LIST_PARTS:
+            read = readers.get(kind)
+            if kind not in parts or read is None:
                 continue
             try:
                 self._lists[kind] = pack(list(read()))
@@ -103,9 +110,11 @@ class Snapshot:
 class Snapshots:
     """The current snapshot of `node`, and when it must be retaken."""
 
-    def __init__(self, node: Any, max_age_s: float = 1.0):
+    def __init__(self, node: Any, max_age_s: float = 1.0, readers: dict[str, Callable[[], list]] | None = None):
+        """readers: the list parts beyond models and ps (nodes), as the server answers them."""
         self.node = node
         self.max_age_s = max_age_s
+        self.readers = readers or {}
         self._current: Snapshot | None = None
         self._lock = threading.Lock()   # one retake at a time
 
@@ -127,14 +136,14 @@ class Snapshots:
         Runs the node's read methods: call it on a worker, never on the I/O thread. A node without
         a version is read afresh every time, only the part `kind` if given."""
         if self.node_version() is None:
-            return Snapshot(self.node, None, (kind,) if kind else READ_ONLY)
+            return Snapshot(self.node, None, (kind,) if kind else READ_ONLY, self.readers)
         with self._lock:
             if not force:
                 snap = self.fresh()
                 if snap is not None:
                     return snap
             version = self.node_version()   # read before the parts: a change meanwhile makes it stale
-            snap = Snapshot(self.node, version)
+            snap = Snapshot(self.node, version, READ_ONLY, self.readers)
             self._current = snap
             return snap
 

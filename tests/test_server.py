@@ -801,6 +801,22 @@ def test_reads_come_from_a_snapshot_until_the_node_changes(serve):
         assert s.node.reads == 2
 
 
+def test_nodes_come_from_the_snapshot_too(serve):
+    s = serve(VersionedNode())
+    reads = []
+
+    def node_rows():   # what the cluster (or the lone node) reports, counted
+        reads.append(1)
+        return [{"name": "n1", "status": "alive", "self": True, "version": s.node.version}]
+    s.server._snapshots.readers["nodes"] = node_rows
+    with s.client() as c:
+        for _ in range(20):
+            assert [n["name"] for n in c.nodes()] == ["n1"]
+        assert len(reads) == 1                           # answered on the I/O thread from one snapshot
+        s.node.version += 1
+        assert c.nodes()[0]["version"] == s.node.version and len(reads) == 2
+
+
 def test_the_next_read_sees_a_finished_mutation(serve):
     s = serve(VersionedNode())
     with s.client() as c:

@@ -174,6 +174,11 @@ class Migrations:
             move.result["recovered"] = {"failed_node": failed, "tokens_from_it": len(relayed_ids), "on": self.name}
         return self.follow(request_id, self.node.resume(state, cancelled=cancelled), cancelled)
 
+    def _changed(self) -> None:
+        changed = getattr(self.node, "changed", None)
+        if changed is not None:
+            changed()
+
     # --- moving one -------------------------------------------------------------------------------
     @staticmethod
     def _rounds(peer, handle) -> list[dict]:
@@ -222,6 +227,7 @@ class Migrations:
             move = self._moves[request_id] = _Move(to, reason or "requested")
             move.result["reason"] = move.reason
         handle.migrating_to = to   # `sllmctl requests` shows it migrating from its first round
+        self._changed()
         try:
             t0 = time.perf_counter()
             peer = self._peer(to)
@@ -237,6 +243,7 @@ class Migrations:
                                       f"{RESUME_TIMEOUT_S:.0f} s")
         except BaseException as e:
             handle.migrating_to = None   # it stays here
+            self._changed()
             with self._lock:
                 if self._moves.get(request_id) is move and not move.done.is_set():
                     self._moves.pop(request_id, None)
