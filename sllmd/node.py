@@ -256,8 +256,8 @@ class Node:
                 notify(event, data)
 
         if is_repository_url(source):   # a repository, or a model in one: a verified, resumable download
-            download = self.repositories.fetch(name, url=source, progress=progress, notify=relay,
-                                               cancelled=cancelled, tokenizer=not no_tokenizer)
+            download = self.repositories.fetch(name, url=source, progress=self._import_progress(name, progress),
+                                               notify=relay, cancelled=cancelled, tokenizer=not no_tokenizer)
             download.pop("entry", None)
             self._imported(name)
             return dict(self._model_info(name), evicted=evicted, download=download)
@@ -295,7 +295,7 @@ class Node:
         downloaded first (concurrent requests share the download; `models` lists it as importing)."""
         if name not in self.ssd and self.repositories.can_fetch(name):
             try:
-                self.repositories.fetch(name, cancelled=cancelled)
+                self.repositories.fetch(name, cancelled=cancelled, progress=self._import_progress(name, None))
             except ModelExistsError:
                 pass   # imported meanwhile (or importing: get() says so)
             else:

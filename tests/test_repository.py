@@ -325,3 +325,20 @@ def test_a_bad_repository_url_is_a_one_line_config_error():
     assert run.returncode == 78
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a repository URL: 'ftp://host/x'" in lines[0]
+
+
+def test_a_download_a_request_triggered_shows_its_progress_on_the_watch_stream(big_checkpoint, root):
+    publish(big_checkpoint, root / "repo", "big")
+    with Nginx(root / "nginx", root / "repo", location="limit_rate 4m;") as ng, \
+            DaemonProcess(root / "d", "--repository", ng.url) as d:
+        with Client(d.socket) as w, w.watch(interval_s=0.1) as updates:
+            with Client(d.socket) as c:
+                assert isinstance(c.generate("big", PROMPT, max_tokens=2), str)   # downloads first
+            seen: list[dict] = []
+            for u in updates:
+                seen += [e for e in u["events"] if e["kind"] == "import_progress" and e["model"] == "big"]
+                if any(e["kind"] == "request_finished" for e in u["events"]):
+                    break
+    assert seen, "no import_progress event while the request's download ran"
+    done = [e["done"] for e in seen]
+    assert done == sorted(done) and seen[-1]["done"] == seen[-1]["total"] > 0
