@@ -58,7 +58,7 @@ class PeerServer(Server):
         return {"state_pull": self._state_pull, "peer_infer": self._peer_infer, "peer_prepare": self._peer_prepare,
                 "peer_park": self._peer_park,
                 "peer_resume": self._peer_resume, "peer_migrate": self._peer_migrate, "peer_watch": self._watch,
-                "peer_files": self._peer_files, "peer_read": self._peer_read}
+                "peer_files": self._peer_files, "peer_read": self._peer_read, "peer_fetch": self._peer_fetch}
 
     def _decode(self, frame: bytes) -> Message:
         return decode_peer_request(frame, self.max_frame_bytes)
@@ -95,6 +95,11 @@ class PeerServer(Server):
         from sllmd.repository.peer import serve_read
         return Result(id=msg.id, data={"data": serve_read(self.node.ssd, msg.model, msg.path, msg.offset, msg.length)})
 
+    def _peer_fetch(self, msg, call) -> tuple[bytes, bytes]:
+        from sllmd.repository.peer import serve_read
+        from .peer_data import fetch_reply   # the bytes as a frame of their own, not copied
+        return fetch_reply(msg.id, serve_read(self.node.ssd, msg.model, msg.path, msg.offset, msg.length))
+
     def _peer_migrate(self, msg: PeerMigrate, call) -> Message:
         if self._migrations is None:
             raise BadMessageError("this node cannot migrate requests")
@@ -126,6 +131,8 @@ class _Connection(Client):
     @staticmethod
     def _decode_reply(frame: bytes) -> Message:
         return decode_peer_reply(frame)
+
+    from .peer_data import receive_one as _receive_one   # a peer_fetch's data frame, uncopied
 
 
 class PeerClient:
