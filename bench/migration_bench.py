@@ -16,7 +16,7 @@ clock gives the inter-token gaps. Reported, medians over --runs:
 - the estimator's error: each run's a*(t_in+t_out)+b0, fitted from the runs before it, against
   the migration it predicted (runs migrate at several points, so the fit sees several sizes).
 
-    .venv/bin/python bench/migration_bench.py [--runs 6] [--after 24,48,96,144] [--max-tokens 220]
+    .venv/bin/python bench/migration_bench.py [--runs 6] [--after 16,24,32,48] [--max-tokens 220]
 """
 from __future__ import annotations
 
@@ -63,14 +63,23 @@ def one_run(a, after: int, max_tokens: int) -> dict:
                     if len(times) == after:
                         ready.set()
             done.update(s.stats or {})
+            ready.set()   # ended (maybe before the migration point)
 
     reader = threading.Thread(target=consume)
     reader.start()
     if not ready.wait(120):
         raise SystemExit("the stream never reached the migration point")
-    with a.client() as c:
-        rid = next(r["id"] for r in c.requests() if r["model"] == NAME)
-        moved = c.migrate(rid, "B")
+    if len(times) < after:   # the answer was shorter than the migration point
+        reader.join(60)
+        return None
+    from sllmd.errors import RequestNotFoundError
+    try:
+        with a.client() as c:
+            rid = next(r["id"] for r in c.requests() if r["model"] == NAME)
+            moved = c.migrate(rid, "B")
+    except (RequestNotFoundError, StopIteration):   # it finished just before it could move
+        reader.join(60)
+        return None
     reader.join(300)
     k = int(moved.get("output_tokens_before") or 0)
     gaps = [t1 - t0 for t0, t1 in zip(times, times[1:])]
@@ -93,14 +102,13 @@ def re_prefill_ttft(b, text: str) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=6)
-    p.add_argument("--after", default="24,48,96,144",
+    p.add_argument("--after", default="16,24,32,48",
                    help="tokens streamed from A before the migration; run i uses the i-th (cycling)")
     p.add_argument("--max-tokens", type=int, default=220)
     args = p.parse_args(argv)
     points = [int(x) for x in str(args.after).split(",") if x.strip()]
     from cluster_helpers import BENCH_FLAGS, close_all, make_nodes, start_all
     from daemon_helpers import remove_tree, short_tempdir
-    from sllmd.errors import RequestNotFoundError
 
     ckpt, _ = smollm2_fixtures()
     root = short_tempdir("sllm-migbench-")
@@ -124,10 +132,10 @@ def main(argv=None) -> int:
             dtype = (c.show(NAME).get("compute_dtype") or "bfloat16")
         for i in range(args.runs):
             after = points[i % len(points)]
-            try:
-                r = one_run(a, after, args.max_tokens)
-            except RequestNotFoundError:   # the answer ended before the migration point: ask again
-                r = one_run(a, after, args.max_tokens)
+            r = one_run(a, after, args.max_tokens)
+            if r is None:
+                log(f"run {i + 1}: the answer ended before it could move at {after} tokens; skipped (use smaller --after points)")
+                continue
             prefix = QUESTION + " Answer at length, in detail." + r["text"][:len(r["text"]) * after // max(1, r["tokens"])]
             r["re_prefill_s"] = re_prefill_ttft(b, prefix)
             runs.append(r)
