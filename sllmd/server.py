@@ -118,7 +118,8 @@ class Server:
         self._clients: collections.OrderedDict[bytes, _Client] = collections.OrderedDict()   # I/O thread only
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()
-        self._snapshots = Snapshots(node, readers={"nodes": self._node_rows})
+        self._snapshots = Snapshots(node, readers={"nodes": self._node_rows},
+                                    also_changes=lambda: getattr(getattr(self, "cluster", None), "serial", 0))
         events = getattr(node, "events", None)   # what `watch` streams (sllmd.events)
         self.events = events if isinstance(events, EventBus) else EventBus()
         self._last_read = 0.0            # I/O thread only

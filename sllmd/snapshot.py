@@ -110,17 +110,24 @@ class Snapshot:
 class Snapshots:
     """The current snapshot of `node`, and when it must be retaken."""
 
-    def __init__(self, node: Any, max_age_s: float = 1.0, readers: dict[str, Callable[[], list]] | None = None):
-        """readers: the list parts beyond models and ps (nodes), as the server answers them."""
+    def __init__(self, node: Any, max_age_s: float = 1.0, readers: dict[str, Callable[[], list]] | None = None,
+                 also_changes: Callable[[], int] | None = None):
+        """readers: the list parts beyond models and ps (nodes), as the server answers them.
+        also_changes: a counter that moves when such a part changes without the node's version
+        (the cluster's serial: a peer's pulled state, a member's status)."""
         self.node = node
         self.max_age_s = max_age_s
         self.readers = readers or {}
+        self.also_changes = also_changes
         self._current: Snapshot | None = None
         self._lock = threading.Lock()   # one retake at a time
 
-    def node_version(self) -> int | None:
+    def node_version(self) -> int | tuple[int, int] | None:
+        """What a snapshot is keyed on: the node's version (and the also_changes counter)."""
         version = getattr(self.node, "version", None)
-        return version if isinstance(version, int) else None
+        if not isinstance(version, int):
+            return None
+        return version if self.also_changes is None else (version, self.also_changes())
 
     def fresh(self) -> Snapshot | None:
         """The snapshot if it still describes the node (any thread; takes no lock); else None."""

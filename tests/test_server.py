@@ -809,12 +809,31 @@ def test_nodes_come_from_the_snapshot_too(serve):
         reads.append(1)
         return [{"name": "n1", "status": "alive", "self": True, "version": s.node.version}]
     s.server._snapshots.readers["nodes"] = node_rows
+    s.server._snapshots.max_age_s = 60.0                 # only a change retakes it here, never its age
     with s.client() as c:
         for _ in range(20):
             assert [n["name"] for n in c.nodes()] == ["n1"]
         assert len(reads) == 1                           # answered on the I/O thread from one snapshot
         s.node.version += 1
         assert c.nodes()[0]["version"] == s.node.version and len(reads) == 2
+
+
+def test_a_peers_change_is_in_the_next_nodes_read(serve):
+    """A pulled peer state or a member's status moves the cluster's serial, not the node's version:
+    the snapshot is keyed on both, so `nodes` never answers from before it."""
+    import types
+    s = serve(VersionedNode())
+    cluster = types.SimpleNamespace(serial=0, status="alive")
+    cluster.nodes = lambda: [{"name": "peer", "status": cluster.status, "self": False}]
+    s.server.cluster = cluster
+    s.server._snapshots.readers["nodes"] = lambda: s.server.cluster.nodes()
+    s.server._snapshots.max_age_s = 60.0                 # only a change retakes it here, never its age
+    with s.client() as c:
+        assert c.nodes()[0]["status"] == "alive"
+        cluster.status = "failed"
+        assert c.nodes()[0]["status"] == "alive"        # nothing said it changed: the snapshot stands
+        cluster.serial += 1                              # what Cluster does on a pull or a status change
+        assert c.nodes()[0]["status"] == "failed"
 
 
 def test_the_next_read_sees_a_finished_mutation(serve):

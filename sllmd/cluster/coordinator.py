@@ -71,6 +71,7 @@ class Cluster:
         self._published: int | None = None
         self._advertised: str | None = None      # the peer endpoint gossiped (the bound one, never a wildcard)
         self.migrations = None                   # sllmd.cluster.migration.Migrations once started
+        self.serial = 0     # moves whenever a member or a pulled view changes: `nodes` snapshots are keyed on it
         self._member_status: dict[str, str] = {}  # member -> the status last told to watchers (`node` events)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class Cluster:
         with self._lock:
             before = self._member_status.get(member.name)
             self._member_status[member.name] = member.status
+            self.serial += 1
         if before == member.status:
             return
         events = getattr(self.node, "events", None)
@@ -207,8 +209,11 @@ class Cluster:
                     self._refused[member.name] = (member.version, time.monotonic())
                 return
             with self._lock:
+                old = self._views.get(member.name)
                 self._views[member.name] = NodeView(name=member.name, status=member.status, state=state,
                                                     version=version, fetched_at=time.monotonic())
+                if old is None or old.version != version:
+                    self.serial += 1
             log.debug("pulled the state of %s (version %d)", member.name, version)
         except Exception as e:
             log.info("could not pull the state of %s: %s", member.name, e)
