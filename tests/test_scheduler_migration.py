@@ -105,9 +105,12 @@ def test_a_request_for_a_model_held_by_a_busy_node_moves_the_running_request_awa
     try:
         assert started.wait(60)
 
-        def y_sees_it():
+        with x.client() as c:
+            (rid,) = [r["id"] for r in c.requests() if r["model"] == "alpha"]
+
+        def y_sees_it():   # this request: Y's view may still list the reference run's, already finished
             with y.client() as c:
-                return any(r.get("node") == "X" and r["model"] == "alpha" and r.get("tokens_out")
+                return any(r.get("node") == "X" and r.get("id") == rid and r.get("tokens_out")
                            for r in c.requests(all=True))
         _wait_for(y_sees_it, "Y never saw alpha's request running on X")
 

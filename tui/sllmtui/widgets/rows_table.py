@@ -10,6 +10,7 @@ class RowsTable(DataTable):
     def __init__(self, **kwargs):
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
         self._keys: list[str] = []
+        self._cells: list[list[str]] = []   # as last shown (before the first update: nothing)
 
     def on_mount(self) -> None:
         self.add_columns(*self.COLUMNS)
@@ -24,7 +25,7 @@ class RowsTable(DataTable):
         keep = self.selected_key
         keys = [k for k, _ in rows]
         cells = [c for _, c in rows]
-        if keys == self._keys and cells == getattr(self, "_cells", None):
+        if keys == self._keys and cells == self._cells:
             return   # nothing changed: no flicker, no lost scroll
         self.clear()
         for key, row in rows:
