@@ -94,3 +94,26 @@ def make_nodes(root: Path, names: list[str], *extra: str, **sizes) -> list[Clust
     write_cluster_key(key)
     first = ClusterNode(root / names[0].lower(), names[0], key, None, *extra, **sizes)
     return [first] + [ClusterNode(root / n.lower(), n, key, first.gossip, *extra, **sizes) for n in names[1:]]
+
+
+class BackgroundStream:
+    """A request streamed from node `at` on a thread of its own, every event kept in `events`;
+    `started` is set once `after` events arrived. join() waits for the end (the thread gone)."""
+
+    def __init__(self, at, model: str, prompt: str, *, after: int = 50, **infer_kw):
+        import threading
+        self.events: list[dict] = []
+        self.started = threading.Event()
+
+        def consume():
+            with at.client() as c, c.infer(model, prompt, **infer_kw) as s:
+                for ev in s.events():
+                    self.events.append(ev)
+                    if len(self.events) == after:
+                        self.started.set()
+        self._thread = threading.Thread(target=consume)
+        self._thread.start()
+
+    def join(self, timeout: float = 120.0) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

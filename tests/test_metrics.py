@@ -323,29 +323,17 @@ def migration_pair(tmp_path_factory):
 
 
 def test_a_migrated_request_counts_as_migrated_on_the_source_and_its_tokens_once(migration_pair):
-    import threading
     a, b = migration_pair
     tokens = 1000
     a0, b0 = ipc_scrape(a), ipc_scrape(b)
-    got: list[dict] = []
-    started = threading.Event()
-
-    def consume():
-        with a.client() as c, c.infer(MODEL, "a story", max_tokens=tokens, temperature=0.0, chat=False,
-                                      node="A") as s:
-            for ev in s.events():
-                got.append(ev)
-                if len(got) == 50:
-                    started.set()
-
-    reader = threading.Thread(target=consume)
-    reader.start()
-    assert started.wait(60)
+    from cluster_helpers import BackgroundStream
+    stream = BackgroundStream(a, MODEL, "a story", max_tokens=tokens, temperature=0.0, chat=False, node="A")
+    got = stream.events
+    assert stream.started.wait(60)
     with a.client() as c:
         rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
         assert c.migrate(rid, "B")["ran_on"] == "B"
-    reader.join(120)
-    assert not reader.is_alive() and got[-1]["type"] == "done"
+    assert stream.join(120) and got[-1]["type"] == "done"
     prompt_tokens = got[-1]["stats"]["prompt_tokens"]
     a1, b1 = ipc_scrape(a), ipc_scrape(b)
     assert moved(a0, a1, "sllmd_migrations_total", outcome="ok") == 1

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
+from cluster_helpers import BackgroundStream, ClusterNode, close_all, start_all, write_cluster_key
 from daemon_helpers import remove_tree, short_tempdir
 from sllmd import store
 from sllmd.errors import InvalidRequestError, NodeNotFoundError, RequestNotFoundError
@@ -65,20 +65,9 @@ def test_a_request_migrated_mid_stream_equals_an_unmigrated_run(pair):
     a, b = pair["A"], pair["B"]
     reference = [e["token_id"] for e in _events(a, node="A") if e["type"] == "token"]
     assert len(reference) == TOKENS
-    got: list[dict] = []
-    started = threading.Event()
-
-    def consume():
-        with a.client() as c, c.infer(MODEL, PROMPT, max_tokens=TOKENS, temperature=0.0, chat=False,
-                                      node="A") as s:
-            for ev in s.events():
-                got.append(ev)
-                if len(got) == 50:
-                    started.set()
-
-    reader = threading.Thread(target=consume)
-    reader.start()
-    assert started.wait(60)
+    stream = BackgroundStream(a, MODEL, PROMPT, max_tokens=TOKENS, temperature=0.0, chat=False, node="A")
+    got = stream.events
+    assert stream.started.wait(60)
     with a.client() as c:
         rid = next(r["id"] for r in c.requests() if r["model"] == MODEL)
     shown: list[dict] = []
@@ -98,8 +87,7 @@ def test_a_request_migrated_mid_stream_equals_an_unmigrated_run(pair):
         moving.set()
         poller.join(30)
     assert any(r["state"] == "migrating" and r["migrating_to"] == "B" for r in shown), shown[:3]
-    reader.join(120)
-    assert not reader.is_alive()
+    assert stream.join(120)
     assert moved["ran_on"] == "B" and moved["source"] == "A" and moved["tokens_sent"] > 0, moved
     assert moved["rounds"] >= 2 and moved["tokens_in_rounds"] > 0, moved   # B prefilled ahead of the handoff
     assert moved["estimate_s"] > 0                                          # what a*(t_in+t_out)+b0 said before

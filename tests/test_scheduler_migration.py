@@ -10,12 +10,11 @@ answers as it does alone. Both requests' stats say so.
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import pytest
 
-from cluster_helpers import ClusterNode, close_all, start_all, write_cluster_key
+from cluster_helpers import BackgroundStream, ClusterNode, close_all, start_all, write_cluster_key
 from daemon_helpers import remove_tree, short_tempdir
 from sllmd import store
 
@@ -89,21 +88,10 @@ def test_a_request_for_a_model_held_by_a_busy_node_moves_the_running_request_awa
     alpha_alone = _tokens(_run(x, "alpha", LONG, node="X"))
     assert len(alpha_alone) == LONG
 
-    got: list[dict] = []
-    started = threading.Event()
-
-    def consume():
-        with x.client() as c, c.infer("alpha", PROMPT, max_tokens=LONG, temperature=0.0, chat=False,
-                                      node="X") as s:
-            for ev in s.events():
-                got.append(ev)
-                if len(got) == 50:
-                    started.set()
-
-    reader = threading.Thread(target=consume)
-    reader.start()
+    stream = BackgroundStream(x, "alpha", PROMPT, max_tokens=LONG, temperature=0.0, chat=False, node="X")
+    got = stream.events
     try:
-        assert started.wait(60)
+        assert stream.started.wait(60)
 
         with x.client() as c:
             (rid,) = [r["id"] for r in c.requests() if r["model"] == "alpha"]
@@ -116,8 +104,7 @@ def test_a_request_for_a_model_held_by_a_busy_node_moves_the_running_request_awa
 
         beta = _run(y, "beta", SHORT)                                 # placed by Y, not forced anywhere
     finally:
-        reader.join(180)
-    assert not reader.is_alive()
+        assert stream.join(180)
 
     done = beta[-1]
     assert done["type"] == "done", beta[-1]
