@@ -263,15 +263,8 @@ class Node:
             return dict(self._model_info(name), evicted=evicted, download=download)
         self.ssd.import_model(name, source, self._import_progress(name, progress), notify=relay, cancelled=cancelled,
                               servable=True, tokenizer=not no_tokenizer)
-        self.loads.forget(name)
-        with self._lock:
-            self._last_eviction.pop(name, None)
-        self._bump(name)
-        self._prepared.forget(name)
-        self._prepare([name])
-        info = self._model_info(name)
-        info["evicted"] = evicted
-        return info
+        self._imported(name)
+        return dict(self._model_info(name), evicted=evicted)
 
     def _import_progress(self, name: str, progress: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
         """`progress`, and an import_progress event for watchers (coalesced per model by the bus)."""
@@ -282,7 +275,7 @@ class Node:
         return report
 
     def _imported(self, name: str) -> None:
-        """A model just arrived from a repository: forget what was known of an earlier one, prepare it."""
+        """A model just arrived (imported or downloaded): forget what was known of an earlier one, prepare it."""
         self.loads.forget(name)
         with self._lock:
             self._last_eviction.pop(name, None)
